@@ -1,0 +1,51 @@
+"""The rejection vocabulary: one reason code per distinct cause.
+
+Owns: the closed set of reason codes that appear in logs, in the `result` and
+`reason` metric labels and in `edge verify` output (DESIGN.md, "Reason codes").
+
+Must never: reuse one code for two meanings, or change a code's string value
+(dashboards and alerts key on it). Add a new member instead.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["Reason"]
+
+
+class Reason(enum.StrEnum):
+    """Why a connection or a certificate chain was refused."""
+
+    # The partner completed (or tried) a handshake without presenting a certificate.
+    NO_CLIENT_CERT = "no_client_cert"
+    # The chain does not reach any root the operator trusts (for that partner).
+    UNKNOWN_CA = "unknown_ca"
+    # A certificate in the chain (leaf or issuer) is past its notAfter.
+    EXPIRED = "expired"
+    # A certificate in the chain (leaf or issuer) is before its notBefore.
+    NOT_YET_VALID = "not_yet_valid"
+    # A certificate in the chain is listed on its issuer's CRL.
+    REVOKED = "revoked"
+    # Revocation status was required but no current CRL for an issuer is available.
+    CRL_UNAVAILABLE = "crl_unavailable"
+    # The leaf's extended key usage does not allow this purpose (clientAuth / serverAuth).
+    BAD_PURPOSE = "bad_purpose"
+    # The chain reaches a trusted root but is malformed: bad signature, not a CA, path length...
+    INVALID_CHAIN = "invalid_chain"
+    # The chain is trusted but the leaf names no host of the partner (or not the expected host).
+    NAME_MISMATCH = "name_mismatch"
+    # The chain and names fit more than one partner; we refuse to guess.
+    AMBIGUOUS_PARTNER = "ambiguous_partner"
+    # The chain and names identify a partner the operator has disabled.
+    PARTNER_DISABLED = "partner_disabled"
+    # The partner (or the gateway as a whole) is at its connection limit.
+    OVER_LIMIT = "over_limit"
+    # The TLS handshake did not complete within handshake_timeout_s.
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    # The TLS handshake failed for a protocol reason (no shared cipher, bad record, EOF...).
+    TLS_ERROR = "tls_error"
+    # No pool member could be connected to and verified.
+    NO_UPSTREAM = "no_upstream"
+    # A pool member presented a certificate that failed verification or names another host.
+    UPSTREAM_UNTRUSTED = "upstream_untrusted"
