@@ -1,0 +1,729 @@
+"""TLS over any trio stream, on pyOpenSSL: the stream the whole gateway stands on.
+
+This module owns moving TLS records between an ``OpenSSL.SSL.Connection`` and a
+trio transport stream. It never decides whether a peer is trusted: the server
+side accepts any certificate *at the TLS layer* and hands the chain to the
+core (``edge.trust``), which decides before a single application byte is read.
+It never logs, and never sees payload bytes except to encrypt and decrypt them.
+
+General theory of operation
+===========================
+
+Why not ``trio.SSLStream``? It wraps the stdlib ``ssl`` module, which does not
+show us the chain the peer actually sent, the chain OpenSSL verified, or let us
+verify one partner's chain against that partner's roots alone. pyOpenSSL does,
+so this is ``trio.SSLStream``'s design re-told for pyOpenSSL.
+
+The ``Connection`` is built with no socket (``Connection(ctx, None)``): it then
+reads ciphertext from an *incoming memory BIO* that we fill with
+``bio_write()`` and writes ciphertext into an *outgoing memory BIO* that we
+empty with ``bio_read()``. OpenSSL itself never blocks and never does I/O; all
+I/O is ours, done with trio, and can therefore be cancelled.
+
+Every TLS operation (handshake, read, write, shutdown) may need to *both* send
+and receive: a read may have to answer a TLS 1.3 KeyUpdate, a handshake
+alternates flights. So every operation goes through one helper,
+``_retry(fn)``, which loops:
+
+1. call ``fn`` on the ``Connection``;
+2. whatever it produced in the outgoing BIO is sent on the transport, under
+   ``_send_lock`` (a strict FIFO lock, so records leave in the order OpenSSL
+   produced them even when the sending task and the receiving task both have
+   something to send);
+3. if ``fn`` raised ``WantReadError`` and nothing was sent, read once from the
+   transport under ``_recv_lock``, feed the incoming BIO, and go round again.
+
+Full duplex: one task may sit in ``receive_some`` while another is in
+``send_all``. Both may want to read from the transport at once (for instance a
+writer that is waiting for a handshake that the reader is driving). The
+transport may only be read by one task, so ``_recv_lock`` guards it, and a task
+that waited for the lock checks ``_recv_count``: if someone else fed the BIO
+while it waited, it does not read again (that could block forever on data
+that will never come) but retries ``fn`` first. This is trio's own scheme.
+
+Outer conflict detectors make two concurrent ``send_all`` calls (or two
+``receive_some`` calls) an error, as for every trio stream.
+
+The handshake runs once (``_handshake_done`` plus ``_handshake_started``);
+a second caller waits for the first one.
+
+Failure model. The stream is OK, BROKEN or CLOSED:
+
+* any OpenSSL error (bad record, alert from the peer, failed handshake) makes
+  it BROKEN and raises ``TLSError`` (a ``trio.BrokenResourceError``), after a
+  best-effort, time-bounded flush of the outgoing BIO so that the alert OpenSSL
+  wrote (e.g. "certificate required") reaches the peer;
+* a transport that ends without a close_notify raises ``TLSTruncatedError``:
+  a truncation is not a clean end of stream, and a relay must be able to tell
+  "the partner said goodbye" from "the TCP connection was cut";
+* a cancelled or failed transport *send* makes it BROKEN (part of a record may
+  have left); a cancelled handshake makes it BROKEN; a cancelled transport
+  *receive* does not (nothing was consumed from OpenSSL's point of view), so
+  ``receive_some`` under a timeout is safe and the stream stays usable;
+* ``aclose`` never waits on the peer: it sends close_notify only if the
+  handshake completed and the send side is free, bounded by
+  ``close_timeout``, and then closes the transport. Cancelled, it closes the
+  transport at once.
+
+Half-close. ``send_eof`` sends close_notify and keeps the transport open: TLS
+1.3 (and OpenSSL, for 1.2) lets the other direction keep flowing until the peer
+sends its own close_notify, which ``receive_some`` reports as ``b""``.
+
+TLS 1.3 session tickets. A TLS 1.3 server's last handshake output is only
+session tickets; like trio, we hold it back and send it with the first
+record we send, so a handshake costs one write fewer and a peer that closes
+right after the handshake does not make us fail on an unsent ticket.
+
+Cost. Reads pull up to ``_TRANSPORT_READ_SIZE`` of ciphertext and then decrypt
+every complete record already buffered in one call; writes encrypt up to
+``_WRITE_CHUNK`` of plaintext (OpenSSL writes one 16 KiB record per call)
+before one transport send. Both keep the per-record Python overhead low while
+bounding the memory one connection can hold.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from OpenSSL import SSL
+
+if TYPE_CHECKING:
+    from OpenSSL.crypto import X509
+
+__all__ = [
+    "MOZILLA_INTERMEDIATE_TLS12_CIPHERS",
+    "HostnameMismatchError",
+    "TLSError",
+    "TLSStream",
+    "TLSTruncatedError",
+    "client_context",
+    "server_context",
+]
+
+T = TypeVar("T")
+
+# How much ciphertext one transport read asks for. Large enough that one read
+# usually carries several 16 KiB records, small enough to bound memory.
+_TRANSPORT_READ_SIZE = 128 * 1024
+# How much plaintext receive_some returns when the caller gives no max_bytes.
+_DEFAULT_RECEIVE_SIZE = 128 * 1024
+# How much plaintext is encrypted before one transport send.
+_WRITE_CHUNK = 128 * 1024
+# How much ciphertext one bio_read may take out of the outgoing BIO.
+_BIO_READ_SIZE = 1024 * 1024
+# How long aclose() and an error path spend trying to deliver a close_notify or
+# an alert to a peer that does not read.
+_DEFAULT_CLOSE_TIMEOUT = 1.0
+
+# Mozilla's "intermediate" TLS 1.2 suites (v5.7), restricted to ECDHE + AEAD
+# (the DHE suites are left out: finite-field DH is slow and rarely needed).
+MOZILLA_INTERMEDIATE_TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+
+
+class TLSError(trio.BrokenResourceError):
+    """The TLS layer failed: a protocol error, an alert, a failed handshake.
+
+    ``openssl_errors`` holds OpenSSL's error queue entries (library, function,
+    reason) when there were any; ``str()`` is a one-line description without
+    any key material or payload.
+    """
+
+    def __init__(self, message: str, openssl_errors: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.openssl_errors: tuple[Any, ...] = tuple(openssl_errors)
+
+
+class TLSTruncatedError(TLSError):
+    """The transport ended without a close_notify (TCP closed mid-stream)."""
+
+
+class HostnameMismatchError(TLSError):
+    """The server's certificate does not name the host we connected to."""
+
+
+class _State(enum.Enum):
+    OK = "ok"
+    BROKEN = "broken"
+    CLOSED = "closed"
+
+
+class _ConflictDetector:
+    """Raise BusyResourceError when two tasks use one direction at once."""
+
+    __slots__ = ("_held", "_message")
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+        self._held = False
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._message)
+        self._held = True
+
+    def __exit__(self, *exc: object) -> None:
+        self._held = False
+
+
+def _describe(exc: SSL.Error) -> tuple[str, list[Any]]:
+    """A one-line description of an OpenSSL error, and its raw error list."""
+    errors = list(exc.args[0]) if exc.args and isinstance(exc.args[0], list) else []
+    reasons = [str(e[2]) for e in errors if isinstance(e, tuple) and len(e) == 3]
+    if reasons:
+        return "; ".join(reasons), errors
+    return (str(exc) or type(exc).__name__), errors
+
+
+class TLSStream(trio.abc.HalfCloseableStream):
+    """A TLS connection over a trio stream, server or client side.
+
+    Args:
+      transport_stream: the stream carrying ciphertext (usually a
+        ``trio.SocketStream``, which sets TCP_NODELAY).
+      context: a fully built ``OpenSSL.SSL.Context`` (see ``server_context``
+        and ``client_context``). It must not be modified afterwards.
+      server_side: True to accept, False to connect.
+      server_hostname: client side only: sent as SNI and, when
+        ``check_hostname`` is true, matched (RFC 6125) against the server
+        certificate's subject alternative names after the handshake.
+      check_hostname: client side only; defaults to True when a
+        ``server_hostname`` is given.
+      close_timeout: the most ``aclose()`` spends delivering close_notify.
+    """
+
+    def __init__(
+        self,
+        transport_stream: trio.abc.Stream,
+        context: SSL.Context,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        check_hostname: bool | None = None,
+        close_timeout: float = _DEFAULT_CLOSE_TIMEOUT,
+    ) -> None:
+        if server_side and server_hostname is not None:
+            raise ValueError("server_hostname is for the client side only")
+        if check_hostname and server_hostname is None:
+            raise ValueError("check_hostname needs a server_hostname")
+        self.transport_stream = transport_stream
+        self.server_side = server_side
+        self.server_hostname = server_hostname
+        self._check_hostname = (
+            server_hostname is not None if check_hostname is None else check_hostname
+        )
+        self._close_timeout = close_timeout
+        self._conn = SSL.Connection(context, None)
+        if server_side:
+            self._conn.set_accept_state()
+        else:
+            self._conn.set_connect_state()
+            if server_hostname is not None:
+                self._conn.set_tlsext_host_name(_sni_bytes(server_hostname))
+        self._state = _State.OK
+        self._handshake_started = False
+        self._handshake_done = trio.Event()
+        self._delayed_outgoing: bytes | None = None
+        self._send_lock = trio.StrictFIFOLock()
+        self._recv_lock = trio.Lock()
+        self._recv_count = 0
+        self._eof_received = False
+        self._eof_sent = False
+        self._outer_send = _ConflictDetector("another task is sending on this TLSStream")
+        self._outer_recv = _ConflictDetector("another task is receiving on this TLSStream")
+        # Resumable progress of the send in flight (see _write_some).
+        self._write_view: memoryview | None = None
+
+    # ------------------------------------------------------------------
+    # What the handshake established
+
+    @property
+    def connection(self) -> SSL.Connection:
+        """The underlying pyOpenSSL connection (for inspection, not for I/O)."""
+        return self._conn
+
+    @property
+    def handshake_done(self) -> bool:
+        return self._handshake_done.is_set()
+
+    def _need_handshake(self, what: str) -> None:
+        if not self._handshake_done.is_set():
+            raise trio.BrokenResourceError(f"call do_handshake() before reading {what}")
+
+    @property
+    def peer_chain(self) -> list[x509.Certificate]:
+        """The certificates the peer sent, leaf first, as sent (unverified).
+
+        OpenSSL omits the leaf from the server-side chain; this puts it back so
+        both sides see the same shape. Empty when the peer sent none.
+        """
+        self._need_handshake("peer_chain")
+        chain = self._conn.get_peer_cert_chain(as_cryptography=True) or []
+        if self.server_side:
+            leaf = self._conn.get_peer_certificate(as_cryptography=True)
+            if leaf is None:
+                return []
+            return [leaf, *chain]
+        return list(chain)
+
+    @property
+    def verified_chain(self) -> list[x509.Certificate]:
+        """The chain OpenSSL verified, leaf first, ending with the trust anchor.
+
+        Meaningful only when the context verifies the peer with OpenSSL (the
+        client contexts made here do). Server contexts made here leave the
+        decision to ``edge.trust``, whose verdict carries its own verified
+        chain; for them this is empty or OpenSSL's unverified guess.
+        """
+        self._need_handshake("verified_chain")
+        return list(self._conn.get_verified_chain(as_cryptography=True) or [])
+
+    @property
+    def version(self) -> str:
+        """Negotiated protocol version, e.g. ``TLSv1.3``."""
+        self._need_handshake("version")
+        return self._conn.get_protocol_version_name()
+
+    @property
+    def cipher(self) -> str | None:
+        """Negotiated cipher suite name, e.g. ``TLS_AES_128_GCM_SHA256``."""
+        self._need_handshake("cipher")
+        return self._conn.get_cipher_name()
+
+    @property
+    def requested_server_name(self) -> str | None:
+        """The SNI the client asked for (server side), or None."""
+        name = self._conn.get_servername()
+        return name.decode("ascii", "replace") if name is not None else None
+
+    # ------------------------------------------------------------------
+    # The engine
+
+    def _check_status(self) -> None:
+        if self._state is _State.OK:
+            return
+        if self._state is _State.BROKEN:
+            raise trio.BrokenResourceError("this TLSStream is broken")
+        raise trio.ClosedResourceError("this TLSStream is closed")
+
+    def _take_outgoing(self) -> bytes:
+        """Everything OpenSSL has written, emptying the outgoing BIO."""
+        parts: list[bytes] = []
+        while True:
+            try:
+                parts.append(self._conn.bio_read(_BIO_READ_SIZE))
+            except SSL.WantReadError:
+                # pyOpenSSL signals "outgoing BIO empty" this way.
+                break
+        if not parts:
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _flush_after_error(self) -> None:
+        """Deliver an alert OpenSSL queued before failing, if we can, quickly."""
+        try:
+            data = self._take_outgoing()
+        except SSL.Error:
+            return
+        if self._delayed_outgoing:
+            data = self._delayed_outgoing + data
+            self._delayed_outgoing = None
+        if not data or self._send_lock.locked():
+            return
+        with trio.move_on_after(self._close_timeout):
+            async with self._send_lock:
+                try:
+                    await self.transport_stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+
+    async def _fail(self, exc: SSL.Error) -> TLSError:
+        self._state = _State.BROKEN
+        await self._flush_after_error()
+        if isinstance(exc, SSL.SysCallError):
+            # (-1, 'Unexpected EOF'): the transport ended without close_notify.
+            return TLSTruncatedError("peer closed the connection without TLS close_notify")
+        message, errors = _describe(exc)
+        return TLSError(message, errors)
+
+    async def _retry(self, fn: Callable[[], T], *, is_handshake: bool = False) -> T | None:
+        """Run ``fn`` until it completes, doing the I/O it asks for.
+
+        See the module docstring for the theory.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
+        yielded = False
+        finished = False
+        ret: T | None = None
+        while not finished:
+            want_read = False
+            try:
+                ret = fn()
+            except SSL.WantReadError:
+                want_read = True
+            except SSL.Error as exc:
+                raise await self._fail(exc) from exc
+            else:
+                finished = True
+            to_send = self._take_outgoing()
+            if (
+                is_handshake
+                and finished
+                and self.server_side
+                and self._conn.get_protocol_version_name() == "TLSv1.3"
+            ):
+                # Hold back the TLS 1.3 server's session tickets (see theory).
+                if to_send:
+                    self._delayed_outgoing = to_send
+                to_send = b""
+            if to_send:
+                async with self._send_lock:
+                    yielded = True
+                    try:
+                        if self._delayed_outgoing is not None:
+                            to_send = self._delayed_outgoing + to_send
+                            self._delayed_outgoing = None
+                        await self.transport_stream.send_all(to_send)
+                    except BaseException:
+                        # Part of a record may have gone out: no way back.
+                        self._state = _State.BROKEN
+                        raise
+            elif want_read:
+                recv_count = self._recv_count
+                async with self._recv_lock:
+                    yielded = True
+                    if recv_count == self._recv_count:
+                        data = await self.transport_stream.receive_some(_TRANSPORT_READ_SIZE)
+                        if data:
+                            self._conn.bio_write(data)
+                        else:
+                            self._conn.bio_shutdown()
+                        self._recv_count += 1
+        if not yielded:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return ret
+
+    # ------------------------------------------------------------------
+    # Handshake
+
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake (once; later calls wait for or reuse it).
+
+        Raises ``TLSError`` (a ``trio.BrokenResourceError``) when it fails,
+        ``HostnameMismatchError`` on the client side when the server's
+        certificate does not name ``server_hostname``. Cancelled, it leaves the
+        stream broken: put a timeout around it.
+        """
+        self._check_status()
+        if self._handshake_started:
+            await self._handshake_done.wait()
+            self._check_status()
+            return
+        self._handshake_started = True
+        try:
+            await self._retry(self._conn.do_handshake, is_handshake=True)
+            if self._check_hostname:
+                self._verify_hostname()
+        except BaseException:
+            self._state = _State.BROKEN
+            raise
+        finally:
+            # Wake any waiter, success or not; they re-check the state.
+            self._handshake_done.set()
+
+    def _verify_hostname(self) -> None:
+        from service_identity import VerificationError
+        from service_identity.cryptography import (
+            verify_certificate_hostname,
+            verify_certificate_ip_address,
+        )
+
+        assert self.server_hostname is not None
+        cert = self._conn.get_peer_certificate(as_cryptography=True)
+        if cert is None:
+            raise HostnameMismatchError("server sent no certificate")
+        try:
+            if _is_ip_address(self.server_hostname):
+                verify_certificate_ip_address(cert, self.server_hostname)
+            else:
+                verify_certificate_hostname(cert, self.server_hostname)
+        except (VerificationError, ValueError) as exc:
+            raise HostnameMismatchError(
+                f"server certificate does not name {self.server_hostname!r}"
+            ) from exc
+        except Exception as exc:  # service_identity raises its own for "no SAN"
+            raise HostnameMismatchError(
+                f"server certificate does not name {self.server_hostname!r}: {exc}"
+            ) from exc
+
+    async def _ensure_handshake(self) -> None:
+        if not self._handshake_done.is_set():
+            await self.do_handshake()
+        self._check_status()
+
+    # ------------------------------------------------------------------
+    # Receiving
+
+    def _read_plain(self, max_bytes: int) -> bytes:
+        """Decrypt up to ``max_bytes``: every complete record already buffered.
+
+        Returns b"" once the peer's close_notify has been read.
+        """
+        if self._eof_received:
+            return b""
+        try:
+            first = self._conn.recv(max_bytes)
+        except SSL.ZeroReturnError:
+            self._eof_received = True
+            return b""
+        got = len(first)
+        if got >= max_bytes:
+            return first
+        chunks = [first]
+        while got < max_bytes:
+            try:
+                more = self._conn.recv(max_bytes - got)
+            except SSL.Error:
+                # WantRead (buffer empty), close_notify or an error: hand back
+                # what we have; the next call meets the condition again.
+                break
+            chunks.append(more)
+            got += len(more)
+        return b"".join(chunks)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Decrypted bytes from the peer; ``b""`` after its close_notify.
+
+        Raises ``TLSTruncatedError`` when the transport ends without a
+        close_notify, ``TLSError`` on any other TLS failure.
+        """
+        with self._outer_recv:
+            self._check_status()
+            await self._ensure_handshake()
+            if max_bytes is None:
+                max_bytes = _DEFAULT_RECEIVE_SIZE
+            elif max_bytes < 1:
+                raise ValueError("max_bytes must be >= 1")
+            data = await self._retry(lambda: self._read_plain(max_bytes))
+            assert data is not None
+            return data
+
+    # ------------------------------------------------------------------
+    # Sending
+
+    def _write_some(self) -> bool:
+        """Encrypt up to ``_WRITE_CHUNK`` of the pending plaintext.
+
+        Progress lives in ``_write_view`` so that a retry (after a want-read)
+        continues where OpenSSL stopped instead of writing bytes twice.
+        Returns True when everything has been encrypted.
+        """
+        view = self._write_view
+        assert view is not None
+        budget = _WRITE_CHUNK
+        while view and budget > 0:
+            n = self._conn.send(view[: min(len(view), budget)])
+            view = view[n:]
+            budget -= n
+            self._write_view = view
+        return not view
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt and send all of ``data``.
+
+        Cancelled mid-way, the stream is broken (part of a record may have
+        been sent).
+        """
+        with self._outer_send:
+            self._check_status()
+            await self._ensure_handshake()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("send_eof() was called on this TLSStream")
+            if not data:
+                await trio.lowlevel.checkpoint()
+                return
+            self._write_view = memoryview(data).cast("B")
+            try:
+                while True:
+                    done = await self._retry(self._write_some)
+                    if done:
+                        break
+            except BaseException:
+                if self._write_view:
+                    self._state = _State.BROKEN
+                raise
+            finally:
+                self._write_view = None
+
+    async def send_eof(self) -> None:
+        """Send close_notify; the peer can go on sending until it sends its own."""
+        with self._outer_send:
+            self._check_status()
+            await self._ensure_handshake()
+            if self._eof_sent:
+                await trio.lowlevel.checkpoint()
+                return
+            self._eof_sent = True
+            await self._retry(self._conn.shutdown)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._outer_send:
+            self._check_status()
+            await self.transport_stream.wait_send_all_might_not_block()
+
+    # ------------------------------------------------------------------
+    # Closing
+
+    async def aclose(self) -> None:
+        """Send close_notify if possible (bounded in time), close the transport.
+
+        Never waits for the peer. Cancelled, it closes the transport at once.
+        """
+        if self._state is _State.CLOSED:
+            await trio.lowlevel.checkpoint()
+            return
+        graceful = (
+            self._state is _State.OK
+            and self._handshake_done.is_set()
+            and not self._eof_sent
+            and not self._send_lock.locked()
+        )
+        self._state = _State.CLOSED
+        try:
+            if graceful:
+                self._eof_sent = True
+                with trio.move_on_after(self._close_timeout):
+                    try:
+                        self._conn.shutdown()
+                    except SSL.Error:
+                        pass
+                    data = (self._delayed_outgoing or b"") + self._take_outgoing()
+                    self._delayed_outgoing = None
+                    if data:
+                        async with self._send_lock:
+                            await self.transport_stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, SSL.Error):
+            pass
+        finally:
+            await trio.aclose_forcefully(self.transport_stream)
+
+
+def _sni_bytes(hostname: str) -> bytes:
+    # SNI carries DNS names only (RFC 6066), never IP literals, and in A-label
+    # form.
+    if _is_ip_address(hostname):
+        return b""
+    return hostname.rstrip(".").encode("idna")
+
+
+def _is_ip_address(value: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------
+# Context factories
+
+
+def _base_context(
+    chain: Sequence[x509.Certificate] | None,
+    key: CertificateIssuerPrivateKeyTypes | None,
+) -> SSL.Context:
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(
+        SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
+    )
+    ctx.set_cipher_list(MOZILLA_INTERMEDIATE_TLS12_CIPHERS.encode("ascii"))
+    # Key-exchange groups: pyOpenSSL has no call to choose them; OpenSSL's
+    # defaults (X25519MLKEM768, X25519, P-256, P-384, ...) are what we want.
+    if chain:
+        ctx.use_certificate(chain[0])
+        for extra in chain[1:]:
+            ctx.add_extra_chain_cert(extra)
+        if key is None:
+            raise ValueError("a certificate needs its private key")
+        ctx.use_privatekey(key)
+        ctx.check_privatekey()
+    return ctx
+
+
+def _accept_at_tls_layer(conn: SSL.Connection, cert: X509, err: int, depth: int, ok: int) -> bool:
+    # Authorization is the core's job (edge.trust), per partner, right after
+    # the handshake and before any application byte is read; OpenSSL's single
+    # store cannot express "partner A's roots for partner A's names only".
+    return True
+
+
+def server_context(
+    chain: Sequence[x509.Certificate],
+    key: CertificateIssuerPrivateKeyTypes,
+    *,
+    require_client_cert: bool,
+    client_ca_names: Sequence[x509.Certificate] = (),
+) -> SSL.Context:
+    """A hardened server context.
+
+    ``require_client_cert`` makes the handshake fail when the client sends no
+    certificate; the certificate it does send is *not* judged here (see
+    ``_accept_at_tls_layer``): call ``edge.trust`` on ``TLSStream.peer_chain``.
+    ``client_ca_names``: certificates whose subjects are advertised in the
+    CertificateRequest (the partner roots), so clients with several
+    certificates pick the right one.
+
+    Session resumption is off: a resumed session would skip the certificate
+    exchange, and with it authorization (nginx CVE-2025-23419).
+    """
+    ctx = _base_context(chain, key)
+    ctx.set_session_id(b"edge-federation")
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_options(SSL.OP_NO_TICKET)
+    if require_client_cert:
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_at_tls_layer)
+        for ca in client_ca_names:
+            ctx.add_client_ca(ca)
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE)
+    return ctx
+
+
+def client_context(
+    roots: Sequence[x509.Certificate],
+    chain: Sequence[x509.Certificate] | None = None,
+    key: CertificateIssuerPrivateKeyTypes | None = None,
+) -> SSL.Context:
+    """A hardened client context that verifies the server against ``roots``.
+
+    OpenSSL verifies the chain (the handshake fails otherwise); the host name
+    is checked by ``TLSStream`` after the handshake and before any byte is
+    sent. ``chain``/``key``: the client certificate to present (mutual TLS).
+    """
+    if not roots:
+        raise ValueError("a client context needs at least one trusted root")
+    ctx = _base_context(chain, key)
+    store = ctx.get_cert_store()
+    assert store is not None
+    from OpenSSL.crypto import X509 as _X509
+
+    for root in roots:
+        store.add_cert(_X509.from_cryptography(root))
+    ctx.set_verify(SSL.VERIFY_PEER)
+    return ctx
