@@ -83,6 +83,7 @@ bounding the memory one connection can hold.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -132,6 +133,10 @@ MOZILLA_INTERMEDIATE_TLS12_CIPHERS = ":".join(
         "ECDHE-RSA-CHACHA20-POLY1305",
     ]
 )
+
+
+# What a transport raises when the peer is already gone.
+_TRANSPORT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class TLSError(trio.BrokenResourceError):
@@ -345,10 +350,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return
         with trio.move_on_after(self._close_timeout):
             async with self._send_lock:
-                try:
+                with contextlib.suppress(*_TRANSPORT_GONE):
                     await self.transport_stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
 
     async def _fail(self, exc: SSL.Error) -> TLSError:
         self._state = _State.BROKEN
@@ -606,10 +609,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if graceful:
                 self._eof_sent = True
                 with trio.move_on_after(self._close_timeout):
-                    try:
+                    with contextlib.suppress(SSL.Error):
                         self._conn.shutdown()
-                    except SSL.Error:
-                        pass
                     data = (self._delayed_outgoing or b"") + self._take_outgoing()
                     self._delayed_outgoing = None
                     if data:
