@@ -90,7 +90,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 
 if TYPE_CHECKING:
@@ -134,6 +134,15 @@ MOZILLA_INTERMEDIATE_TLS12_CIPHERS = ":".join(
     ]
 )
 
+
+# The private-key types pyOpenSSL can install in a Context.
+PrivateKey = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+    | dsa.DSAPrivateKey
+)
 
 # What a transport raises when the peer is already gone.
 _TRANSPORT_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -646,7 +655,7 @@ def _is_ip_address(value: str) -> bool:
 
 def _base_context(
     chain: Sequence[x509.Certificate] | None,
-    key: CertificateIssuerPrivateKeyTypes | None,
+    key: PrivateKey | None,
 ) -> SSL.Context:
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -676,7 +685,7 @@ def _accept_at_tls_layer(conn: SSL.Connection, cert: X509, err: int, depth: int,
 
 def server_context(
     chain: Sequence[x509.Certificate],
-    key: CertificateIssuerPrivateKeyTypes,
+    key: PrivateKey,
     *,
     require_client_cert: bool,
     client_ca_names: Sequence[x509.Certificate] = (),
@@ -709,7 +718,7 @@ def server_context(
 def client_context(
     roots: Sequence[x509.Certificate],
     chain: Sequence[x509.Certificate] | None = None,
-    key: CertificateIssuerPrivateKeyTypes | None = None,
+    key: PrivateKey | None = None,
 ) -> SSL.Context:
     """A hardened client context that verifies the server against ``roots``.
 
