@@ -49,3 +49,5 @@ class Reason(enum.StrEnum):
     NO_UPSTREAM = "no_upstream"
     # A pool member presented a certificate that failed verification or names another host.
     UPSTREAM_UNTRUSTED = "upstream_untrusted"
+    # The gateway shut down (drain deadline) before the connection was admitted.
+    SHUTTING_DOWN = "shutting_down"
