@@ -49,11 +49,18 @@ def _now() -> _dt.datetime:
 def _validity(
     not_before: _dt.datetime | None, not_after: _dt.datetime | None
 ) -> tuple[_dt.datetime, _dt.datetime]:
+    """Defaults: now-1h .. now+365d; a default never contradicts the explicit bound
+    (an expired certificate asked for with only `not_after` still has a valid range)."""
     now = _now()
-    return (
-        not_before if not_before is not None else now - _DEFAULT_BACKDATE,
-        not_after if not_after is not None else now + _DEFAULT_LIFETIME,
-    )
+    if not_before is None:
+        not_before = now - _DEFAULT_BACKDATE
+        if not_after is not None and not_after <= not_before:
+            not_before = not_after - _DEFAULT_LIFETIME
+    if not_after is None:
+        not_after = now + _DEFAULT_LIFETIME
+        if not_after <= not_before:
+            not_after = not_before + _DEFAULT_LIFETIME
+    return not_before, not_after
 
 
 def _new_key() -> PrivateKey:
