@@ -51,6 +51,3 @@ class Reason(enum.StrEnum):
     UPSTREAM_UNTRUSTED = "upstream_untrusted"
     # The gateway shut down (drain deadline) before the connection was admitted.
     SHUTTING_DOWN = "shutting_down"
-    # The gateway is shutting down (draining): new connections are refused, and those
-    # still open when the drain time ends are closed.
-    SHUTTING_DOWN = "shutting_down"
