@@ -689,6 +689,7 @@ def server_context(
     *,
     require_client_cert: bool,
     client_ca_names: Sequence[x509.Certificate] = (),
+    client_roots: Sequence[x509.Certificate] = (),
 ) -> SSL.Context:
     """A hardened server context.
 
@@ -699,6 +700,11 @@ def server_context(
     CertificateRequest (the partner roots), so clients with several
     certificates pick the right one.
 
+    ``client_roots``: when given (with ``require_client_cert``), OpenSSL
+    itself verifies the client's chain against these roots and fails the
+    handshake otherwise, as a pool member does with the enterprise CA; the
+    partner-facing listeners leave it empty and use the core instead.
+
     Session resumption is off: a resumed session would skip the certificate
     exchange, and with it authorization (nginx CVE-2025-23419).
     """
@@ -707,8 +713,13 @@ def server_context(
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_options(SSL.OP_NO_TICKET)
     if require_client_cert:
-        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _accept_at_tls_layer)
-        for ca in client_ca_names:
+        mode = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+        if client_roots:
+            _add_roots(ctx, client_roots)
+            ctx.set_verify(mode)
+        else:
+            ctx.set_verify(mode, _accept_at_tls_layer)
+        for ca in client_ca_names or client_roots:
             ctx.add_client_ca(ca)
     else:
         ctx.set_verify(SSL.VERIFY_NONE)
@@ -729,11 +740,15 @@ def client_context(
     if not roots:
         raise ValueError("a client context needs at least one trusted root")
     ctx = _base_context(chain, key)
-    store = ctx.get_cert_store()
-    assert store is not None
-    from OpenSSL.crypto import X509 as _X509
-
-    for root in roots:
-        store.add_cert(_X509.from_cryptography(root))
+    _add_roots(ctx, roots)
     ctx.set_verify(SSL.VERIFY_PEER)
     return ctx
+
+
+def _add_roots(ctx: SSL.Context, roots: Sequence[x509.Certificate]) -> None:
+    from OpenSSL.crypto import X509 as _X509
+
+    store = ctx.get_cert_store()
+    assert store is not None
+    for root in roots:
+        store.add_cert(_X509.from_cryptography(root))
