@@ -1,0 +1,378 @@
+"""`edge demo`: a whole federation on loopback, in one process, in seconds.
+
+Owns the demo's throwaway world: a PKI made in a temporary folder, a two-member
+mutual-TLS echo pool, the gateway started from a real ``edge.toml`` written
+there, and partners playing each scenario. Also exports the echo pool member
+and the partner client, which the tests and benchmarks reuse.
+
+Must never touch anything outside its temporary folder or any address but
+127.0.0.1, and never claims an outcome it did not observe: "actual" is the
+echo coming back, or the reason code the gateway itself logged for that very
+connection (matched by the client's source port).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from cryptography import x509
+from OpenSSL import SSL
+from prometheus_client import CollectorRegistry
+
+from edge.config import load_config
+from edge.gateway import Gateway
+from edge.logs import EventLog, LogFormat
+from edge.metrics import Metrics
+from edge.pki import CA, Leaf
+from edge.tls import PrivateKey, TLSStream, client_context, server_context
+
+__all__ = ["EchoMember", "connect_partner", "demo_command"]
+
+
+# ----------------------------------------------------------------------
+# Reusable pieces: an MTLS echo pool member and a partner client
+
+
+class EchoMember:
+    """A pool member: MTLS server that echoes, verifying clients with OpenSSL."""
+
+    def __init__(
+        self,
+        chain: Sequence[x509.Certificate],
+        key: PrivateKey,
+        client_roots: Sequence[x509.Certificate],
+    ) -> None:
+        self.context = server_context(
+            chain, key, require_client_cert=True, client_roots=client_roots
+        )
+        self.connections = 0
+
+    async def handle(self, tcp: trio.SocketStream) -> None:
+        stream = TLSStream(tcp, self.context, server_side=True)
+        try:
+            with trio.move_on_after(10):
+                await stream.do_handshake()
+            if not stream.handshake_done:
+                return
+            self.connections += 1
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    await stream.send_eof()
+                    break
+                await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await stream.aclose()
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self.handle, listeners)
+
+
+async def connect_partner(
+    host: str,
+    port: int,
+    context: SSL.Context,
+    server_hostname: str,
+) -> TLSStream:
+    """Connect and handshake as a partner would."""
+    tcp = await trio.open_tcp_stream(host, port)
+    stream = TLSStream(tcp, context, server_side=False, server_hostname=server_hostname)
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(tcp)
+        raise
+    return stream
+
+
+# ----------------------------------------------------------------------
+# The demo world
+
+EDGE_PUBLIC_NAME = "edge.contoso.example"
+POOL_HOSTS = ("fe1.corp.contoso.example", "fe2.corp.contoso.example")
+
+
+@dataclass
+class Scenario:
+    name: str
+    expected: str  # "relayed" or a reason code
+    leaf: Leaf | None
+
+
+@dataclass
+class World:
+    folder: Path
+    config_path: Path
+    edge_root: x509.Certificate
+    enterprise: CA
+    pool_leaves: tuple[Leaf, ...]
+    scenarios: list[Scenario]
+
+
+def _toml_path(p: Path) -> str:
+    return str(p).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def build_world(folder: Path, pool_ports: Sequence[int] | None = None) -> World:
+    """Write the PKI, partner folders and edge.toml into ``folder``."""
+    now = _dt.datetime.now(_dt.UTC)
+    certs = folder / "certs"
+    certs.mkdir(parents=True, exist_ok=True)
+    enterprise = CA.root("Contoso Enterprise Root CA")
+    edge_public_ca = CA.root("Contoso Public Issuing CA")
+    public = edge_public_ca.issue(dns=[EDGE_PUBLIC_NAME], eku=["server"])
+    internal = enterprise.issue(dns=["edge.corp.contoso.example"], eku=["client"])
+    public.write(certs, "edge-public")
+    internal.write(certs, "edge-internal")
+    (certs / "enterprise-root.pem").write_bytes(enterprise.cert_pem())
+    pool_leaves = tuple(enterprise.issue(dns=[h], eku=["server"]) for h in POOL_HOSTS)
+
+    policies = folder / "federation_policies"
+    fabrikam = CA.root("Fabrikam Root CA")
+    litware_root = CA.root("Litware Root CA")
+    litware = litware_root.intermediate("Litware Issuing CA 1")
+    stranger = CA.root("Stranger Root CA")
+    for pid, root, domains in (
+        ("fabrikam.com", fabrikam, ["fabrikam.com"]),
+        ("litware.com", litware_root, ["litware.com"]),
+    ):
+        d = policies / pid
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{pid.split('.')[0]}-root.pem").write_bytes(root.cert_pem())
+        (d / "policy.toml").write_text(f"domains = {domains!r}\n".replace("'", '"'))
+
+    ports = list(pool_ports) if pool_ports is not None else [0, 0]
+    members = ",\n  ".join(
+        f'{{ host = "{h}", address = "127.0.0.1", port = {p} }}'
+        for h, p in zip(POOL_HOSTS, ports, strict=True)
+    )
+    config = folder / "edge.toml"
+    config.write_text(
+        f"""# Written by `edge demo`: a throwaway federation on loopback.
+[identity]
+public_cert = "certs/edge-public.pem"
+public_key = "certs/edge-public.key"
+internal_cert = "certs/edge-internal.pem"
+internal_key = "certs/edge-internal.key"
+internal_roots = ["certs/enterprise-root.pem"]
+
+[[listeners]]
+name = "federation"
+address = "127.0.0.1:0"
+mode = "mtls"
+policies = "federation_policies"
+pool = "frontend"
+
+[[pools]]
+name = "frontend"
+members = [
+  {members},
+]
+
+[metrics]
+address = "127.0.0.1:0"
+
+[limits]
+handshake_timeout_s = 5
+idle_timeout_s = 60
+drain_timeout_s = 2
+"""
+    )
+    scenarios = [
+        Scenario(
+            "trusted partner (fabrikam.com, root-issued)",
+            "relayed",
+            fabrikam.issue(dns=["sip.fabrikam.com"], eku=["client", "server"]),
+        ),
+        Scenario(
+            "trusted partner (litware.com, via intermediate)",
+            "relayed",
+            litware.issue(dns=["sip.litware.com"], eku=["client", "server"]),
+        ),
+        Scenario(
+            "stranger CA",
+            "unknown_ca",
+            stranger.issue(dns=["sip.stranger.example"], eku=["client"]),
+        ),
+        Scenario(
+            "fabrikam's CA posing as litware.com",
+            "name_mismatch",
+            fabrikam.issue(dns=["sip.litware.com"], eku=["client"]),
+        ),
+        Scenario(
+            "expired certificate",
+            "expired",
+            fabrikam.issue(
+                dns=["sip.fabrikam.com"],
+                eku=["client"],
+                not_before=now - _dt.timedelta(days=30),
+                not_after=now - _dt.timedelta(days=1),
+            ),
+        ),
+        Scenario("no client certificate", "no_client_cert", None),
+    ]
+    return World(
+        folder=folder,
+        config_path=config,
+        edge_root=edge_public_ca.cert,
+        enterprise=enterprise,
+        pool_leaves=pool_leaves,
+        scenarios=scenarios,
+    )
+
+
+async def _play(
+    scenario: Scenario,
+    world: World,
+    address: tuple[str, int],
+    events: list[dict[str, Any]],
+) -> tuple[str, str]:
+    """Run one scenario; return (actual outcome, detail)."""
+    leaf = scenario.leaf
+    ctx = client_context(
+        [world.edge_root], leaf.chain if leaf else None, leaf.key if leaf else None
+    )
+    host, port = address
+    tcp = await trio.open_tcp_stream(host, port)
+    local_port = tcp.socket.getsockname()[1]
+    stream = TLSStream(tcp, ctx, server_side=False, server_hostname=EDGE_PUBLIC_NAME)
+    payload = f"hello from {scenario.name}".encode()
+    echoed = b""
+    try:
+        with trio.move_on_after(5):
+            await stream.do_handshake()
+            await stream.send_all(payload)
+            while len(echoed) < len(payload):
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                echoed += chunk
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await stream.aclose()
+    if echoed == payload:
+        # Wait for the gateway's connection_closed to name the member.
+        with trio.move_on_after(2):
+            while not _event_for(events, local_port, "connection_closed"):
+                await trio.sleep(0.01)
+        closed = _event_for(events, local_port, "connection_closed")
+        return "relayed", f"via {closed['member']}" if closed else ""
+    with trio.move_on_after(2):
+        while not _event_for(events, local_port, "connection_rejected"):
+            await trio.sleep(0.01)
+    rejected = _event_for(events, local_port, "connection_rejected")
+    if rejected is None:
+        return "no verdict logged", ""
+    return str(rejected["reason"]), str(rejected.get("detail", ""))
+
+
+def _event_for(events: list[dict[str, Any]], port: int, name: str) -> dict[str, Any] | None:
+    suffix = f":{port}"
+    for event in events:
+        if event.get("event") == name and str(event.get("peer", "")).endswith(suffix):
+            return event
+    return None
+
+
+async def _fetch(address: str, path: str) -> str:
+    host, _, port = address.rpartition(":")
+    stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: demo\r\n\r\n".encode())
+        body = b""
+        with trio.move_on_after(5):
+            while True:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                body += chunk
+    return body.decode("utf-8", "replace")
+
+
+async def _run_demo(folder: Path, out: Any) -> int:
+    enterprise_placeholder = build_world(folder)  # PKI and policies first
+    # Start the pool on free ports, then rewrite edge.toml with them.
+    members = [
+        EchoMember(leaf.chain, leaf.key, [enterprise_placeholder.enterprise.cert])
+        for leaf in enterprise_placeholder.pool_leaves
+    ]
+    events: list[dict[str, Any]] = []
+    async with trio.open_nursery() as nursery:
+        ports = [await nursery.start(m.serve) for m in members]
+        world = enterprise_placeholder
+        _rewrite_pool_ports(world.config_path, ports)
+        config = load_config(world.config_path)
+        log = EventLog("json", sink=events.append)
+        log.enabled = False
+        gateway = Gateway(config, log, Metrics(CollectorRegistry()))
+        gateway.load_policies()
+        bound = await nursery.start(gateway.run)
+        fed = bound["federation"][0]
+        host, _, port = fed.rpartition(":")
+        address = (host.strip("[]"), int(port))
+        print(f"edge demo: gateway on {fed}, pool {ports}, files in {folder}", file=out)
+        rows = []
+        for scenario in world.scenarios:
+            actual, detail = await _play(scenario, world, address, events)
+            rows.append((scenario, actual, detail))
+        metrics_text = await _fetch(bound["metrics"][0], "/metrics")
+        gateway.request_shutdown("demo finished")
+        nursery.cancel_scope.cancel()
+    width = max(len(s.name) for s, _, _ in rows)
+    print(file=out)
+    print(f"{'scenario':<{width}}  {'expected':<15} {'actual':<15} ok", file=out)
+    print(f"{'-' * width}  {'-' * 15} {'-' * 15} --", file=out)
+    failures = 0
+    for scenario, actual, detail in rows:
+        ok = actual == scenario.expected
+        failures += not ok
+        mark = "yes" if ok else "NO"
+        line = f"{scenario.name:<{width}}  {scenario.expected:<15} {actual:<15} {mark}"
+        print(line + (f"   ({detail})" if detail and actual == "relayed" else ""), file=out)
+    print(file=out)
+    print("metrics (from the gateway's /metrics endpoint):", file=out)
+    for line in metrics_text.splitlines():
+        if line.startswith(("edge_handshakes_total{", "edge_bytes_total{", "edge_partners{")):
+            print(f"  {line}", file=out)
+    print(file=out)
+    if failures:
+        print(f"edge demo: {failures} scenario(s) did not match", file=out)
+        return 1
+    print(f"edge demo: all {len(rows)} scenarios matched", file=out)
+    return 0
+
+
+def _rewrite_pool_ports(config_path: Path, ports: Sequence[int]) -> None:
+    text = config_path.read_text()
+    for port in ports:
+        text = text.replace("port = 0 }", f"port = {port} }}", 1)
+    config_path.write_text(text)
+
+
+def demo_command(log_format: LogFormat = "text") -> int:
+    """`edge demo`: returns 0 only if every scenario's outcome matched."""
+    _ = log_format
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp:
+        status = trio.run(_run_demo, Path(tmp), sys.stdout)
+    print(f"edge demo: finished in {time.monotonic() - started:.1f}s", file=sys.stdout)
+    return status

@@ -1,0 +1,709 @@
+"""The gateway: listeners, one task per connection, upstream selection, relay.
+
+Owns the life of a connection, from accept to exactly one log event at its
+end. It decides nothing about trust itself: "who is this partner and may it
+come in" is ``edge.trust`` (the core), and "is this pool member who the
+topology says" is the TLS client's verification against the internal roots
+plus the member's topology host name. This module only moves bytes, enforces
+time and count limits, and reports.
+
+Life of a partner connection (mode = "mtls"):
+
+1. accept; refuse at once (``over_limit``) when the gateway is full;
+2. TLS handshake, then ``PartnerTrust.verify_client`` on the chain the peer
+   sent, both inside one ``handshake_timeout_s`` cancel scope. No application
+   byte is read before the verdict;
+3. pick a member of the partner's pool (round robin), connect, MTLS handshake
+   presenting the internal certificate, verify the member's chain against
+   ``internal_roots`` and its topology ``host``; a member that fails is
+   skipped; no member -> ``no_upstream`` (or ``upstream_untrusted`` when a
+   member presented a certificate we must not trust). Only then is the
+   partner's stream read;
+4. relay both ways, one bounded chunk in flight per direction (so a slow side
+   slows the other through TCP back-pressure instead of growing memory),
+   propagating close_notify as half-close, until both directions ended, an
+   error, ``idle_timeout_s`` without a byte either way, or the drain deadline;
+5. one ``connection_closed`` (or ``connection_rejected``) event.
+
+Structured concurrency: ``Gateway.run`` owns one nursery for the metrics
+endpoint and one for connections; accept loops live in a cancel scope that
+shutdown cancels first (stop accepting), then connections get
+``drain_timeout_s`` to finish before their nursery is cancelled.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+from collections import Counter as _Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from OpenSSL import SSL
+
+from edge.config import Config, ConfigError, Listener, Member, load_config
+from edge.logs import EventLog, LogFormat
+from edge.metrics import UNKNOWN_PARTNER, Metrics, serve_metrics
+from edge.policies import PolicyFolderError, PolicySnapshot, load_policies
+from edge.reasons import Reason
+from edge.tls import HostnameMismatchError, TLSError, TLSStream, TLSTruncatedError
+from edge.tls import client_context as make_client_context
+from edge.tls import server_context as make_server_context
+from edge.trust import PartnerTrust
+
+__all__ = ["Gateway", "StartupError", "run_command"]
+
+# One chunk in flight per direction: the relay's memory bound.
+RELAY_CHUNK = 64 * 1024
+# OpenSSL's reason when a required client certificate was not sent.
+_NO_PEER_CERT = "peer did not return a certificate"
+
+
+class StartupError(Exception):
+    """The gateway cannot start (bind failure, unreadable policies folder)."""
+
+
+@dataclass(frozen=True)
+class _Trust:
+    """One policies folder: its snapshot and the verifier built from it."""
+
+    snapshot: PolicySnapshot
+    verifier: PartnerTrust
+
+
+@dataclass
+class _Conn:
+    """What the final log line of one connection says."""
+
+    listener: str
+    peer: str
+    started: float
+    partner: str | None = None
+    leaf_subject: str | None = None
+    fingerprint_sha256: str | None = None
+    tls_version: str | None = None
+    member: str | None = None
+    bytes_from_partner: int = 0
+    bytes_to_partner: int = 0
+    end: str | None = None
+    detail: str = ""
+    first_eof: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Rejected(Exception):
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def _peer_of(stream: trio.SocketStream) -> str:
+    try:
+        addr = stream.socket.getpeername()
+    except OSError:
+        return "unknown"
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _format_address(sockaddr: Any) -> str:
+    host, port = sockaddr[0], sockaddr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _expiry(cert: x509.Certificate) -> float:
+    return cert.not_valid_after_utc.timestamp()
+
+
+class Gateway:
+    """A running gateway for one configuration."""
+
+    def __init__(self, config: Config, log: EventLog, metrics: Metrics) -> None:
+        self.config = config
+        self.log = log
+        self.metrics = metrics
+        self._trust: dict[Path, _Trust] = {}
+        self._server_contexts: dict[str, SSL.Context] = {}
+        ident = config.identity
+        self._client_context = make_client_context(
+            ident.internal_root_certs, ident.internal_chain, ident.internal_private_key
+        )
+        self._round_robin: _Counter[str] = _Counter()
+        self._active_total = 0
+        self._active_by_partner: _Counter[str] = _Counter()
+        self._relaying = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._shutdown = trio.Event()
+        self.bound: dict[str, list[str]] = {}
+        self.ready = False
+
+    # ------------------------------------------------------------------
+    # Set-up
+
+    def load_policies(self) -> None:
+        """Load every policies folder the listeners name and build contexts.
+
+        Broken partners are reported and left out; the gateway runs with the
+        partners that load (DESIGN.md). A missing folder is fatal.
+        """
+        for listener in self.config.listeners:
+            if listener.mode != "mtls" or listener.policies is None:
+                continue
+            if listener.policies not in self._trust:
+                try:
+                    snapshot = load_policies(listener.policies)
+                except PolicyFolderError as exc:
+                    raise StartupError(str(exc)) from exc
+                for problem in snapshot.problems:
+                    self.log.event(
+                        "partner_problem",
+                        partner=problem.partner,
+                        file=str(problem.path),
+                        problem=problem.message,
+                    )
+                self._trust[listener.policies] = _Trust(snapshot, PartnerTrust(snapshot))
+        self._build_server_contexts()
+        self._export_static_metrics()
+
+    def _build_server_contexts(self) -> None:
+        ident = self.config.identity
+        for listener in self.config.listeners:
+            if listener.mode == "mtls":
+                assert listener.policies is not None
+                snapshot = self._trust[listener.policies].snapshot
+                roots = [
+                    root
+                    for policy in snapshot.partners.values()
+                    if policy.enabled
+                    for root in policy.roots
+                ]
+                self._server_contexts[listener.name] = make_server_context(
+                    ident.public_chain,
+                    ident.public_private_key,
+                    require_client_cert=True,
+                    client_ca_names=_unique_subjects(roots),
+                )
+            else:
+                self._server_contexts[listener.name] = make_server_context(
+                    ident.public_chain, ident.public_private_key, require_client_cert=False
+                )
+
+    def _export_static_metrics(self) -> None:
+        m = self.metrics
+        ident = self.config.identity
+        for role, certs in (
+            ("public", ident.public_chain[:1]),
+            ("internal", ident.internal_chain[:1]),
+            ("internal_root", ident.internal_root_certs),
+        ):
+            for cert in certs:
+                m.certificate_expiry.labels(role, "", cert.subject.rfc4514_string()).set(
+                    _expiry(cert)
+                )
+        states: _Counter[str] = _Counter()
+        for trust in self._trust.values():
+            snap = trust.snapshot
+            for pid, policy in snap.partners.items():
+                states["enabled" if policy.enabled else "disabled"] += 1
+                for root in policy.roots:
+                    m.certificate_expiry.labels(
+                        "partner_root", pid, root.subject.rfc4514_string()
+                    ).set(_expiry(root))
+                for crl in policy.crls:
+                    if crl.next_update_utc is not None:
+                        m.crl_next_update.labels(pid, crl.issuer.rfc4514_string()).set(
+                            crl.next_update_utc.timestamp()
+                        )
+            states["broken"] += len(snap.broken - set(snap.partners))
+        for state in ("enabled", "disabled", "broken"):
+            m.partners.labels(state).set(states[state])
+        for pool in self.config.pools.values():
+            for member in pool.members:
+                m.pool_member_up.labels(pool.name, member.host)
+
+    def partner_label(self, listener: Listener, partner: str | None) -> str:
+        if partner is None or listener.policies is None:
+            return UNKNOWN_PARTNER
+        trust = self._trust.get(listener.policies)
+        if trust is None or partner not in trust.snapshot.partners:
+            return UNKNOWN_PARTNER
+        return partner
+
+    def readiness(self) -> tuple[bool, str]:
+        if self._shutdown.is_set():
+            return False, "shutting down"
+        if not self.ready:
+            return False, "listeners not bound yet"
+        return True, "ready"
+
+    # ------------------------------------------------------------------
+    # Running
+
+    def request_shutdown(self, why: str) -> None:
+        if not self._shutdown.is_set():
+            self.log.event("shutdown_started", why=why, active_connections=self._active_total)
+            self._shutdown.set()
+
+    async def _bind(self) -> tuple[dict[str, list[trio.SocketListener]], list[trio.SocketListener]]:
+        listeners: dict[str, list[trio.SocketListener]] = {}
+        try:
+            for listener in self.config.listeners:
+                listeners[listener.name] = await trio.open_tcp_listeners(
+                    listener.port, host=listener.host
+                )
+            metrics_listeners: list[trio.SocketListener] = []
+            if self.config.metrics is not None:
+                metrics_listeners = await trio.open_tcp_listeners(
+                    self.config.metrics.port, host=self.config.metrics.host
+                )
+        except OSError as exc:
+            for socks in listeners.values():
+                for sock in socks:
+                    await sock.aclose()
+            raise StartupError(f"cannot listen: {exc.strerror or exc}") from exc
+        return listeners, metrics_listeners
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[dict[str, list[str]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until ``request_shutdown``; then drain and return."""
+        listeners, metrics_listeners = await self._bind()
+        for name, socks in listeners.items():
+            self.bound[name] = [_format_address(s.socket.getsockname()) for s in socks]
+        if metrics_listeners:
+            self.bound["metrics"] = [
+                _format_address(s.socket.getsockname()) for s in metrics_listeners
+            ]
+        async with trio.open_nursery() as root:
+            if metrics_listeners:
+                root.start_soon(serve_metrics, metrics_listeners, self.metrics, self.readiness)
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as acceptors:
+                    for listener in self.config.listeners:
+                        for sock in listeners[listener.name]:
+                            acceptors.start_soon(self._accept_loop, listener, sock, connections)
+                    self.ready = True
+                    self.log.event(
+                        "gateway_started",
+                        listeners=self.bound,
+                        partners=self._partner_summary(),
+                        pools={
+                            p.name: [m.host for m in p.members] for p in self.config.pools.values()
+                        },
+                    )
+                    task_status.started(self.bound)
+                    await self._shutdown.wait()
+                    acceptors.cancel_scope.cancel()
+                for socks in listeners.values():
+                    for sock in socks:
+                        await sock.aclose()
+                drain = self.config.limits.drain_timeout_s
+                with trio.move_on_after(drain):
+                    await self._idle.wait()
+                if self._active_total:
+                    self.log.event(
+                        "drain_timeout", closing=self._active_total, drain_timeout_s=drain
+                    )
+                connections.cancel_scope.cancel()
+            root.cancel_scope.cancel()
+        self.log.event("gateway_stopped")
+
+    def _partner_summary(self) -> dict[str, int]:
+        counts: _Counter[str] = _Counter()
+        for trust in self._trust.values():
+            for policy in trust.snapshot.partners.values():
+                counts["enabled" if policy.enabled else "disabled"] += 1
+            counts["broken"] += len(trust.snapshot.broken - set(trust.snapshot.partners))
+        return dict(counts)
+
+    async def _accept_loop(
+        self, listener: Listener, sock: trio.SocketListener, nursery: trio.Nursery
+    ) -> None:
+        while True:
+            try:
+                stream = await sock.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    self.log.event("accept_error", listener=listener.name, error=exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            nursery.start_soon(self._handle, listener, stream)
+
+    # ------------------------------------------------------------------
+    # One connection
+
+    async def _handle(self, listener: Listener, tcp: trio.SocketStream) -> None:
+        conn = _Conn(listener=listener.name, peer=_peer_of(tcp), started=trio.current_time())
+        self._active_total += 1
+        self._idle = self._idle if not self._idle.is_set() else trio.Event()
+        try:
+            await self._serve_connection(listener, tcp, conn)
+        finally:
+            self._active_total -= 1
+            if self._active_total == 0:
+                self._idle.set()
+
+    def _reject(self, listener: Listener, conn: _Conn, reason: Reason, detail: str) -> None:
+        label = self.partner_label(listener, conn.partner)
+        self.metrics.handshakes.labels(listener.name, label, reason.value).inc()
+        fields: dict[str, Any] = {
+            "listener": listener.name,
+            "peer": conn.peer,
+            "reason": reason.value,
+            "detail": detail,
+        }
+        if conn.partner is not None:
+            fields["partner"] = conn.partner
+        if conn.leaf_subject is not None:
+            fields["leaf_subject"] = conn.leaf_subject
+            fields["fingerprint_sha256"] = conn.fingerprint_sha256
+        self.log.event("connection_rejected", **fields)
+
+    async def _serve_connection(
+        self, listener: Listener, tcp: trio.SocketStream, conn: _Conn
+    ) -> None:
+        limits = self.config.limits
+        if self._active_total > limits.max_connections:
+            self._reject(
+                listener,
+                conn,
+                Reason.OVER_LIMIT,
+                f"max_connections={limits.max_connections} reached",
+            )
+            await trio.aclose_forcefully(tcp)
+            return
+        tls = TLSStream(tcp, self._server_contexts[listener.name], server_side=True)
+        try:
+            partner, pool_name = await self._admit(listener, tls, conn)
+        except _Rejected as rej:
+            self._reject(listener, conn, rej.reason, rej.detail)
+            # No close_notify: a refusal is not a graceful end of stream.
+            await trio.aclose_forcefully(tls.transport_stream)
+            return
+        except trio.Cancelled:
+            self._reject(listener, conn, Reason.SHUTTING_DOWN, "gateway shut down during handshake")
+            await trio.aclose_forcefully(tls.transport_stream)
+            raise
+        label = self.partner_label(listener, partner)
+        self._active_by_partner[label] += 1
+        try:
+            try:
+                upstream, member = await self._connect_upstream(pool_name)
+            except _Rejected as rej:
+                self._reject(listener, conn, rej.reason, rej.detail)
+                await trio.aclose_forcefully(tls.transport_stream)
+                return
+            except trio.Cancelled:
+                self._reject(
+                    listener,
+                    conn,
+                    Reason.SHUTTING_DOWN,
+                    "gateway shut down while connecting upstream",
+                )
+                await trio.aclose_forcefully(tls.transport_stream)
+                raise
+            conn.member = member.host
+            self.metrics.handshakes.labels(listener.name, label, "ok").inc()
+            await self._relay_and_report(listener, label, conn, tls, upstream)
+        finally:
+            self._active_by_partner[label] -= 1
+
+    async def _admit(
+        self, listener: Listener, tls: TLSStream, conn: _Conn
+    ) -> tuple[str | None, str]:
+        """Handshake and authorize within the handshake timeout.
+
+        Returns (partner id or None for a "tls" listener, pool name).
+        """
+        limits = self.config.limits
+        t0 = trio.current_time()
+        timeout = limits.handshake_timeout_s if limits.handshake_timeout_s > 0 else math.inf
+        with trio.move_on_after(timeout) as scope:
+            try:
+                await tls.do_handshake()
+            except TLSTruncatedError as exc:
+                raise _Rejected(
+                    Reason.TLS_ERROR, "peer closed the connection during the handshake"
+                ) from exc
+            except TLSError as exc:
+                if _NO_PEER_CERT in str(exc):
+                    raise _Rejected(
+                        Reason.NO_CLIENT_CERT, "the partner sent no client certificate"
+                    ) from exc
+                raise _Rejected(Reason.TLS_ERROR, f"TLS handshake failed: {exc}") from exc
+            except (trio.BrokenResourceError, OSError) as exc:
+                raise _Rejected(
+                    Reason.TLS_ERROR, f"connection lost during the handshake: {exc}"
+                ) from exc
+            conn.tls_version = tls.version
+            if listener.mode != "mtls":
+                self.metrics.handshake_duration.labels(listener.name).observe(
+                    trio.current_time() - t0
+                )
+                return None, listener.pool
+            chain = tls.peer_chain
+            if chain:
+                conn.leaf_subject = chain[0].subject.rfc4514_string()
+                conn.fingerprint_sha256 = _fingerprint(chain[0])
+            assert listener.policies is not None
+            verdict = self._trust[listener.policies].verifier.verify_client(chain)
+        if scope.cancelled_caught:
+            raise _Rejected(
+                Reason.HANDSHAKE_TIMEOUT,
+                f"handshake not finished within handshake_timeout_s={limits.handshake_timeout_s:g}",
+            )
+        self.metrics.handshake_duration.labels(listener.name).observe(trio.current_time() - t0)
+        if not verdict.accepted:
+            conn.partner = verdict.partner
+            assert verdict.reason is not None
+            raise _Rejected(verdict.reason, verdict.detail)
+        assert verdict.partner is not None
+        conn.partner = verdict.partner
+        assert listener.policies is not None
+        policy = self._trust[listener.policies].snapshot.partners[verdict.partner]
+        limit = limits.max_connections_per_partner
+        if policy.max_connections is not None:
+            limit = min(limit, policy.max_connections)
+        if self._active_by_partner[verdict.partner] >= limit:
+            raise _Rejected(
+                Reason.OVER_LIMIT,
+                f"partner {verdict.partner} is at its limit of {limit} connections",
+            )
+        return verdict.partner, policy.pool or listener.pool
+
+    async def _connect_upstream(self, pool_name: str) -> tuple[TLSStream, Member]:
+        pool = self.config.pools[pool_name]
+        members = pool.members
+        start = self._round_robin[pool_name]
+        self._round_robin[pool_name] = (start + 1) % max(len(members), 1)
+        failures: list[str] = []
+        untrusted = False
+        timeout = self.config.limits.handshake_timeout_s
+        for i in range(len(members)):
+            member = members[(start + i) % len(members)]
+            t0 = trio.current_time()
+            reason, detail = "", ""
+            upstream: TLSStream | None = None
+            try:
+                with trio.fail_after(timeout):
+                    tcp = await trio.open_tcp_stream(member.address or member.host, member.port)
+                    upstream = TLSStream(
+                        tcp, self._client_context, server_side=False, server_hostname=member.host
+                    )
+                    await upstream.do_handshake()
+            except HostnameMismatchError as exc:
+                reason, detail = Reason.UPSTREAM_UNTRUSTED.value, str(exc)
+            except TLSError as exc:
+                text = str(exc)
+                if "certificate verify failed" in text:
+                    reason, detail = (
+                        Reason.UPSTREAM_UNTRUSTED.value,
+                        f"certificate not trusted: {text}",
+                    )
+                else:
+                    reason, detail = "upstream_tls_error", text
+            except trio.TooSlowError:
+                reason, detail = "upstream_timeout", f"no connection within {timeout:g}s"
+            except (OSError, trio.BrokenResourceError) as exc:
+                reason, detail = "connect_failed", str(getattr(exc, "strerror", None) or exc)
+            else:
+                assert upstream is not None
+                self.metrics.upstream_connect_duration.labels(pool_name).observe(
+                    trio.current_time() - t0
+                )
+                self.metrics.pool_member_up.labels(pool_name, member.host).set(1)
+                return upstream, member
+            if upstream is not None:
+                await trio.aclose_forcefully(upstream.transport_stream)
+            untrusted = untrusted or reason == Reason.UPSTREAM_UNTRUSTED.value
+            failures.append(f"{member.host}: {reason}: {detail}")
+            self.metrics.upstream_errors.labels(pool_name, member.host, reason).inc()
+            self.metrics.pool_member_up.labels(pool_name, member.host).set(0)
+            self.log.event(
+                "upstream_error", pool=pool_name, member=member.host, reason=reason, detail=detail
+            )
+        code = Reason.UPSTREAM_UNTRUSTED if untrusted else Reason.NO_UPSTREAM
+        summary = "; ".join(failures) if failures else f"pool {pool_name} has no members"
+        raise _Rejected(code, f"no member of pool {pool_name} could be used: {summary}")
+
+    async def _relay_and_report(
+        self, listener: Listener, label: str, conn: _Conn, partner: TLSStream, upstream: TLSStream
+    ) -> None:
+        m = self.metrics
+        active = m.connections_active.labels(listener.name, label)
+        active.inc()
+        relay_start = trio.current_time()
+        try:
+            await self._relay(listener, label, conn, partner, upstream)
+        except trio.Cancelled:
+            conn.end = conn.end or "shutdown"
+            raise
+        finally:
+            active.dec()
+            await _close_both(partner, upstream)
+            duration = trio.current_time() - conn.started
+            m.connection_duration.labels(listener.name, label).observe(
+                trio.current_time() - relay_start
+            )
+            fields: dict[str, Any] = {
+                "listener": listener.name,
+                "partner": conn.partner if conn.partner is not None else label,
+                "peer": conn.peer,
+                "leaf_subject": conn.leaf_subject,
+                "fingerprint_sha256": conn.fingerprint_sha256,
+                "tls_version": conn.tls_version,
+                "member": conn.member,
+                "bytes_from_partner": conn.bytes_from_partner,
+                "bytes_to_partner": conn.bytes_to_partner,
+                "duration_s": round(duration, 3),
+                "end": conn.end or "closed",
+            }
+            if conn.detail:
+                fields["detail"] = conn.detail
+            self.log.event("connection_closed", **fields)
+
+    async def _relay(
+        self, listener: Listener, label: str, conn: _Conn, partner: TLSStream, upstream: TLSStream
+    ) -> None:
+        idle = self.config.limits.idle_timeout_s
+        last = trio.current_time()
+        from_partner = self.metrics.bytes.labels(listener.name, label, "from_partner")
+        to_partner = self.metrics.bytes.labels(listener.name, label, "to_partner")
+
+        def finish(end: str, detail: str = "") -> None:
+            if conn.end is None:
+                conn.end = end
+                conn.detail = detail
+
+        async def pump(
+            src: TLSStream, dst: TLSStream, outbound: bool, scope: trio.CancelScope
+        ) -> None:
+            nonlocal last
+            src_name, dst_name = ("partner", "pool") if outbound else ("pool", "partner")
+            counter = from_partner if outbound else to_partner
+            while True:
+                try:
+                    data = await src.receive_some(RELAY_CHUNK)
+                except TLSTruncatedError:
+                    finish(f"{src_name}_truncated", f"{src_name} closed TCP without close_notify")
+                    scope.cancel()
+                    return
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    finish(f"{src_name}_error", str(exc))
+                    scope.cancel()
+                    return
+                if not data:
+                    if conn.first_eof is None:
+                        conn.first_eof = src_name
+                    try:
+                        await dst.send_eof()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        finish(f"{dst_name}_error", str(exc))
+                        scope.cancel()
+                    return
+                try:
+                    await dst.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    finish(f"{dst_name}_error", str(exc))
+                    scope.cancel()
+                    return
+                n = len(data)
+                counter.inc(n)
+                if outbound:
+                    conn.bytes_from_partner += n
+                else:
+                    conn.bytes_to_partner += n
+                last = trio.current_time()
+
+        async def watchdog(scope: trio.CancelScope) -> None:
+            while True:
+                deadline = last + idle
+                if trio.current_time() >= deadline:
+                    finish("idle_timeout", f"no byte either way for idle_timeout_s={idle:g}")
+                    scope.cancel()
+                    return
+                await trio.sleep_until(deadline)
+
+        async with trio.open_nursery() as outer:
+            if idle > 0 and not math.isinf(idle):
+                outer.start_soon(watchdog, outer.cancel_scope)
+            async with trio.open_nursery() as pumps:
+                pumps.start_soon(pump, partner, upstream, True, outer.cancel_scope)
+                pumps.start_soon(pump, upstream, partner, False, outer.cancel_scope)
+            outer.cancel_scope.cancel()
+        if conn.end is None:
+            conn.end = f"{conn.first_eof}_closed" if conn.first_eof else "closed"
+
+
+async def _close_both(a: TLSStream, b: TLSStream) -> None:
+    async with trio.open_nursery() as n:
+        n.start_soon(a.aclose)
+        n.start_soon(b.aclose)
+
+
+def _unique_subjects(certs: list[x509.Certificate]) -> list[x509.Certificate]:
+    seen: set[bytes] = set()
+    out = []
+    for cert in certs:
+        key = cert.subject.public_bytes()
+        if key not in seen:
+            seen.add(key)
+            out.append(cert)
+    return out
+
+
+# ----------------------------------------------------------------------
+# `edge run`
+
+
+def run_command(config_path: Path, log_format: LogFormat = "json") -> int:
+    """Load, start, serve until SIGTERM/SIGINT, drain; the exit status."""
+    import signal
+    import sys
+
+    log = EventLog(log_format)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"edge: {problem}", file=sys.stderr)
+        log.event("startup_failed", config=str(config_path), problems=list(exc.problems))
+        return 1
+    except OSError as exc:
+        print(f"edge: {config_path}: {exc.strerror or exc}", file=sys.stderr)
+        log.event("startup_failed", config=str(config_path), problems=[str(exc)])
+        return 1
+    gateway = Gateway(config, log, Metrics())
+    try:
+        gateway.load_policies()
+    except StartupError as exc:
+        print(f"edge: {exc}", file=sys.stderr)
+        log.event("startup_failed", config=str(config_path), problems=[str(exc)])
+        return 1
+
+    async def main() -> int:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+                try:
+                    await nursery.start(gateway.run)
+                except StartupError as exc:
+                    print(f"edge: {exc}", file=sys.stderr)
+                    log.event("startup_failed", config=str(config_path), problems=[str(exc)])
+                    return 1
+                async for signum in signals:
+                    gateway.request_shutdown(signal.Signals(signum).name)
+                    break
+        return 0
+
+    return trio.run(main)
