@@ -1,0 +1,612 @@
+"""The gateway's configuration file (TOML) read into frozen, typed objects.
+
+Owns: the schema of `edge.toml` (DESIGN.md, "Configuration file"), resolving
+paths relative to the file, loading the edge's own certificates and keys and
+checking that each key matches its certificate, and cross-references between
+sections (a listener's pool must exist, names are unique).
+
+Must never: start anything, open sockets or import trio, load the partner
+policies themselves (that is `edge.policies`; here we only check the folder
+exists), or put key material in a message or a repr. Every problem is
+reported as "FILE: KEY: problem"; all problems found are collected before
+`ConfigError` is raised, so an operator fixes them in one pass.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import os
+import re
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Identity",
+    "Limits",
+    "Listener",
+    "Member",
+    "Metrics",
+    "Pool",
+    "PrivateKey",
+    "default_config_path",
+    "load_config",
+    "parse_address",
+]
+
+# Key types a TLS server or client certificate can use with pyOpenSSL.
+PrivateKey = (
+    rsa.RSAPrivateKey
+    | ec.EllipticCurvePrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
+)
+
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` are "FILE: KEY: problem" lines."""
+
+    def __init__(self, problems: tuple[str, ...]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class Identity:
+    """The edge's own certificates: public (shown to partners), internal (to the pool)."""
+
+    public_cert: Path
+    public_key: Path
+    internal_cert: Path
+    internal_key: Path
+    internal_roots: tuple[Path, ...]
+    public_chain: tuple[x509.Certificate, ...]  # leaf first
+    public_private_key: PrivateKey = field(repr=False, compare=False)
+    internal_chain: tuple[x509.Certificate, ...]  # leaf first
+    internal_private_key: PrivateKey = field(repr=False, compare=False)
+    # CAs that issue pool members' certificates.
+    internal_root_certs: tuple[x509.Certificate, ...]
+
+
+@dataclass(frozen=True)
+class Listener:
+    """Where partners (mtls) or clients (tls) connect, and which pool they reach."""
+
+    name: str
+    host: str  # IPv6 without brackets
+    port: int
+    mode: Literal["mtls", "tls"]
+    policies: Path | None  # partner policies folder; required for mtls, None for tls
+    pool: str
+
+
+@dataclass(frozen=True)
+class Member:
+    """One internal server: `host` is verified on its certificate and sent as SNI;
+    `address` (when set) is only where to dial."""
+
+    host: str
+    address: str | None
+    port: int
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str
+    members: tuple[Member, ...]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    handshake_timeout_s: float = 10
+    idle_timeout_s: float = 1800
+    max_connections: int = 10000
+    max_connections_per_partner: int = 1000
+    drain_timeout_s: float = 30
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    identity: Identity
+    listeners: tuple[Listener, ...]
+    pools: Mapping[str, Pool]  # read-only
+    metrics: Metrics | None
+    limits: Limits
+
+
+def default_config_path() -> Path:
+    """`$EDGE_CONFIG`, else `./edge.toml`."""
+    env = os.environ.get("EDGE_CONFIG")
+    return Path(env) if env else Path("edge.toml")
+
+
+def parse_address(text: str, *, allow_any_port: bool = True) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" -> (host, port). Raises ValueError saying why.
+
+    Port 0 (a listening address only) asks the kernel for a free port; the
+    bound address is logged in `gateway_started` (tests and `edge demo`).
+    """
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not host:port (IPv6 as [::1]:5061)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{text!r}: {host!r} in brackets is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"{text!r}: write an IPv6 address in brackets, e.g. [::1]:5061")
+    elif not host:
+        raise ValueError(f"{text!r} has an empty host")
+    lowest = 0 if allow_any_port else 1
+    if not port_text.isdigit() or not lowest <= int(port_text) <= 65535:
+        raise ValueError(f"{text!r}: port must be a number from {lowest} to 65535")
+    return host, int(port_text)
+
+
+_TOP_KEYS = ("identity", "listeners", "pools", "metrics", "limits")
+_IDENTITY_KEYS = ("public_cert", "public_key", "internal_cert", "internal_key", "internal_roots")
+_LISTENER_KEYS = ("name", "address", "mode", "policies", "pool")
+_POOL_KEYS = ("name", "members")
+_MEMBER_KEYS = ("host", "address", "port")
+_METRICS_KEYS = ("address",)
+_FLOAT_LIMITS = ("handshake_timeout_s", "idle_timeout_s", "drain_timeout_s")
+_INT_LIMITS = ("max_connections", "max_connections_per_partner")
+
+
+class _Loader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.parent
+        self.problems: list[str] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
+
+    # --- typed getters -------------------------------------------------------------
+
+    def unknown_keys(self, table: Mapping[str, Any], known: tuple[str, ...], where: str) -> None:
+        for key in table:
+            if key not in known:
+                self.problem(f"{where}{key}", f"unknown key (expected one of: {', '.join(known)})")
+
+    def string(
+        self, table: Mapping[str, Any], key: str, where: str, *, required: bool = True
+    ) -> str | None:
+        if key not in table:
+            if required:
+                self.problem(f"{where}{key}", "missing (required)")
+            return None
+        value = table[key]
+        if not isinstance(value, str) or not value:
+            self.problem(f"{where}{key}", f"must be a non-empty string, not {_shown(value)}")
+            return None
+        return value
+
+    def table(self, data: Mapping[str, Any], key: str, *, required: bool) -> dict[str, Any] | None:
+        if key not in data:
+            if required:
+                self.problem(f"[{key}]", "missing table (required)")
+            return None
+        value = data[key]
+        if not isinstance(value, dict):
+            self.problem(key, f"must be a table ([{key}]), not {_shown(value)}")
+            return None
+        return value
+
+    def array_of_tables(self, data: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+        if key not in data:
+            self.problem(f"[[{key}]]", "missing (at least one entry is required)")
+            return []
+        value = data[key]
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            self.problem(key, f"must be an array of tables ([[{key}]]), not {_shown(value)}")
+            return []
+        if not value:
+            self.problem(f"[[{key}]]", "at least one entry is required")
+        return value
+
+    def file(self, key: str, raw: str) -> tuple[Path, bytes | None]:
+        path = self.base / raw
+        try:
+            return path, path.read_bytes()
+        except FileNotFoundError:
+            self.problem(key, f"{path}: file does not exist")
+        except IsADirectoryError:
+            self.problem(key, f"{path}: is a folder, expected a file")
+        except OSError as exc:
+            self.problem(key, f"{path}: cannot read: {exc.strerror or exc}")
+        return path, None
+
+    # --- identity ------------------------------------------------------------------
+
+    def certificates(self, key: str, path: Path, data: bytes) -> tuple[x509.Certificate, ...]:
+        try:
+            if data.lstrip().startswith(b"-----BEGIN"):
+                certs = tuple(x509.load_pem_x509_certificates(data))
+            else:
+                certs = (x509.load_der_x509_certificate(data),)
+        except ValueError:
+            self.problem(key, f"{path}: no readable certificate (expected PEM or DER)")
+            return ()
+        return certs
+
+    def chain(self, key: str, raw: str) -> tuple[Path, tuple[x509.Certificate, ...]]:
+        path, data = self.file(key, raw)
+        if data is None:
+            return path, ()
+        certs = self.certificates(key, path, data)
+        for index, (cert, issuer) in enumerate(itertools.pairwise(certs)):
+            if cert.issuer != issuer.subject:
+                self.problem(
+                    key,
+                    f"{path}: certificate #{index + 2} ({issuer.subject.rfc4514_string()}) "
+                    f"did not issue certificate #{index + 1} (issuer "
+                    f"{cert.issuer.rfc4514_string()}); list the leaf first, then its issuers",
+                )
+                break
+        return path, certs
+
+    def private_key(
+        self, key: str, raw: str, cert_key: str, chain: tuple[x509.Certificate, ...]
+    ) -> tuple[Path, PrivateKey | None]:
+        path, data = self.file(key, raw)
+        if data is None:
+            return path, None
+        # Parser messages are not echoed: never risk quoting key bytes to an operator.
+        try:
+            if data.lstrip().startswith(b"-----BEGIN"):
+                loaded = serialization.load_pem_private_key(data, password=None)
+            else:
+                loaded = serialization.load_der_private_key(data, password=None)
+        except TypeError:
+            self.problem(key, f"{path}: the key is encrypted; give an unencrypted PKCS#8 key")
+            return path, None
+        except (ValueError, UnsupportedAlgorithm):
+            self.problem(key, f"{path}: no readable private key (expected PEM or DER)")
+            return path, None
+        if not isinstance(
+            loaded,
+            rsa.RSAPrivateKey
+            | ec.EllipticCurvePrivateKey
+            | ed25519.Ed25519PrivateKey
+            | ed448.Ed448PrivateKey,
+        ):
+            self.problem(key, f"{path}: unsupported key type {type(loaded).__name__}")
+            return path, None
+        if chain and loaded.public_key() != chain[0].public_key():
+            self.problem(
+                key,
+                f"{path}: does not match the certificate in {cert_key} "
+                f"({chain[0].subject.rfc4514_string()})",
+            )
+            return path, None
+        return path, loaded
+
+    def identity(self, data: Mapping[str, Any]) -> Identity | None:
+        table = self.table(data, "identity", required=True)
+        if table is None:
+            return None
+        self.unknown_keys(table, _IDENTITY_KEYS, "identity.")
+        paths: dict[str, str | None] = {
+            k: self.string(table, k, "identity.") for k in _IDENTITY_KEYS[:4]
+        }
+        public_cert, public_chain = (
+            self.chain("identity.public_cert", paths["public_cert"])
+            if paths["public_cert"]
+            else (Path(), ())
+        )
+        internal_cert, internal_chain = (
+            self.chain("identity.internal_cert", paths["internal_cert"])
+            if paths["internal_cert"]
+            else (Path(), ())
+        )
+        public_key_path, public_key = (
+            self.private_key(
+                "identity.public_key", paths["public_key"], "identity.public_cert", public_chain
+            )
+            if paths["public_key"]
+            else (Path(), None)
+        )
+        internal_key_path, internal_key = (
+            self.private_key(
+                "identity.internal_key",
+                paths["internal_key"],
+                "identity.internal_cert",
+                internal_chain,
+            )
+            if paths["internal_key"]
+            else (Path(), None)
+        )
+        root_paths, roots = self.internal_roots(table)
+        if (
+            not public_chain
+            or public_key is None
+            or not internal_chain
+            or internal_key is None
+            or not roots
+        ):
+            return None
+        return Identity(
+            public_cert=public_cert,
+            public_key=public_key_path,
+            internal_cert=internal_cert,
+            internal_key=internal_key_path,
+            internal_roots=root_paths,
+            public_chain=public_chain,
+            public_private_key=public_key,
+            internal_chain=internal_chain,
+            internal_private_key=internal_key,
+            internal_root_certs=roots,
+        )
+
+    def internal_roots(
+        self, table: Mapping[str, Any]
+    ) -> tuple[tuple[Path, ...], tuple[x509.Certificate, ...]]:
+        key = "identity.internal_roots"
+        if "internal_roots" not in table:
+            self.problem(key, "missing (required): the CA files that issue pool members' certs")
+            return (), ()
+        value = table["internal_roots"]
+        if isinstance(value, str):
+            value = [value]  # a single file is an obvious intent; accept it
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.problem(key, f"must be a list of file names, not {_shown(value)}")
+            return (), ()
+        if not value:
+            self.problem(key, "must name at least one CA file")
+            return (), ()
+        paths: list[Path] = []
+        roots: list[x509.Certificate] = []
+        for raw in value:
+            path, data = self.file(key, raw)
+            paths.append(path)
+            if data is None:
+                continue
+            for cert in self.certificates(key, path, data):
+                try:
+                    is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+                except x509.ExtensionNotFound:
+                    is_ca = False
+                if not is_ca:
+                    self.problem(
+                        key,
+                        f"{path}: {cert.subject.rfc4514_string()} is not a CA certificate",
+                    )
+                    continue
+                roots.append(cert)
+        return tuple(paths), tuple(roots)
+
+    # --- listeners, pools, metrics, limits ----------------------------------------
+
+    def address(self, table: Mapping[str, Any], where: str) -> tuple[str, int] | None:
+        text = self.string(table, "address", where)
+        if text is None:
+            return None
+        try:
+            return parse_address(text)
+        except ValueError as exc:
+            self.problem(f"{where}address", str(exc))
+            return None
+
+    def listeners(self, data: Mapping[str, Any], pool_names: set[str]) -> tuple[Listener, ...]:
+        result: list[Listener] = []
+        seen_names: set[str] = set()
+        seen_addresses: dict[tuple[str, int], str] = {}
+        for index, table in enumerate(self.array_of_tables(data, "listeners")):
+            where = f"listeners[{index}]."
+            name = self.string(table, "name", where)
+            if name is not None:
+                if name in seen_names:
+                    self.problem(f"{where}name", f"duplicate listener name {name!r}")
+                seen_names.add(name)
+                where = f"listeners[{index}] ({name})."
+            self.unknown_keys(table, _LISTENER_KEYS, where)
+            address = self.address(table, where)
+            if address is not None:
+                if address in seen_addresses:
+                    self.problem(
+                        f"{where}address",
+                        f"same address as listener {seen_addresses[address]!r}",
+                    )
+                seen_addresses[address] = name or f"#{index}"
+            mode = table.get("mode", "mtls")
+            if mode not in ("mtls", "tls"):
+                self.problem(f"{where}mode", f'must be "mtls" or "tls", not {_shown(mode)}')
+                mode = None
+            pool = self.string(table, "pool", where)
+            if pool is not None and pool not in pool_names:
+                known = ", ".join(sorted(pool_names)) or "none defined"
+                self.problem(f"{where}pool", f"no pool named {pool!r} ([[pools]]: {known})")
+            policies: Path | None = None
+            if mode == "mtls":
+                raw = self.string(table, "policies", where)
+                if raw is None and "policies" not in table:
+                    pass  # "missing (required)" already reported
+                elif raw is not None:
+                    policies = self.base / raw
+                    if not policies.is_dir():
+                        what = "does not exist" if not policies.exists() else "is not a folder"
+                        self.problem(f"{where}policies", f"{policies}: policies folder {what}")
+            elif mode == "tls" and "policies" in table:
+                self.problem(
+                    f"{where}policies",
+                    'only mtls listeners use partner policies; remove it or set mode = "mtls"',
+                )
+            if name and address and mode and pool and (mode == "tls" or policies):
+                result.append(
+                    Listener(
+                        name=name,
+                        host=address[0],
+                        port=address[1],
+                        mode="mtls" if mode == "mtls" else "tls",
+                        policies=policies,
+                        pool=pool,
+                    )
+                )
+        return tuple(result)
+
+    def pools(self, data: Mapping[str, Any]) -> dict[str, Pool]:
+        result: dict[str, Pool] = {}
+        for index, table in enumerate(self.array_of_tables(data, "pools")):
+            where = f"pools[{index}]."
+            name = self.string(table, "name", where)
+            if name is not None:
+                if name in result:
+                    self.problem(f"{where}name", f"duplicate pool name {name!r}")
+                where = f"pools[{index}] ({name})."
+            self.unknown_keys(table, _POOL_KEYS, where)
+            members_raw = table.get("members")
+            if members_raw is None:
+                self.problem(f"{where}members", "missing (required)")
+                continue
+            if not isinstance(members_raw, list) or not all(
+                isinstance(m, dict) for m in members_raw
+            ):
+                self.problem(
+                    f"{where}members",
+                    f"must be a list of {{ host = ..., port = ... }} tables, not "
+                    f"{_shown(members_raw)}",
+                )
+                continue
+            if not members_raw:
+                self.problem(f"{where}members", "must list at least one member")
+            members: list[Member] = []
+            for m_index, member in enumerate(members_raw):
+                parsed = self.member(member, f"{where}members[{m_index}].")
+                if parsed is not None:
+                    members.append(parsed)
+            if name is not None and name not in result:
+                result[name] = Pool(name, tuple(members))
+        return result
+
+    def member(self, table: Mapping[str, Any], where: str) -> Member | None:
+        self.unknown_keys(table, _MEMBER_KEYS, where)
+        host = self.string(table, "host", where)
+        if host is not None and not _is_host(host):
+            self.problem(f"{where}host", f"{host!r} is not a host name or IP address")
+            host = None
+        address = self.string(table, "address", where, required=False)
+        if address is not None and not _is_host(address):
+            self.problem(
+                f"{where}address",
+                f"{address!r} is not an IP address or host name (the port goes in 'port')",
+            )
+            address = None
+        port = table.get("port")
+        if port is None:
+            self.problem(f"{where}port", "missing (required)")
+        elif not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            self.problem(f"{where}port", f"must be an integer from 1 to 65535, not {_shown(port)}")
+            port = None
+        if host is None or port is None or ("address" in table and address is None):
+            return None
+        return Member(host=host.rstrip("."), address=address, port=port)
+
+    def metrics(self, data: Mapping[str, Any]) -> Metrics | None:
+        table = self.table(data, "metrics", required=False)
+        if table is None:
+            return None
+        self.unknown_keys(table, _METRICS_KEYS, "metrics.")
+        address = self.address(table, "metrics.")
+        return Metrics(*address) if address is not None else None
+
+    def limits(self, data: Mapping[str, Any]) -> Limits:
+        table = self.table(data, "limits", required=False)
+        defaults = Limits()
+        if table is None:
+            return defaults
+        self.unknown_keys(table, _FLOAT_LIMITS + _INT_LIMITS, "limits.")
+        values: dict[str, Any] = {}
+        for key in _FLOAT_LIMITS:
+            if key in table:
+                value = table[key]
+                if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+                    values[key] = float(value)
+                else:
+                    self.problem(f"limits.{key}", f"must be a number > 0, not {_shown(value)}")
+        for key in _INT_LIMITS:
+            if key in table:
+                value = table[key]
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+                    values[key] = value
+                else:
+                    self.problem(f"limits.{key}", f"must be an integer >= 1, not {_shown(value)}")
+        return Limits(**values)
+
+    def load(self) -> Config:
+        try:
+            with self.path.open("rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError((f"{self.path}: configuration file does not exist",)) from None
+        except OSError as exc:
+            raise ConfigError((f"{self.path}: cannot read: {exc.strerror or exc}",)) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError((f"{self.path}: not valid TOML: {exc}",)) from None
+        self.unknown_keys(data, _TOP_KEYS, "")
+        identity = self.identity(data)
+        pools = self.pools(data)
+        listeners = self.listeners(data, set(pools))
+        metrics = self.metrics(data)
+        limits = self.limits(data)
+        if self.problems or identity is None:
+            if not self.problems:  # defensive: never start on a half-built identity
+                self.problem("identity", "could not be loaded")
+            raise ConfigError(tuple(self.problems))
+        return Config(
+            path=self.path,
+            identity=identity,
+            listeners=listeners,
+            pools=types.MappingProxyType(pools),
+            metrics=metrics,
+            limits=limits,
+        )
+
+
+def _shown(value: object) -> str:
+    """A short description of a wrong value for an error message."""
+    kind = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{kind} {text}" if len(text) <= 40 else kind
+
+
+def _is_host(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return bool(_HOSTNAME.match(text))
+    return True
+
+
+def load_config(path: Path) -> Config:
+    """Load and validate `path`; raise ConfigError listing every problem found."""
+    return _Loader(path).load()
