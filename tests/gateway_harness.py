@@ -1,0 +1,233 @@
+"""A federation on loopback for end-to-end tests: PKI, pool, and `edge run`.
+
+The gateway runs as a real subprocess (`python -m edge.cli run`); the pool
+members and the partners are trio tasks in the test, all over 127.0.0.1.
+The gateway's JSON log lines are collected as they arrive, so a test can wait
+for the exact event that a connection produced.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from edge.demo import EchoMember
+from edge.pki import CA, Leaf
+from edge.tls import TLSStream, client_context
+
+EDGE_NAME = "edge.contoso.example"
+NOW = _dt.datetime.now(_dt.UTC)
+
+
+@dataclass
+class Pki:
+    enterprise: CA
+    edge_ca: CA
+    fabrikam: CA
+    litware_root: CA
+    litware: CA
+    stranger: CA
+    public: Leaf
+    internal: Leaf
+
+    @classmethod
+    def make(cls) -> Pki:
+        enterprise = CA.root("Test Enterprise Root")
+        edge_ca = CA.root("Test Edge Public CA")
+        litware_root = CA.root("Litware Root")
+        return cls(
+            enterprise=enterprise,
+            edge_ca=edge_ca,
+            fabrikam=CA.root("Fabrikam Root"),
+            litware_root=litware_root,
+            litware=litware_root.intermediate("Litware Issuing CA"),
+            stranger=CA.root("Stranger Root"),
+            public=edge_ca.issue(dns=[EDGE_NAME], eku=["server"]),
+            internal=enterprise.issue(dns=["edge.corp.test"], eku=["client"]),
+        )
+
+    def member_leaf(self, host: str) -> Leaf:
+        return self.enterprise.issue(dns=[host], eku=["server"])
+
+
+def write_federation(
+    folder: Path,
+    pki: Pki,
+    members: Sequence[tuple[str, int]],
+    *,
+    limits: str = "",
+    policies: dict[str, str] | None = None,
+) -> Path:
+    """Write certs, federation_policies/ and edge.toml; return the config path."""
+    certs = folder / "certs"
+    pki.public.write(certs, "edge-public")
+    pki.internal.write(certs, "edge-internal")
+    (certs / "enterprise-root.pem").write_bytes(pki.enterprise.cert_pem())
+    default_policies = {
+        "fabrikam.com": 'domains = ["fabrikam.com"]\n',
+        "litware.com": 'domains = ["litware.com"]\n',
+    }
+    roots = {"fabrikam.com": pki.fabrikam, "litware.com": pki.litware_root}
+    for pid, text in (policies or default_policies).items():
+        d = folder / "federation_policies" / pid
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "root.pem").write_bytes(roots[pid].cert_pem())
+        (d / "policy.toml").write_text(text)
+    member_lines = ",\n  ".join(
+        f'{{ host = "{h}", address = "127.0.0.1", port = {p} }}' for h, p in members
+    )
+    config = folder / "edge.toml"
+    config.write_text(
+        f"""[identity]
+public_cert = "certs/edge-public.pem"
+public_key = "certs/edge-public.key"
+internal_cert = "certs/edge-internal.pem"
+internal_key = "certs/edge-internal.key"
+internal_roots = ["certs/enterprise-root.pem"]
+
+[[listeners]]
+name = "federation"
+address = "127.0.0.1:0"
+mode = "mtls"
+policies = "federation_policies"
+pool = "frontend"
+
+[[pools]]
+name = "frontend"
+members = [
+  {member_lines},
+]
+
+[metrics]
+address = "127.0.0.1:0"
+
+[limits]
+{limits or "handshake_timeout_s = 5"}
+"""
+    )
+    return config
+
+
+@dataclass
+class EdgeProcess:
+    """`edge run` as a subprocess, with its log lines parsed as they come."""
+
+    process: trio.Process
+    events: list[dict[str, Any]] = field(default_factory=list)
+    stderr: bytearray = field(default_factory=bytearray)
+    changed: trio.Event = field(default_factory=trio.Event)
+    address: tuple[str, int] = ("127.0.0.1", 0)
+    metrics_address: str = ""
+
+    async def read_stdout(self) -> None:
+        assert self.process.stdout is not None
+        buf = b""
+        async for chunk in self.process.stdout:
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                if line.strip():
+                    self.events.append(json.loads(line))
+            self.changed.set()
+            self.changed = trio.Event()
+
+    async def read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        async for chunk in self.process.stderr:
+            self.stderr += chunk
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10
+    ) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            while True:
+                for event in self.events:
+                    if predicate(event):
+                        return event
+                await self.changed.wait()
+
+    async def event_for_port(self, port: int, name: str, timeout: float = 10) -> dict[str, Any]:
+        suffix = f":{port}"
+        return await self.wait_for(
+            lambda e: e.get("event") == name and str(e.get("peer", "")).endswith(suffix),
+            timeout,
+        )
+
+    def terminate(self) -> None:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+
+
+def edge_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edge.cli", *args]
+
+
+async def start_edge(nursery: trio.Nursery, config: Path) -> EdgeProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = await trio.lowlevel.open_process(
+        edge_command("run", "--config", str(config)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    edge = EdgeProcess(process)
+    nursery.start_soon(edge.read_stdout)
+    nursery.start_soon(edge.read_stderr)
+    try:
+        started = await edge.wait_for(
+            lambda e: e.get("event") in ("gateway_started", "startup_failed"), timeout=20
+        )
+    except trio.TooSlowError:
+        process.kill()
+        raise
+    if started["event"] != "gateway_started":
+        raise RuntimeError(f"edge did not start: {started} {edge.stderr.decode()}")
+    host, _, port = started["listeners"]["federation"][0].rpartition(":")
+    edge.address = (host.strip("[]"), int(port))
+    edge.metrics_address = started["listeners"]["metrics"][0]
+    return edge
+
+
+async def start_pool(
+    nursery: trio.Nursery, pki: Pki, hosts: Sequence[str]
+) -> list[tuple[str, int, EchoMember]]:
+    out = []
+    for host in hosts:
+        leaf = pki.member_leaf(host)
+        member = EchoMember(leaf.chain, leaf.key, [pki.enterprise.cert])
+        port = await nursery.start(member.serve)
+        out.append((host, port, member))
+    return out
+
+
+async def partner_stream(edge: EdgeProcess, pki: Pki, leaf: Leaf | None) -> tuple[TLSStream, int]:
+    """A partner connection to the gateway, handshake done; and its local port."""
+    ctx = client_context(
+        [pki.edge_ca.cert], leaf.chain if leaf else None, leaf.key if leaf else None
+    )
+    tcp = await trio.open_tcp_stream(*edge.address)
+    port = tcp.socket.getsockname()[1]
+    stream = TLSStream(tcp, ctx, server_side=False, server_hostname=EDGE_NAME)
+    await stream.do_handshake()
+    return stream, port
+
+
+async def echo_roundtrip(stream: TLSStream, payload: bytes) -> bytes:
+    await stream.send_all(payload)
+    got = b""
+    while len(got) < len(payload):
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got
