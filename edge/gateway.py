@@ -59,6 +59,8 @@ __all__ = ["Gateway", "StartupError", "run_command"]
 
 # One chunk in flight per direction: the relay's memory bound.
 RELAY_CHUNK = 64 * 1024
+# Longest a relayed connection spends closing both of its streams.
+_CLOSE_BUDGET_S = 2.0
 # OpenSSL's reason when a required client certificate was not sent.
 _NO_PEER_CERT = "peer did not return a certificate"
 
@@ -92,6 +94,7 @@ class _Conn:
     end: str | None = None
     detail: str = ""
     first_eof: str | None = None
+    reported: bool = False  # its one final event has been logged
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -349,12 +352,26 @@ class Gateway:
         self._idle = self._idle if not self._idle.is_set() else trio.Event()
         try:
             await self._serve_connection(listener, tcp, conn)
+        except Exception as exc:
+            # A bug must cost one connection, never the gateway (an exception
+            # escaping here would cancel every connection through the nursery).
+            if not conn.reported:
+                self._reject(listener, conn, Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            self.log.event(
+                "internal_error",
+                listener=listener.name,
+                peer=conn.peer,
+                error=f"{type(exc).__name__}: {exc}",
+                where=_where(exc),
+            )
+            await trio.aclose_forcefully(tcp)
         finally:
             self._active_total -= 1
             if self._active_total == 0:
                 self._idle.set()
 
     def _reject(self, listener: Listener, conn: _Conn, reason: Reason, detail: str) -> None:
+        conn.reported = True
         label = self.partner_label(listener, conn.partner)
         self.metrics.handshakes.labels(listener.name, label, reason.value).inc()
         fields: dict[str, Any] = {
@@ -391,9 +408,12 @@ class Gateway:
             # No close_notify: a refusal is not a graceful end of stream.
             await trio.aclose_forcefully(tls.transport_stream)
             return
-        except trio.Cancelled:
-            self._reject(listener, conn, Reason.SHUTTING_DOWN, "gateway shut down during handshake")
-            await trio.aclose_forcefully(tls.transport_stream)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):  # cancelled: the drain deadline
+                self._reject(
+                    listener, conn, Reason.SHUTTING_DOWN, "gateway shut down during handshake"
+                )
+                await trio.aclose_forcefully(tls.transport_stream)
             raise
         label = self.partner_label(listener, partner)
         self._active_by_partner[label] += 1
@@ -404,14 +424,15 @@ class Gateway:
                 self._reject(listener, conn, rej.reason, rej.detail)
                 await trio.aclose_forcefully(tls.transport_stream)
                 return
-            except trio.Cancelled:
-                self._reject(
-                    listener,
-                    conn,
-                    Reason.SHUTTING_DOWN,
-                    "gateway shut down while connecting upstream",
-                )
-                await trio.aclose_forcefully(tls.transport_stream)
+            except BaseException as exc:
+                if not isinstance(exc, Exception):  # cancelled: the drain deadline
+                    self._reject(
+                        listener,
+                        conn,
+                        Reason.SHUTTING_DOWN,
+                        "gateway shut down while connecting upstream",
+                    )
+                    await trio.aclose_forcefully(tls.transport_stream)
                 raise
             conn.member = member.host
             self.metrics.handshakes.labels(listener.name, label, "ok").inc()
@@ -546,12 +567,18 @@ class Gateway:
         relay_start = trio.current_time()
         try:
             await self._relay(listener, label, conn, partner, upstream)
-        except trio.Cancelled:
-            conn.end = conn.end or "shutdown"
+        except BaseException:
+            # Cancellation arrives wrapped in exception groups from nurseries,
+            # so the shutdown flag, not the exception type, says what happened.
+            conn.end = conn.end or ("shutdown" if self._shutdown.is_set() else "cancelled")
             raise
         finally:
             active.dec()
-            await _close_both(partner, upstream)
+            # Shielded and bounded: a drain-deadline cancellation still sends
+            # close_notify both ways (at most _CLOSE_BUDGET_S) and, above all,
+            # still reaches the log line below.
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_BUDGET_S):
+                await _close_both(partner, upstream)
             duration = trio.current_time() - conn.started
             m.connection_duration.labels(listener.name, label).observe(
                 trio.current_time() - relay_start
@@ -571,6 +598,7 @@ class Gateway:
             }
             if conn.detail:
                 fields["detail"] = conn.detail
+            conn.reported = True
             self.log.event("connection_closed", **fields)
 
     async def _relay(
@@ -650,6 +678,16 @@ async def _close_both(a: TLSStream, b: TLSStream) -> None:
     async with trio.open_nursery() as n:
         n.start_soon(a.aclose)
         n.start_soon(b.aclose)
+
+
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost frame, for a bug report (no locals, no payload)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None:
+        return ""
+    return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
 
 
 def _unique_subjects(certs: list[x509.Certificate]) -> list[x509.Certificate]:

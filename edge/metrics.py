@@ -127,6 +127,12 @@ class Metrics:
 
 _MAX_REQUEST_BYTES = 16 * 1024
 _REQUEST_TIMEOUT_S = 10.0
+_PHRASES = {
+    200: b"OK",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    503: b"Service Unavailable",
+}
 
 
 async def _handle(
@@ -162,7 +168,8 @@ async def _handle(
                 ("content-length", str(len(body))),
                 ("connection", "close"),
             ]
-            out = conn.send(h11.Response(status_code=status, headers=headers)) or b""
+            response = h11.Response(status_code=status, headers=headers, reason=_PHRASES[status])
+            out = conn.send(response) or b""
             if event.method != b"HEAD":
                 out += conn.send(h11.Data(data=body)) or b""
             out += conn.send(h11.EndOfMessage()) or b""

@@ -51,3 +51,6 @@ class Reason(enum.StrEnum):
     UPSTREAM_UNTRUSTED = "upstream_untrusted"
     # The gateway shut down (drain deadline) before the connection was admitted.
     SHUTTING_DOWN = "shutting_down"
+    # A bug in the gateway ended this connection; it is logged with its traceback
+    # summary and costs this one connection only, never the process.
+    INTERNAL_ERROR = "internal_error"
