@@ -1,0 +1,394 @@
+"""The `edge` command line: run, check, verify, demo (DESIGN.md, "Command line").
+
+Owns: argument parsing, the offline commands `edge check` and `edge verify`
+(their output and exit codes), and dispatch to `edge run` / `edge demo`.
+
+Must never: decide trust itself (it asks `edge.trust`), import trio or the
+gateway at module import (`edge check` and `edge verify` must work, and start
+fast, without the shell), or print key material.
+
+Exit codes: `check` 0 clean / 1 anything broken or warned about;
+`verify` 0 accepted / 1 rejected / 2 usage or configuration error;
+any command 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, cast
+
+from cryptography import x509
+
+from edge.config import Config, ConfigError, default_config_path, load_config
+from edge.policies import (
+    PartnerPolicy,
+    PolicyFolderError,
+    PolicySnapshot,
+    load_policies,
+)
+from edge.trust import PartnerTrust, ServerTrust, Verdict
+
+__all__ = ["console_main", "main"]
+
+EXIT_OK = 0
+EXIT_REJECTED = 1  # verify: rejected; check: something is broken
+EXIT_USAGE = 2
+# Identity certificates this close to expiry are called out by `edge check`.
+_EXPIRY_WARNING = _dt.timedelta(days=30)
+
+
+class _UsageError(Exception):
+    """A problem with what the operator asked for: exit 2 with this message."""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge",
+        description="Edge federation gateway: per-partner mutual TLS in, mutual TLS to a pool.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    config_help = "configuration file (default: $EDGE_CONFIG, else ./edge.toml)"
+
+    run = sub.add_parser("run", help="run the gateway until SIGTERM/SIGINT, then drain")
+    run.add_argument("--config", type=Path, help=config_help)
+    run.add_argument("--log-format", choices=("json", "text"), default="json")
+
+    check = sub.add_parser(
+        "check",
+        help="load and validate configuration and partner policies offline",
+        description="Print each partner (domains, roots with expiry, CRLs with next update) "
+        "and every problem. Exit 0 when everything loads cleanly, 1 otherwise.",
+    )
+    check.add_argument("--config", type=Path, help=config_help)
+    check.add_argument(
+        "--policies",
+        type=Path,
+        help="check this partner policies folder (without --config: only this folder)",
+    )
+
+    verify = sub.add_parser(
+        "verify",
+        help="would this certificate chain be accepted? (offline)",
+        description="Exit 0 accepted, 1 rejected, 2 usage or configuration error.",
+    )
+    verify.add_argument("chain", type=Path, metavar="CHAIN.pem", help="leaf first, then issuers")
+    source = verify.add_mutually_exclusive_group()
+    source.add_argument("--config", type=Path, help=config_help)
+    source.add_argument("--policies", type=Path, help="partner policies folder")
+    verify.add_argument("--partner", help="only this partner (its roots, for --purpose server)")
+    verify.add_argument("--purpose", choices=("client", "server"), default="client")
+    verify.add_argument("--name", help="host name or IP the server must be valid for")
+    verify.add_argument("--at", help="verify at this time (ISO 8601; default now, UTC if no zone)")
+    verify.add_argument("--json", action="store_true", help="print one JSON object")
+
+    demo = sub.add_parser("demo", help="a self-contained federation on loopback")
+    demo.add_argument("--log-format", choices=("json", "text"), default="text")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `edge` command; return its exit status."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help is 0, a usage error is 2
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        if args.command == "check":
+            return _check(args.config, args.policies)
+        if args.command == "verify":
+            return _verify(args)
+        if args.command == "run":
+            from edge.gateway import run_command  # the trio shell, only when running
+
+            config_path = args.config if args.config is not None else default_config_path()
+            return run_command(config_path, args.log_format)
+        if args.command == "demo":
+            from edge.demo import demo_command
+
+            return demo_command(args.log_format)
+    except _UsageError as exc:
+        print(f"edge {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks
+    return EXIT_USAGE
+
+
+def console_main() -> None:
+    """Entry point of the `edge` console script."""
+    raise SystemExit(main())
+
+
+# --- edge check ------------------------------------------------------------------------
+
+
+def _day(when: _dt.datetime) -> str:
+    return when.strftime("%Y-%m-%d")
+
+
+def _cert_line(cert: x509.Certificate, source: str, now: _dt.datetime) -> tuple[str, str | None]:
+    """A printable line for a certificate, and a problem if it is expired."""
+    end = cert.not_valid_after_utc
+    note = ""
+    problem = None
+    if end < now:
+        note = "  EXPIRED"
+        problem = f"{source}: {cert.subject.rfc4514_string()} expired on {_day(end)}"
+    elif end - now < _EXPIRY_WARNING:
+        note = f"  expires in {(end - now).days} days"
+    return f"{cert.subject.rfc4514_string()} ({source}) expires {_day(end)}{note}", problem
+
+
+def _print_snapshot(snapshot: PolicySnapshot, pool_names: set[str] | None) -> int:
+    """Print one policies folder; return the number of problems (errors + warnings)."""
+    counts = snapshot.state_counts()
+    total = len(set(snapshot.partners) | snapshot.broken)
+    print(
+        f"policies {snapshot.folder}: {total} partner(s): {counts['enabled']} enabled, "
+        f"{counts['disabled']} disabled, {counts['broken']} broken"
+    )
+    problems = 0
+    for problem in snapshot.problems_of(""):
+        print(f"  {'error' if problem.fatal else 'warning'}: {problem}")
+        problems += 1
+    now = _dt.datetime.now(_dt.UTC)
+    for pid in sorted(set(snapshot.partners) | snapshot.broken):
+        policy = snapshot.partners.get(pid)
+        if pid in snapshot.broken:
+            state = "BROKEN" + (" (previous policy kept)" if policy is not None else "")
+        else:
+            assert policy is not None
+            state = "enabled" if policy.enabled else "disabled"
+        print(f"partner {pid}: {state}")
+        if policy is not None:
+            problems += _print_policy(policy, pool_names, now)
+        for problem in snapshot.problems_of(pid):
+            print(f"  {'error' if problem.fatal else 'warning'}: {problem}")
+            problems += 1
+    return problems
+
+
+def _print_policy(policy: PartnerPolicy, pool_names: set[str] | None, now: _dt.datetime) -> int:
+    problems = 0
+    print(f"  domains: {', '.join(policy.domains)}")
+    limit = policy.max_connections if policy.max_connections is not None else "global limit"
+    pool = policy.pool or "(the listener's)"
+    print(f"  pool: {pool}; max_connections: {limit}; revocation: {policy.revocation}")
+    if policy.pool is not None and pool_names is not None and policy.pool not in pool_names:
+        known = ", ".join(sorted(pool_names)) or "none"
+        print(
+            f"  error: {policy.folder}/policy.toml: pool: no pool named {policy.pool!r} in the "
+            f"configuration (pools: {known})"
+        )
+        problems += 1
+    for root, path in zip(policy.roots, policy.root_files, strict=True):
+        line, _ = _cert_line(root, path.name, now)
+        print(f"  root {line}")  # an expired root is already a warning from the loader
+    for crl, path in zip(policy.crls, policy.crl_files, strict=True):
+        nxt = crl.next_update_utc
+        when = _day(nxt) if nxt is not None else "never"
+        stale = "  STALE" if nxt is not None and nxt < now else ""
+        revoked = len(list(crl))
+        print(
+            f"  crl {crl.issuer.rfc4514_string()} ({path.name}) next update {when}, "
+            f"{revoked} revoked{stale}"
+        )
+    return problems
+
+
+def _print_config(config: Config) -> int:
+    now = _dt.datetime.now(_dt.UTC)
+    problems = 0
+    ident = config.identity
+    print(f"config {config.path}: loaded")
+    for label, certs, path in (
+        ("public", ident.public_chain[:1], ident.public_cert),
+        ("internal", ident.internal_chain[:1], ident.internal_cert),
+    ):
+        for cert in certs:
+            line, problem = _cert_line(cert, path.name, now)
+            print(f"  {label} certificate {line}")
+            if problem is not None:
+                print(f"  error: {config.path}: identity.{label}_cert: {problem}")
+                problems += 1
+    for root in ident.internal_root_certs:
+        line, problem = _cert_line(root, "internal_roots", now)
+        print(f"  internal root {line}")
+        if problem is not None:
+            print(f"  error: {config.path}: identity.internal_roots: {problem}")
+            problems += 1
+    for listener in config.listeners:
+        where = f" policies {listener.policies}" if listener.policies else ""
+        host = f"[{listener.host}]" if ":" in listener.host else listener.host
+        print(
+            f"  listener {listener.name}: {listener.mode} on {host}:{listener.port} "
+            f"-> pool {listener.pool}{where}"
+        )
+    for pool in config.pools.values():
+        members = ", ".join(
+            f"{m.host}" + (f" at {m.address}" if m.address else "") + f":{m.port}"
+            for m in pool.members
+        )
+        print(f"  pool {pool.name}: {members}")
+    if config.metrics is not None:
+        print(f"  metrics on {config.metrics.host}:{config.metrics.port}")
+    return problems
+
+
+def _check(config_arg: Path | None, policies_arg: Path | None) -> int:
+    problems = 0
+    folders: list[Path] = []
+    pool_names: set[str] | None = None
+    if config_arg is not None or policies_arg is None:
+        path = config_arg if config_arg is not None else default_config_path()
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            print(f"config {path}: BROKEN")
+            for line in exc.problems:
+                print(f"  error: {line}")
+            problems += len(exc.problems)
+        else:
+            problems += _print_config(config)
+            pool_names = set(config.pools)
+            for listener in config.listeners:
+                if listener.policies is not None and listener.policies not in folders:
+                    folders.append(listener.policies)
+    if policies_arg is not None and policies_arg not in folders:
+        folders.append(policies_arg)
+    for folder in folders:
+        try:
+            snapshot = load_policies(folder)
+        except PolicyFolderError as exc:
+            print(f"error: {exc}")
+            problems += 1
+            continue
+        problems += _print_snapshot(snapshot, pool_names)
+    if problems:
+        print(f"{problems} problem(s) found")
+        return EXIT_REJECTED
+    print("ok: everything loads cleanly")
+    return EXIT_OK
+
+
+# --- edge verify -----------------------------------------------------------------------
+
+
+def _read_chain(path: Path) -> tuple[x509.Certificate, ...]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            certs = tuple(x509.load_pem_x509_certificates(data))
+        else:
+            certs = (x509.load_der_x509_certificate(data),)
+    except ValueError:
+        raise _UsageError(f"{path}: no readable certificate (expected PEM or DER)") from None
+    return certs
+
+
+def _parse_at(text: str | None) -> _dt.datetime | None:
+    if text is None:
+        return None
+    try:
+        when = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise _UsageError(
+            f"--at {text!r}: not an ISO 8601 time (e.g. 2026-01-31T12:00:00Z)"
+        ) from None
+    return when.replace(tzinfo=_dt.UTC) if when.tzinfo is None else when.astimezone(_dt.UTC)
+
+
+def _load_config_for_verify(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise _UsageError("configuration error:\n  " + "\n  ".join(exc.problems)) from None
+
+
+def _snapshot_for_verify(args: argparse.Namespace) -> tuple[PolicySnapshot | None, Config | None]:
+    config: Config | None = None
+    if args.policies is not None:
+        folder: Path = args.policies
+    else:
+        config = _load_config_for_verify(args.config or default_config_path())
+        if args.purpose == "server" and args.partner is None:
+            return None, config  # the configured internal_roots are all we need
+        folders = list(dict.fromkeys(x.policies for x in config.listeners if x.policies))
+        if not folders:
+            raise _UsageError(f"{config.path}: no mtls listener names a policies folder")
+        if len(folders) > 1:
+            listed = ", ".join(str(f) for f in folders)
+            raise _UsageError(
+                f"the configuration names several policies folders ({listed}); "
+                "choose one with --policies"
+            )
+        folder = folders[0]
+    try:
+        snapshot = load_policies(folder)
+    except PolicyFolderError as exc:
+        raise _UsageError(str(exc)) from None
+    return snapshot, config
+
+
+def _only_partner(snapshot: PolicySnapshot, pid: str) -> PartnerPolicy:
+    if pid in snapshot.broken:
+        problems = "; ".join(str(p) for p in snapshot.problems_of(pid) if p.fatal)
+        raise _UsageError(f"partner {pid} is broken: {problems}")
+    policy = snapshot.partners.get(pid)
+    if policy is None:
+        known = ", ".join(sorted(snapshot.partners)) or "none"
+        raise _UsageError(f"no partner {pid!r} in {snapshot.folder} (partners: {known})")
+    return policy
+
+
+def _verify(args: argparse.Namespace) -> int:
+    purpose = cast(Literal["client", "server"], args.purpose)
+    if purpose == "server" and not args.name:
+        raise _UsageError("--purpose server needs --name HOST (the name the server must match)")
+    if purpose == "client" and args.name:
+        raise _UsageError("--name applies to --purpose server only")
+    if purpose == "server" and args.policies is not None and args.partner is None:
+        raise _UsageError("--purpose server with --policies needs --partner P (whose roots)")
+    at = _parse_at(args.at)
+    chain = _read_chain(args.chain)
+    snapshot, config = _snapshot_for_verify(args)
+
+    verdict: Verdict
+    if purpose == "client":
+        assert snapshot is not None
+        if args.partner is not None:
+            policy = _only_partner(snapshot, args.partner)
+            snapshot = PolicySnapshot(
+                folder=snapshot.folder,
+                partners=types.MappingProxyType({policy.id: policy}),
+                problems=(),
+                broken=frozenset(),
+            )
+        verdict = PartnerTrust(snapshot).verify_client(chain, at=at)
+    else:
+        if args.partner is not None:
+            assert snapshot is not None
+            roots: Sequence[x509.Certificate] = _only_partner(snapshot, args.partner).roots
+        else:
+            assert config is not None
+            roots = config.identity.internal_root_certs
+        verdict = ServerTrust(roots).verify_server(chain, args.name, at=at)
+
+    if args.json:
+        print(json.dumps({"purpose": purpose, **verdict.as_dict()}, sort_keys=True))
+    else:
+        print(verdict.line)
+    return EXIT_OK if verdict.accepted else EXIT_REJECTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
