@@ -78,7 +78,10 @@ Cost. Reads pull up to ``_TRANSPORT_READ_SIZE`` of ciphertext and then decrypt
 every complete record already buffered in one call; writes encrypt up to
 ``_WRITE_CHUNK`` of plaintext (OpenSSL writes one 16 KiB record per call)
 before one transport send. Both keep the per-record Python overhead low while
-bounding the memory one connection can hold.
+bounding the memory one connection can hold. When decrypting several records
+meets an error (an alert, a bad record, a truncation) after some plaintext,
+that plaintext is returned first and the error is kept and raised by the next
+read: OpenSSL reports the reason only once.
 """
 
 from __future__ import annotations
@@ -255,6 +258,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._recv_lock = trio.Lock()
         self._recv_count = 0
         self._eof_received = False
+        # An error met after some plaintext was decrypted (see _read_plain).
+        self._deferred_error: SSL.Error | None = None
         self._eof_sent = False
         self._outer_send = _ConflictDetector("another task is sending on this TLSStream")
         self._outer_recv = _ConflictDetector("another task is receiving on this TLSStream")
@@ -496,6 +501,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """
         if self._eof_received:
             return b""
+        if self._deferred_error is not None:
+            exc, self._deferred_error = self._deferred_error, None
+            raise exc
         try:
             first = self._conn.recv(max_bytes)
         except SSL.ZeroReturnError:
@@ -508,9 +516,17 @@ class TLSStream(trio.abc.HalfCloseableStream):
         while got < max_bytes:
             try:
                 more = self._conn.recv(max_bytes - got)
-            except SSL.Error:
-                # WantRead (buffer empty), close_notify or an error: hand back
-                # what we have; the next call meets the condition again.
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._eof_received = True
+                break
+            except SSL.Error as exc:
+                # Hand back what we have and raise this on the next call: a
+                # second recv() would not repeat OpenSSL's reason (it reports
+                # an empty error), and the reason (an alert, a bad record MAC,
+                # a truncation) is what the caller must see.
+                self._deferred_error = exc
                 break
             chunks.append(more)
             got += len(more)

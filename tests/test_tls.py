@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import shutil
 import socket
 import ssl
@@ -289,13 +290,18 @@ async def test_close_notify_half_close(tls_pki: TLSPKI, version: str, first: str
 
 class CuttingStream(trio.abc.HalfCloseableStream):
     """A real TCP stream that, once armed, sends only the first ``keep`` bytes of
-    the next ``send_all`` and then closes the socket: a TCP close mid-record."""
+    the next ``send_all`` and then closes the socket: a TCP close mid-record.
+    ``append``, when set, is sent right after the next ``send_all``'s data, in
+    the same write."""
 
     def __init__(self, inner: trio.SocketStream) -> None:
         self.inner = inner
         self.keep: int | None = None
+        self.append: bytes | None = None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.append is not None:
+            data, self.append = bytes(data) + self.append, None
         if self.keep is None:
             await self.inner.send_all(data)
             return
@@ -352,6 +358,48 @@ async def test_tcp_close_between_records_is_truncation_too(tls_pki: TLSPKI) -> N
             assert await receive_exactly(client, 15) == b"complete record"
             with pytest.raises(TLSTruncatedError):
                 await client.receive_some()
+        finally:
+            await close_all(server, client)
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+@pytest.mark.parametrize(
+    ("junk", "reason"),
+    [
+        # An application-data record that does not decrypt.
+        (b"\x17\x03\x03\x00\x20" + bytes(32), "decrypt|bad record mac"),
+        # A fatal alert (handshake_failure) sent in the clear after the data.
+        (b"\x15\x03\x03\x00\x02\x02\x28", "alert|unexpected record|record"),
+    ],
+    ids=["bad-record", "plaintext-alert"],
+)
+async def test_error_after_data_in_one_read_keeps_data_and_reason(
+    tls_pki: TLSPKI, version: str, junk: bytes, reason: str
+) -> None:
+    """Data and a bad record arrive in one TCP segment: the data is delivered,
+    then the next read reports OpenSSL's real reason (not an empty error)."""
+    with trio.fail_after(TIMEOUT):
+        server_tcp, client_tcp = await tcp_pair()
+        corrupter = CuttingStream(client_tcp)
+        server = TLSStream(server_tcp, make_server_ctx(tls_pki), server_side=True)
+        client = TLSStream(
+            corrupter,
+            make_client_ctx(tls_pki, version=version),
+            server_side=False,
+            server_hostname="localhost",
+        )
+        try:
+            await both(server.do_handshake, client.do_handshake)
+            corrupter.append = junk
+            await client.send_all(b"good data")
+            await trio.sleep(0.05)  # let both arrive before the server reads
+            # One call decrypts everything buffered: the data, then the failure.
+            assert await server.receive_some() == b"good data"
+            with pytest.raises(TLSError) as info:
+                await server.receive_some()
+            assert not isinstance(info.value, TLSTruncatedError)
+            assert re.search(reason, str(info.value)), str(info.value)
+            assert info.value.openssl_errors
         finally:
             await close_all(server, client)
 
