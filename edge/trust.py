@@ -384,6 +384,7 @@ class _PartnerEntry:
     def __init__(self, policy: PartnerPolicy, cache: _X509Cache) -> None:
         self.policy = policy
         self.store = _build_store(policy.roots, cache, None)
+        self.root_labels = {root: _subject(root) for root in policy.roots}
         self.crls_by_issuer: dict[x509.Name, list[tuple[x509.CertificateRevocationList, str]]]
         self.crls_by_issuer = {}
         for crl, path in zip(policy.crls, policy.crl_files, strict=True):
@@ -564,11 +565,9 @@ class PartnerTrust:
         revoked = entry.revocation_problem(path, when)
         if revoked is not None:
             return _reject(revoked[0], revoked[1], pid, path)
-        return _accept(
-            f"{_subject(leaf)} via {_subject(path[-1])}; {how}",
-            pid,
-            path,
-        )
+        # Labels precomputed per anchor: formatting names costs as much as a lookup.
+        anchor = entry.root_labels.get(path[-1]) or _subject(path[-1])
+        return _accept(f"{how}; anchor {anchor}", pid, path)
 
     def _best_chain_failure(self, failures: list[tuple[str, _ChainResult]]) -> Verdict:
         pid, result = max(
