@@ -67,6 +67,7 @@ from edge.policies import PartnerPolicy, PolicySnapshot, Revocation
 from edge.reasons import Reason
 
 __all__ = [
+    "MAX_CHAIN_LENGTH",
     "PartnerTrust",
     "ServerTrust",
     "Verdict",
@@ -74,6 +75,10 @@ __all__ = [
     "name_in_domains",
     "reason_for_openssl_error",
 ]
+
+
+# Leaf plus intermediates a peer may send (real federation chains have 2 to 4).
+MAX_CHAIN_LENGTH = 8
 
 
 @dataclass(frozen=True)
@@ -502,6 +507,13 @@ class PartnerTrust:
         """Accept or reject a partner's chain (leaf first, then what the peer sent)."""
         if not chain:
             return _reject(Reason.NO_CLIENT_CERT, "the peer presented no certificate")
+        if len(chain) > MAX_CHAIN_LENGTH:
+            # Each certificate may name another partner's root and cost one more
+            # verification: bound the work a peer can make us do.
+            return _reject(
+                Reason.INVALID_CHAIN,
+                f"the peer sent {len(chain)} certificates; at most {MAX_CHAIN_LENGTH} are accepted",
+            )
         when = at if at is not None else _dt.datetime.now(_dt.UTC)
         leaf = chain[0]
         candidates = self._candidates(chain)

@@ -373,6 +373,11 @@ CLIENT_CASES: list[tuple[str, Case, str]] = [
         "bad_purpose",
     ),
     ("no client certificate", lambda w: _c(()), "no_client_cert"),
+    (
+        "overlong chain",
+        lambda w: _c((*w.fab_issuing.issue(dns=FAB).chain, *[w.fab_root.cert] * 8)),
+        "invalid_chain",
+    ),
 ]
 
 
