@@ -57,7 +57,10 @@ Failure model. The stream is OK, BROKEN or CLOSED:
   a truncation is not a clean end of stream, and a relay must be able to tell
   "the partner said goodbye" from "the TCP connection was cut";
 * a cancelled or failed transport *send* makes it BROKEN (part of a record may
-  have left); a cancelled handshake makes it BROKEN; a cancelled transport
+  have left), and so does a cancellation while waiting for ``_send_lock`` with
+  records already taken out of OpenSSL (they can never be sent again, and the
+  peer would see the next record out of sequence); a cancelled handshake makes
+  it BROKEN; a cancelled transport
   *receive* does not (nothing was consumed from OpenSSL's point of view), so
   ``receive_some`` under a timeout is safe and the stream stays usable;
 * ``aclose`` never waits on the peer: it sends close_notify only if the
@@ -407,17 +410,18 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     self._delayed_outgoing = to_send
                 to_send = b""
             if to_send:
-                async with self._send_lock:
-                    yielded = True
-                    try:
+                try:
+                    async with self._send_lock:
+                        yielded = True
                         if self._delayed_outgoing is not None:
                             to_send = self._delayed_outgoing + to_send
                             self._delayed_outgoing = None
                         await self.transport_stream.send_all(to_send)
-                    except BaseException:
-                        # Part of a record may have gone out: no way back.
-                        self._state = _State.BROKEN
-                        raise
+                except BaseException:
+                    # Records taken out of OpenSSL are lost (cancelled while
+                    # queueing for the lock) or partly sent: no way back.
+                    self._state = _State.BROKEN
+                    raise
             elif want_read:
                 recv_count = self._recv_count
                 async with self._recv_lock:

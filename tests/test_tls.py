@@ -775,6 +775,81 @@ async def test_cancellation_at_any_point_of_the_handshake(tls_pki: TLSPKI, side:
     assert outcomes["completed"] + outcomes["cancelled"] == 9
 
 
+async def test_cancelled_while_queued_to_send_breaks_the_stream(tls_pki: TLSPKI) -> None:
+    """White-box regression: a send cancelled while its records wait for the
+    send lock (held here by the test, as a concurrent KeyUpdate answer would)
+    has lost those records. The stream must be broken, not silently skip them."""
+    with trio.fail_after(TIMEOUT):
+        server, client = await tls_pair(tls_pki)
+        try:
+            release = trio.Event()
+
+            async def hold_send_lock(task_status: trio.TaskStatus[None]) -> None:
+                async with client._send_lock:
+                    task_status.started()
+                    await release.wait()
+
+            async with trio.open_nursery() as nursery:
+                await nursery.start(hold_send_lock)
+                with trio.move_on_after(0.1) as scope:
+                    await client.send_all(b"encrypted, then lost")
+                release.set()
+            assert scope.cancelled_caught
+            with pytest.raises(trio.BrokenResourceError):
+                await client.send_all(b"next")
+        finally:
+            await close_all(server, client)
+
+
+async def test_cancelled_receive_leaves_the_stream_usable(tls_pki: TLSPKI) -> None:
+    with trio.fail_after(TIMEOUT):
+        server, client = await tls_pair(tls_pki)
+        try:
+            for _ in range(3):
+                with trio.move_on_after(0.05) as scope:
+                    await server.receive_some()
+                assert scope.cancelled_caught
+            await client.send_all(b"still here" * 2000)
+            # A small max_bytes is honoured, record by record.
+            got = bytearray()
+            while len(got) < 20_000:
+                chunk = await server.receive_some(7)
+                assert 1 <= len(chunk) <= 7
+                got += chunk
+            assert bytes(got) == b"still here" * 2000
+            await server.send_all(b"and back")
+            assert await receive_exactly(client, 8) == b"and back"
+        finally:
+            await close_all(server, client)
+
+
+async def test_aclose_is_bounded_when_the_peer_does_not_read(tls_pki: TLSPKI) -> None:
+    with trio.fail_after(TIMEOUT):
+        server_tcp, client_tcp = await tcp_pair()
+        server = TLSStream(server_tcp, make_server_ctx(tls_pki), server_side=True)
+        client = TLSStream(
+            client_tcp,
+            make_client_ctx(tls_pki),
+            server_side=False,
+            server_hostname="localhost",
+            close_timeout=0.3,
+        )
+        try:
+            await both(server.do_handshake, client.do_handshake)
+            # Fill the socket buffers underneath the TLS layer (white-box): the
+            # close_notify that aclose sends then cannot leave.
+            with trio.move_on_after(0.2):
+                while True:
+                    await client_tcp.send_all(bytes(65536))
+            start = trio.current_time()
+            await client.aclose()
+            assert 0.25 <= trio.current_time() - start < 1.5
+            with pytest.raises(trio.ClosedResourceError):
+                await client.receive_some()
+        finally:
+            await close_all(server, client)
+
+
 async def test_cancelled_aclose_closes_the_transport_at_once(tls_pki: TLSPKI) -> None:
     with trio.fail_after(TIMEOUT):
         server, client = await tls_pair(tls_pki)
