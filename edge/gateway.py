@@ -147,6 +147,7 @@ class Gateway:
         self._idle = trio.Event()
         self._idle.set()
         self._shutdown = trio.Event()
+        self._shutdown_why = ""
         self.bound: dict[str, list[str]] = {}
         self.ready = False
 
@@ -254,7 +255,7 @@ class Gateway:
 
     def request_shutdown(self, why: str) -> None:
         if not self._shutdown.is_set():
-            self.log.event("shutdown_started", why=why, active_connections=self._active_total)
+            self._shutdown_why = why
             self._shutdown.set()
 
     async def _bind(self) -> tuple[dict[str, list[trio.SocketListener]], list[trio.SocketListener]]:
@@ -310,6 +311,12 @@ class Gateway:
                 for socks in listeners.values():
                     for sock in socks:
                         await sock.aclose()
+                # Logged once accepting has really stopped.
+                self.log.event(
+                    "shutdown_started",
+                    why=self._shutdown_why,
+                    active_connections=self._active_total,
+                )
                 drain = self.config.limits.drain_timeout_s
                 with trio.move_on_after(drain):
                     await self._idle.wait()
