@@ -455,7 +455,7 @@ async def test_silent_peer_is_cancelled_by_timeout(tls_pki: TLSPKI, side: str) -
                 await stream.send_all(b"x")
             start = trio.current_time()
             await stream.aclose()
-            assert trio.current_time() - start < 0.2
+            assert trio.current_time() - start < 0.5  # immediate; slack for a loaded CI box
             with pytest.raises(trio.ClosedResourceError):
                 await stream.receive_some()
             # The silent peer sees the TCP connection end (a ClientHello first,
