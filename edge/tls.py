@@ -255,7 +255,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 self._conn.set_tlsext_host_name(_sni_bytes(server_hostname))
         self._state = _State.OK
         self._handshake_started = False
-        self._handshake_done = trio.Event()
+        self._handshake_done = trio.Event()  # set when the attempt ended, either way
+        self._handshake_ok = False
         self._delayed_outgoing: bytes | None = None
         self._send_lock = trio.StrictFIFOLock()
         self._recv_lock = trio.Lock()
@@ -279,7 +280,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     @property
     def handshake_done(self) -> bool:
-        return self._handshake_done.is_set()
+        """True once the handshake has *succeeded* (False after a failed one)."""
+        return self._handshake_ok
 
     def _need_handshake(self, what: str) -> None:
         if not self._handshake_done.is_set():
@@ -458,6 +460,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             await self._retry(self._conn.do_handshake, is_handshake=True)
             if self._check_hostname:
                 self._verify_hostname()
+            self._handshake_ok = True
         except BaseException:
             self._state = _State.BROKEN
             raise
