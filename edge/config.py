@@ -38,6 +38,7 @@ __all__ = [
     "Listener",
     "Member",
     "Metrics",
+    "PolicySettings",
     "Pool",
     "PrivateKey",
     "default_config_path",
@@ -125,6 +126,15 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class PolicySettings:
+    """`[policies]`: how the running gateway notices changes (live reload)."""
+
+    # How often the policies folders and the identity files are compared with
+    # what was loaded (names, sizes, mtimes, content hashes). SIGHUP reloads at once.
+    poll_interval_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     identity: Identity
@@ -132,6 +142,7 @@ class Config:
     pools: Mapping[str, Pool]  # read-only
     metrics: Metrics | None
     limits: Limits
+    policies: PolicySettings = PolicySettings()
 
 
 def default_config_path() -> Path:
@@ -165,7 +176,7 @@ def parse_address(text: str, *, allow_any_port: bool = True) -> tuple[str, int]:
     return host, int(port_text)
 
 
-_TOP_KEYS = ("identity", "listeners", "pools", "metrics", "limits")
+_TOP_KEYS = ("identity", "listeners", "pools", "metrics", "limits", "policies")
 _IDENTITY_KEYS = ("public_cert", "public_key", "internal_cert", "internal_key", "internal_roots")
 _LISTENER_KEYS = ("name", "address", "mode", "policies", "pool")
 _POOL_KEYS = ("name", "members")
@@ -555,6 +566,17 @@ class _Loader:
                     self.problem(f"limits.{key}", f"must be an integer >= 1, not {_shown(value)}")
         return Limits(**values)
 
+    def policy_settings(self, data: Mapping[str, Any]) -> PolicySettings:
+        table = self.table(data, "policies", required=False)
+        if table is None:
+            return PolicySettings()
+        self.unknown_keys(table, ("poll_interval_s",), "policies.")
+        value = table.get("poll_interval_s", PolicySettings.poll_interval_s)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return PolicySettings(poll_interval_s=float(value))
+        self.problem("policies.poll_interval_s", f"must be a number > 0, not {_shown(value)}")
+        return PolicySettings()
+
     def load(self) -> Config:
         try:
             with self.path.open("rb") as f:
@@ -571,6 +593,7 @@ class _Loader:
         listeners = self.listeners(data, set(pools))
         metrics = self.metrics(data)
         limits = self.limits(data)
+        policy_settings = self.policy_settings(data)
         if self.problems or identity is None:
             if not self.problems:  # defensive: never start on a half-built identity
                 self.problem("identity", "could not be loaded")
@@ -582,6 +605,7 @@ class _Loader:
             pools=types.MappingProxyType(pools),
             metrics=metrics,
             limits=limits,
+            policies=policy_settings,
         )
 
 
