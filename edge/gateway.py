@@ -203,37 +203,58 @@ class Gateway:
                 )
 
     def _export_static_metrics(self) -> None:
+        self.export_reload_metrics()
+        for pool in self.config.pools.values():
+            for member in pool.members:
+                self.metrics.pool_member_up.labels(pool.name, member.host)
+
+    def export_reload_metrics(self) -> None:
+        """(Re-)export the gauges that depend on configuration and policies.
+
+        Call after every reload: certificate expiry (every certificate the edge
+        presents, its internal roots, every partner root), CRL next-update and
+        partner counts by state. Series of partners, roots or CRLs that are no
+        longer configured are removed, so no alert fires for a root that is gone.
+        When two certificates share one label set (a re-issued root with the
+        same subject), the sooner expiry is exported: alerts err toward warning.
+        """
         m = self.metrics
         ident = self.config.identity
+        expiry: dict[tuple[str, ...], float] = {}
+        crls: dict[tuple[str, ...], float] = {}
+
+        def keep_soonest(
+            into: dict[tuple[str, ...], float], key: tuple[str, ...], t: float
+        ) -> None:
+            into[key] = min(t, into.get(key, t))
+
         for role, certs in (
-            ("public", ident.public_chain[:1]),
-            ("internal", ident.internal_chain[:1]),
+            # The whole presented chains: an expired intermediate breaks
+            # handshakes just as an expired leaf does.
+            ("public", ident.public_chain),
+            ("internal", ident.internal_chain),
             ("internal_root", ident.internal_root_certs),
         ):
             for cert in certs:
-                m.certificate_expiry.labels(role, "", cert.subject.rfc4514_string()).set(
-                    _expiry(cert)
-                )
+                keep_soonest(expiry, (role, "", cert.subject.rfc4514_string()), _expiry(cert))
         states: _Counter[str] = _Counter()
         for trust in self._trust.values():
             snap = trust.snapshot
             for pid, policy in snap.partners.items():
                 states["enabled" if policy.enabled else "disabled"] += 1
                 for root in policy.roots:
-                    m.certificate_expiry.labels(
-                        "partner_root", pid, root.subject.rfc4514_string()
-                    ).set(_expiry(root))
+                    subject = root.subject.rfc4514_string()
+                    keep_soonest(expiry, ("partner_root", pid, subject), _expiry(root))
                 for crl in policy.crls:
                     if crl.next_update_utc is not None:
-                        m.crl_next_update.labels(pid, crl.issuer.rfc4514_string()).set(
-                            crl.next_update_utc.timestamp()
-                        )
+                        issuer = crl.issuer.rfc4514_string()
+                        keep_soonest(crls, (pid, issuer), crl.next_update_utc.timestamp())
             states["broken"] += len(snap.broken - set(snap.partners))
-        for state in ("enabled", "disabled", "broken"):
-            m.partners.labels(state).set(states[state])
-        for pool in self.config.pools.values():
-            for member in pool.members:
-                m.pool_member_up.labels(pool.name, member.host)
+        m.replace_series(m.certificate_expiry, expiry)
+        m.replace_series(m.crl_next_update, crls)
+        m.replace_series(
+            m.partners, {(state,): states[state] for state in ("enabled", "disabled", "broken")}
+        )
 
     def partner_label(self, listener: Listener, partner: str | None) -> str:
         if partner is None or listener.policies is None:

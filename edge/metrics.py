@@ -12,7 +12,7 @@ the configuration.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import h11
 import trio
@@ -111,12 +111,32 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        # Both results exist from the start, so increase(...{result="error"})
+        # has a zero to rise from and an alert can fire on the first error.
+        for result in ("ok", "error"):
+            self.policy_reloads.labels(result)
         self.partners = Gauge(
             "edge_partners",
             "Configured partners by state",
             ["state"],
             registry=registry,
         )
+        # Label sets each reload-dependent gauge was last given by
+        # ``replace_series`` (so a partner or root that disappears loses its series).
+        self._series: dict[Gauge, set[tuple[str, ...]]] = {}
+
+    def replace_series(self, gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
+        """Make ``gauge`` hold exactly ``values`` (label values -> value).
+
+        Sets every new value first, then removes the label sets that are gone,
+        so a scrape never misses a series that still exists. Only for gauges
+        whose every series comes from here (expiry, CRL, partner states).
+        """
+        for labels, value in values.items():
+            gauge.labels(*labels).set(value)
+        for labels in self._series.get(gauge, set()) - values.keys():
+            gauge.remove(*labels)
+        self._series[gauge] = set(values)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
