@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import errno
 import math
+import time
 from collections import Counter as _Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,12 +49,13 @@ from OpenSSL import SSL
 from edge.config import Config, ConfigError, Listener, Member, load_config
 from edge.logs import EventLog, LogFormat
 from edge.metrics import UNKNOWN_PARTNER, Metrics, serve_metrics
-from edge.policies import PolicyFolderError, PolicySnapshot, load_policies
+from edge.policies import PartnerPolicy, PolicyFolderError, PolicySnapshot, load_policies
 from edge.reasons import Reason
 from edge.tls import HostnameMismatchError, TLSError, TLSStream, TLSTruncatedError
 from edge.tls import client_context as make_client_context
 from edge.tls import server_context as make_server_context
 from edge.trust import PartnerTrust
+from edge.watch import Fingerprint, fingerprint
 
 __all__ = ["Gateway", "StartupError", "run_command"]
 
@@ -95,7 +97,20 @@ class _Conn:
     detail: str = ""
     first_eof: str | None = None
     reported: bool = False  # its one final event has been logged
+    # The chain the partner sent, kept to re-authorize the live connection
+    # against every new policy snapshot (issue: trust withdrawn).
+    chain: tuple[x509.Certificate, ...] = ()
+    withdrawn_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Live:
+    """A relayed connection that a policy change may have to close."""
+
+    listener: Listener
+    conn: _Conn
+    scope: trio.CancelScope
 
 
 class _Rejected(Exception):
@@ -148,6 +163,12 @@ class Gateway:
         self._idle.set()
         self._shutdown = trio.Event()
         self._shutdown_why = ""
+        # Live reload: what was loaded, and the connections to re-check.
+        self._live: dict[int, _Live] = {}
+        self._reload_requested = trio.Event()
+        self._policy_prints: dict[Path, Fingerprint] = {}
+        self._config_print: Fingerprint = ()
+        self._next_time_recheck = math.inf
         self.bound: dict[str, list[str]] = {}
         self.ready = False
 
@@ -176,6 +197,8 @@ class Gateway:
                         problem=problem.message,
                     )
                 self._trust[listener.policies] = _Trust(snapshot, PartnerTrust(snapshot))
+                self._policy_prints[listener.policies] = fingerprint([listener.policies])
+        self._config_print = fingerprint(files=_config_files(self.config))
         self._build_server_contexts()
         self._export_static_metrics()
 
@@ -237,11 +260,10 @@ class Gateway:
         ):
             for cert in certs:
                 keep_soonest(expiry, (role, "", cert.subject.rfc4514_string()), _expiry(cert))
-        states: _Counter[str] = _Counter()
+        states = self._partner_summary()
         for trust in self._trust.values():
             snap = trust.snapshot
             for pid, policy in snap.partners.items():
-                states["enabled" if policy.enabled else "disabled"] += 1
                 for root in policy.roots:
                     subject = root.subject.rfc4514_string()
                     keep_soonest(expiry, ("partner_root", pid, subject), _expiry(root))
@@ -249,11 +271,11 @@ class Gateway:
                     if crl.next_update_utc is not None:
                         issuer = crl.issuer.rfc4514_string()
                         keep_soonest(crls, (pid, issuer), crl.next_update_utc.timestamp())
-            states["broken"] += len(snap.broken - set(snap.partners))
         m.replace_series(m.certificate_expiry, expiry)
         m.replace_series(m.crl_next_update, crls)
         m.replace_series(
-            m.partners, {(state,): states[state] for state in ("enabled", "disabled", "broken")}
+            m.partners,
+            {(state,): states.get(state, 0) for state in ("enabled", "disabled", "broken")},
         )
 
     def partner_label(self, listener: Listener, partner: str | None) -> str:
@@ -272,7 +294,205 @@ class Gateway:
         return True, "ready"
 
     # ------------------------------------------------------------------
+    # Live reload (theory: a reload builds a complete new snapshot off to the
+    # side, in a worker thread, and swaps it in with one assignment; handshakes
+    # already past authorization keep the verdict they got, and every live
+    # connection is then re-authorized against the new snapshot with the chain
+    # it presented, and closed if it no longer passes)
+
+    async def _watch(self) -> None:
+        """Poll for changes every poll_interval_s, or at once on request_reload."""
+        while True:
+            interval = self.config.policies.poll_interval_s
+            with trio.move_on_after(interval):
+                await self._reload_requested.wait()
+            forced = self._reload_requested.is_set()
+            self._reload_requested = trio.Event()
+            try:
+                await self.poll_once(forced=forced)
+            except Exception as exc:  # never let a reload bug stop the gateway
+                self.metrics.policy_reloads.labels("error").inc()
+                self.log.event(
+                    "reload_failed", error=f"{type(exc).__name__}: {exc}", where=_where(exc)
+                )
+
+    async def poll_once(self, *, forced: bool = False) -> None:
+        """Reload whatever changed on disk (everything when ``forced``)."""
+        config_print = await trio.to_thread.run_sync(
+            lambda: fingerprint(files=_config_files(self.config))
+        )
+        if forced or config_print != self._config_print:
+            await self._reload_config(config_print)
+        for folder in list(self._trust):
+            folder_print = await trio.to_thread.run_sync(fingerprint, [folder])
+            if forced or folder_print != self._policy_prints.get(folder):
+                await self._reload_policies(folder, folder_print)
+        if trio.current_time() >= self._next_time_recheck:
+            # A CRL passed its next update, or a live chain expired.
+            await self._recheck_live(None)
+
+    async def _reload_policies(self, folder: Path, folder_print: Fingerprint) -> None:
+        previous = self._trust[folder].snapshot
+        try:
+            snapshot = await trio.to_thread.run_sync(load_policies, folder, previous)
+        except PolicyFolderError as exc:
+            # The whole folder is unreadable (unmounted?): keep every partner.
+            self.metrics.policy_reloads.labels("error").inc()
+            self.log.event("policies_reload_failed", folder=str(folder), error=str(exc))
+            self._policy_prints[folder] = folder_print
+            return
+        self._policy_prints[folder] = folder_print
+        verifier = await trio.to_thread.run_sync(PartnerTrust, snapshot)
+        self._trust[folder] = _Trust(snapshot, verifier)  # the swap
+        self._build_server_contexts()
+        self.export_reload_metrics()
+        old_ids, new_ids = set(previous.partners), set(snapshot.partners)
+        changed = sorted(
+            pid
+            for pid in old_ids & new_ids
+            if not _same_policy(previous.partners[pid], snapshot.partners[pid])
+        )
+        for problem in snapshot.problems:
+            self.log.event(
+                "partner_problem",
+                partner=problem.partner,
+                file=str(problem.path),
+                problem=problem.message,
+                kept_last_good=problem.partner in snapshot.partners,
+            )
+        result = "error" if snapshot.broken else "ok"
+        self.metrics.policy_reloads.labels(result).inc()
+        self.log.event(
+            "policies_reloaded",
+            folder=str(folder),
+            result=result,
+            added=sorted(new_ids - old_ids),
+            removed=sorted(old_ids - new_ids),
+            changed=changed,
+            broken=sorted(snapshot.broken),
+            partners=snapshot.state_counts(),
+        )
+        await self._recheck_live(folder)
+
+    async def _reload_config(self, config_print: Fingerprint) -> None:
+        """Re-read edge.toml and the identity files; apply what can be applied live."""
+        path = self.config.path
+        try:
+            new = await trio.to_thread.run_sync(load_config, path)
+        except ConfigError as exc:
+            self._config_print = config_print
+            self.metrics.policy_reloads.labels("error").inc()
+            self.log.event(
+                "config_reload_failed",
+                config=str(path),
+                problems=list(exc.problems),
+                kept="the configuration and certificates loaded before",
+            )
+            return
+        old = self.config
+        needs_restart = []
+        if new.listeners != old.listeners:
+            needs_restart.append("listeners")
+        if new.metrics != old.metrics:
+            needs_restart.append("metrics")
+        if new.pools != old.pools:
+            needs_restart.append("pools")
+        applied = [
+            name
+            for name, changed in (
+                ("identity", new.identity != old.identity),
+                ("limits", new.limits != old.limits),
+                ("policies", new.policies != old.policies),
+            )
+            if changed
+        ]
+        ident = new.identity
+        client = make_client_context(
+            ident.internal_root_certs, ident.internal_chain, ident.internal_private_key
+        )
+        self.config = Config(
+            path=old.path,
+            identity=new.identity,
+            listeners=old.listeners,
+            pools=old.pools,
+            metrics=old.metrics,
+            limits=new.limits,
+            policies=new.policies,
+        )
+        self._client_context = client
+        self._build_server_contexts()
+        self._config_print = config_print
+        self.export_reload_metrics()
+        self.metrics.policy_reloads.labels("ok").inc()
+        self.log.event(
+            "config_reloaded", config=str(path), applied=applied, needs_restart=needs_restart
+        )
+
+    async def _recheck_live(self, folder: Path | None) -> None:
+        """Re-authorize live connections (of ``folder``, or all); close the failures."""
+        now = trio.current_time()
+        checked = 0
+        for live in list(self._live.values()):
+            listener = live.listener
+            if listener.policies is None or (folder is not None and listener.policies != folder):
+                continue
+            conn = live.conn
+            if conn.end is not None:
+                continue
+            verdict = self._trust[listener.policies].verifier.verify_client(conn.chain)
+            if not verdict.accepted:
+                assert verdict.reason is not None
+                self._withdraw(live, verdict.reason.value, verdict.detail)
+            elif verdict.partner != conn.partner:
+                self._withdraw(
+                    live,
+                    Reason.PARTNER_CHANGED.value,
+                    f"the chain now identifies partner {verdict.partner}, not {conn.partner}",
+                )
+            checked += 1
+            if checked % 200 == 0:
+                await trio.sleep(0)  # keep relays flowing during a big re-check
+        self._next_time_recheck = self._earliest_time_event(now)
+
+    def _withdraw(self, live: _Live, reason: str, detail: str) -> None:
+        conn = live.conn
+        if conn.end is None:
+            conn.end = "trust_withdrawn"
+            conn.withdrawn_reason = reason
+            conn.detail = detail
+        live.scope.cancel()
+
+    def _note_expiry(self, chain: tuple[x509.Certificate, ...]) -> None:
+        if chain:
+            soonest = min(_expiry(c) for c in chain)
+            self._next_time_recheck = min(
+                self._next_time_recheck, trio.current_time() + max(0.0, soonest - time.time())
+            )
+
+    def _earliest_time_event(self, now: float) -> float:
+        """When the next re-check is due even if no file changes (trio clock)."""
+        wall = time.time()
+        soonest = math.inf
+        for trust in self._trust.values():
+            for policy in trust.snapshot.partners.values():
+                for crl in policy.crls:
+                    if crl.next_update_utc is not None:
+                        t = crl.next_update_utc.timestamp()
+                        if t > wall:
+                            soonest = min(soonest, t)
+        for live in self._live.values():
+            for cert in live.conn.chain:
+                t = _expiry(cert)
+                if t > wall:
+                    soonest = min(soonest, t)
+        return now + (soonest - wall) if soonest != math.inf else math.inf
+
+    # ------------------------------------------------------------------
     # Running
+
+    def request_reload(self) -> None:
+        """Reload configuration, identity and policies now (SIGHUP)."""
+        self._reload_requested.set()
 
     def request_shutdown(self, why: str) -> None:
         if not self._shutdown.is_set():
@@ -312,6 +532,7 @@ class Gateway:
         async with trio.open_nursery() as root:
             if metrics_listeners:
                 root.start_soon(serve_metrics, metrics_listeners, self.metrics, self.readiness)
+            root.start_soon(self._watch)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as acceptors:
                     for listener in self.config.listeners:
@@ -350,11 +571,11 @@ class Gateway:
         self.log.event("gateway_stopped")
 
     def _partner_summary(self) -> dict[str, int]:
+        """Partners by state over every policies folder (a partner that is broken
+        but still served by its last good policy counts as broken)."""
         counts: _Counter[str] = _Counter()
         for trust in self._trust.values():
-            for policy in trust.snapshot.partners.values():
-                counts["enabled" if policy.enabled else "disabled"] += 1
-            counts["broken"] += len(trust.snapshot.broken - set(trust.snapshot.partners))
+            counts.update(trust.snapshot.state_counts())
         return dict(counts)
 
     async def _accept_loop(
@@ -502,6 +723,7 @@ class Gateway:
                 )
                 return None, listener.pool
             chain = tls.peer_chain
+            conn.chain = tuple(chain)
             if chain:
                 conn.leaf_subject = chain[0].subject.rfc4514_string()
                 conn.fingerprint_sha256 = _fingerprint(chain[0])
@@ -624,6 +846,8 @@ class Gateway:
                 "duration_s": round(duration, 3),
                 "end": conn.end or "closed",
             }
+            if conn.withdrawn_reason is not None:
+                fields["reason"] = conn.withdrawn_reason
             if conn.detail:
                 fields["detail"] = conn.detail
             conn.reported = True
@@ -691,13 +915,20 @@ class Gateway:
                     return
                 await trio.sleep_until(deadline)
 
-        async with trio.open_nursery() as outer:
-            if idle > 0 and not math.isinf(idle):
-                outer.start_soon(watchdog, outer.cancel_scope)
-            async with trio.open_nursery() as pumps:
-                pumps.start_soon(pump, partner, upstream, True, outer.cancel_scope)
-                pumps.start_soon(pump, upstream, partner, False, outer.cancel_scope)
-            outer.cancel_scope.cancel()
+        key = id(conn)
+        try:
+            async with trio.open_nursery() as outer:
+                if conn.chain:
+                    self._live[key] = _Live(listener, conn, outer.cancel_scope)
+                    self._note_expiry(conn.chain)
+                if idle > 0 and not math.isinf(idle):
+                    outer.start_soon(watchdog, outer.cancel_scope)
+                async with trio.open_nursery() as pumps:
+                    pumps.start_soon(pump, partner, upstream, True, outer.cancel_scope)
+                    pumps.start_soon(pump, upstream, partner, False, outer.cancel_scope)
+                outer.cancel_scope.cancel()
+        finally:
+            self._live.pop(key, None)
         if conn.end is None:
             conn.end = f"{conn.first_eof}_closed" if conn.first_eof else "closed"
 
@@ -716,6 +947,30 @@ def _where(exc: BaseException) -> str:
     if tb is None:
         return ""
     return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+
+
+def _config_files(config: Config) -> list[Path]:
+    ident = config.identity
+    return [
+        config.path,
+        ident.public_cert,
+        ident.public_key,
+        ident.internal_cert,
+        ident.internal_key,
+        *ident.internal_roots,
+    ]
+
+
+def _same_policy(a: PartnerPolicy, b: PartnerPolicy) -> bool:
+    return (
+        a.domains == b.domains
+        and a.enabled == b.enabled
+        and a.pool == b.pool
+        and a.max_connections == b.max_connections
+        and a.revocation == b.revocation
+        and a.roots == b.roots
+        and a.crls == b.crls
+    )
 
 
 def _unique_subjects(certs: list[x509.Certificate]) -> list[x509.Certificate]:
@@ -759,7 +1014,7 @@ def run_command(config_path: Path, log_format: LogFormat = "json") -> int:
         return 1
 
     async def main() -> int:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 try:
                     await nursery.start(gateway.run)
@@ -768,6 +1023,9 @@ def run_command(config_path: Path, log_format: LogFormat = "json") -> int:
                     log.event("startup_failed", config=str(config_path), problems=[str(exc)])
                     return 1
                 async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        gateway.request_reload()
+                        continue
                     gateway.request_shutdown(signal.Signals(signum).name)
                     break
         return 0

@@ -54,3 +54,6 @@ class Reason(enum.StrEnum):
     # A bug in the gateway ended this connection; it is logged with its traceback
     # summary and costs this one connection only, never the process.
     INTERNAL_ERROR = "internal_error"
+    # A live connection's chain, re-checked after a policy reload, now identifies
+    # a different partner than the one it was admitted as (a folder renamed).
+    PARTNER_CHANGED = "partner_changed"

@@ -67,6 +67,7 @@ def write_federation(
     *,
     limits: str = "",
     policies: dict[str, str] | None = None,
+    extra: str = "",
 ) -> Path:
     """Write certs, federation_policies/ and edge.toml; return the config path."""
     certs = folder / "certs"
@@ -113,6 +114,7 @@ address = "127.0.0.1:0"
 
 [limits]
 {limits or "handshake_timeout_s = 5"}
+{extra}
 """
     )
     return config
