@@ -233,3 +233,47 @@ async def echo_roundtrip(stream: TLSStream, payload: bytes) -> bytes:
             break
         got += chunk
     return got
+
+
+# ----------------------------------------------------------------------
+# The metrics endpoint, as a scraper sees it
+
+
+async def http_get(address: str, path: str, timeout: float = 5) -> tuple[int, str]:
+    """GET ``path`` from ``host:port`` over HTTP/1.1: (status code, body)."""
+    host, _, port = address.rpartition(":")
+    with trio.fail_after(timeout):
+        stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+        async with stream:
+            await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: edge\r\n\r\n".encode())
+            raw = b""
+            while chunk := await stream.receive_some(65536):
+                raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body.decode()
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(edge: EdgeProcess) -> Samples:
+    """Every sample of ``/metrics``: (sample name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, text = await http_get(edge.metrics_address, "/metrics")
+    assert status == 200, text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    """The value of one series, or None when it does not exist."""
+    return samples.get((name, frozenset(labels.items())))
+
+
+def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
+    """Every series of one sample name: labels -> value."""
+    return {labels: v for (n, labels), v in samples.items() if n == name}
