@@ -422,3 +422,30 @@ async def test_readyz_follows_pool_members(tmp_path: Path, pki: Pki) -> None:
             await _readyz_until(edge, pki, leaf, 200, timeout=8)
             await _stop(edge)
             nursery.cancel_scope.cancel()
+
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def test_dashboard_and_rules_name_only_exported_metrics() -> None:
+    """A renamed metric must not silently blank a panel or mute an alert."""
+    import json
+    import re
+
+    registry = CollectorRegistry()
+    Metrics(registry)
+    known: set[str] = set()
+    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}
+    for family in registry.collect():
+        # The family name too: descriptions may name a histogram as a whole.
+        known |= {family.name} | {family.name + s for s in suffixes[family.type]}
+    rules = (DEPLOY / "prometheus" / "edge.rules.yml").read_text()
+    recorded = set(re.findall(r"record: (edge:[a-z0-9_:]+)", rules))
+    dashboard_text = (DEPLOY / "grafana" / "dashboards" / "edge.json").read_text()
+    dashboard = json.loads(dashboard_text)
+    assert dashboard["uid"] == "edge-gateway"
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs and all(exprs)
+    for text in (rules, dashboard_text):
+        assert set(re.findall(r"\bedge_[a-z_]+", text)) <= known
+        assert set(re.findall(r"\bedge:[a-z0-9_:]+", text)) <= recorded
