@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 __all__ = [
     "Config",
     "ConfigError",
+    "Dns",
     "Identity",
     "Limits",
     "Listener",
@@ -102,12 +103,32 @@ class Member:
     host: str
     address: str | None
     port: int
+    weight: int = 1  # share of new connections relative to the pool's other members
+    max_connections: int | None = None  # None: no per-member limit
+
+
+Balance = Literal["least_connections", "round_robin"]
 
 
 @dataclass(frozen=True)
 class Pool:
+    """A set of internal servers: listed (`members`) or discovered (`dns_srv`)."""
+
     name: str
     members: tuple[Member, ...]
+    dns_srv: str | None = None  # RFC 2782 name; its targets are the members
+    balance: Balance = "least_connections"
+    health_interval_s: float = 5.0
+    unhealthy_after: int = 2  # consecutive failed checks that take a member out
+    healthy_after: int = 2  # consecutive good checks that bring it back
+    proxy_protocol: Literal["v2"] | None = None
+
+
+@dataclass(frozen=True)
+class Dns:
+    """`[dns]`: where the edge sends its queries; empty: the system's resolv.conf."""
+
+    nameservers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +164,7 @@ class Config:
     metrics: Metrics | None
     limits: Limits
     policies: PolicySettings = PolicySettings()
+    dns: Dns = Dns()
 
 
 def default_config_path() -> Path:
@@ -176,11 +198,24 @@ def parse_address(text: str, *, allow_any_port: bool = True) -> tuple[str, int]:
     return host, int(port_text)
 
 
-_TOP_KEYS = ("identity", "listeners", "pools", "metrics", "limits", "policies")
+_TOP_KEYS = ("identity", "listeners", "pools", "metrics", "limits", "policies", "dns")
 _IDENTITY_KEYS = ("public_cert", "public_key", "internal_cert", "internal_key", "internal_roots")
 _LISTENER_KEYS = ("name", "address", "mode", "policies", "pool")
-_POOL_KEYS = ("name", "members")
-_MEMBER_KEYS = ("host", "address", "port")
+_POOL_KEYS = (
+    "name",
+    "members",
+    "dns_srv",
+    "balance",
+    "health_interval_s",
+    "unhealthy_after",
+    "healthy_after",
+    "proxy_protocol",
+)
+_MEMBER_KEYS = ("host", "address", "port", "weight", "max_connections")
+# Bounds that keep a typo from becoming an outage or a busy loop.
+_MAX_WEIGHT = 1000
+_MIN_HEALTH_INTERVAL_S = 0.1
+_MAX_HEALTH_THRESHOLD = 100
 _METRICS_KEYS = ("address",)
 _FLOAT_LIMITS = ("handshake_timeout_s", "idle_timeout_s", "drain_timeout_s")
 _INT_LIMITS = ("max_connections", "max_connections_per_partner")
@@ -488,11 +523,24 @@ class _Loader:
                     self.problem(f"{where}name", f"duplicate pool name {name!r}")
                 where = f"pools[{index}] ({name})."
             self.unknown_keys(table, _POOL_KEYS, where)
+            dns_srv = self.string(table, "dns_srv", where, required=False)
+            if dns_srv is not None and not _HOSTNAME.match(dns_srv):
+                self.problem(
+                    f"{where}dns_srv",
+                    f"{dns_srv!r} is not a DNS name (e.g. _sipinternaltls._tcp.corp.example)",
+                )
             members_raw = table.get("members")
+            members: list[Member] = []
             if members_raw is None:
-                self.problem(f"{where}members", "missing (required)")
-                continue
-            if not isinstance(members_raw, list) or not all(
+                if "dns_srv" not in table:
+                    self.problem(f"{where}members", "missing (required unless dns_srv is set)")
+                    continue
+            elif "dns_srv" in table:
+                self.problem(
+                    f"{where}members",
+                    "give either members or dns_srv, not both (SRV targets are the members)",
+                )
+            elif not isinstance(members_raw, list) or not all(
                 isinstance(m, dict) for m in members_raw
             ):
                 self.problem(
@@ -501,16 +549,65 @@ class _Loader:
                     f"{_shown(members_raw)}",
                 )
                 continue
-            if not members_raw:
-                self.problem(f"{where}members", "must list at least one member")
-            members: list[Member] = []
-            for m_index, member in enumerate(members_raw):
-                parsed = self.member(member, f"{where}members[{m_index}].")
-                if parsed is not None:
-                    members.append(parsed)
+            else:
+                if not members_raw:
+                    self.problem(f"{where}members", "must list at least one member")
+                for m_index, member in enumerate(members_raw):
+                    parsed = self.member(member, f"{where}members[{m_index}].")
+                    if parsed is not None:
+                        members.append(parsed)
+            balance = table.get("balance", "least_connections")
+            if balance not in ("least_connections", "round_robin"):
+                self.problem(
+                    f"{where}balance",
+                    f'must be "least_connections" or "round_robin", not {_shown(balance)}',
+                )
+                balance = "least_connections"
+            interval = table.get("health_interval_s", 5.0)
+            if (
+                not isinstance(interval, int | float)
+                or isinstance(interval, bool)
+                or not _MIN_HEALTH_INTERVAL_S <= interval <= 3600
+            ):
+                self.problem(
+                    f"{where}health_interval_s",
+                    f"must be a number of seconds from {_MIN_HEALTH_INTERVAL_S:g} to 3600, "
+                    f"not {_shown(interval)}",
+                )
+                interval = 5.0
+            thresholds: dict[str, int] = {}
+            for key in ("unhealthy_after", "healthy_after"):
+                thresholds[key] = self.bounded_int(table, key, where, 2, 1, _MAX_HEALTH_THRESHOLD)
+            proxy = table.get("proxy_protocol")
+            if proxy is not None and proxy != "v2":
+                self.problem(
+                    f"{where}proxy_protocol",
+                    f'the only version is "v2" (or leave the key out), not {_shown(proxy)}',
+                )
+                proxy = None
             if name is not None and name not in result:
-                result[name] = Pool(name, tuple(members))
+                result[name] = Pool(
+                    name,
+                    tuple(members),
+                    dns_srv=dns_srv.rstrip(".") if dns_srv else None,
+                    balance="round_robin" if balance == "round_robin" else "least_connections",
+                    health_interval_s=float(interval),
+                    unhealthy_after=thresholds["unhealthy_after"],
+                    healthy_after=thresholds["healthy_after"],
+                    proxy_protocol="v2" if proxy == "v2" else None,
+                )
         return result
+
+    def bounded_int(
+        self, table: Mapping[str, Any], key: str, where: str, default: int, low: int, high: int
+    ) -> int:
+        value = table.get(key, default)
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            return value
+        self.problem(
+            f"{where}{key}", f"must be an integer from {low} to {high}, not {_shown(value)}"
+        )
+        return default
 
     def member(self, table: Mapping[str, Any], where: str) -> Member | None:
         self.unknown_keys(table, _MEMBER_KEYS, where)
@@ -531,9 +628,46 @@ class _Loader:
         elif not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
             self.problem(f"{where}port", f"must be an integer from 1 to 65535, not {_shown(port)}")
             port = None
+        weight = self.bounded_int(table, "weight", where, 1, 1, _MAX_WEIGHT)
+        max_connections: int | None = None
+        if "max_connections" in table:
+            max_connections = self.bounded_int(table, "max_connections", where, 1, 1, 10_000_000)
         if host is None or port is None or ("address" in table and address is None):
             return None
-        return Member(host=host.rstrip("."), address=address, port=port)
+        return Member(
+            host=host.rstrip("."),
+            address=address,
+            port=port,
+            weight=weight,
+            max_connections=max_connections,
+        )
+
+    def dns(self, data: Mapping[str, Any]) -> Dns:
+        table = self.table(data, "dns", required=False)
+        if table is None:
+            return Dns()
+        self.unknown_keys(table, ("nameservers",), "dns.")
+        raw = table.get("nameservers")
+        if raw is None:
+            return Dns()
+        if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+            self.problem(
+                "dns.nameservers", f'must be a list of "ip:port" strings, not {_shown(raw)}'
+            )
+            return Dns()
+        servers: list[tuple[str, int]] = []
+        for text in raw:
+            try:
+                host, port = parse_address(text, allow_any_port=False)
+                ipaddress.ip_address(host)
+            except ValueError as exc:
+                detail = str(exc) if ":" in text else f"{text!r} is not ip:port (e.g. 10.0.0.2:53)"
+                if "does not appear to be" in detail:
+                    detail = f"{text!r}: a name server is an IP address, not a name"
+                self.problem("dns.nameservers", detail)
+                continue
+            servers.append((host, port))
+        return Dns(tuple(servers))
 
     def metrics(self, data: Mapping[str, Any]) -> Metrics | None:
         table = self.table(data, "metrics", required=False)
@@ -594,6 +728,7 @@ class _Loader:
         metrics = self.metrics(data)
         limits = self.limits(data)
         policy_settings = self.policy_settings(data)
+        dns = self.dns(data)
         if self.problems or identity is None:
             if not self.problems:  # defensive: never start on a half-built identity
                 self.problem("identity", "could not be loaded")
@@ -606,6 +741,7 @@ class _Loader:
             metrics=metrics,
             limits=limits,
             policies=policy_settings,
+            dns=dns,
         )
 
 

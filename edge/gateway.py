@@ -46,12 +46,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 
-from edge.config import Config, ConfigError, Listener, Member, load_config
+from edge.config import Config, ConfigError, Listener, load_config
 from edge.logs import EventLog, LogFormat
 from edge.metrics import UNKNOWN_PARTNER, Metrics, serve_metrics
 from edge.policies import PartnerPolicy, PolicyFolderError, PolicySnapshot, load_policies
+from edge.pools import Lease, PoolSet, UpstreamUnavailable, proxy_info
+from edge.proxy_protocol import ProxyInfo
 from edge.reasons import Reason
-from edge.tls import HostnameMismatchError, TLSError, TLSStream, TLSTruncatedError
+from edge.tls import TLSError, TLSStream, TLSTruncatedError
 from edge.tls import client_context as make_client_context
 from edge.tls import server_context as make_server_context
 from edge.trust import PartnerTrust
@@ -155,7 +157,9 @@ class Gateway:
         self._client_context = make_client_context(
             ident.internal_root_certs, ident.internal_chain, ident.internal_private_key
         )
-        self._round_robin: _Counter[str] = _Counter()
+        # Pool members, their health and DNS (edge.pools); the context is read
+        # at each dial, so a reloaded internal identity is used at once.
+        self._pools = PoolSet(config, lambda: self._client_context, metrics, log)
         self._active_total = 0
         self._active_by_partner: _Counter[str] = _Counter()
         self._relaying = 0
@@ -291,7 +295,7 @@ class Gateway:
             return False, "shutting down"
         if not self.ready:
             return False, "listeners not bound yet"
-        return True, "ready"
+        return self._pools.readiness()
 
     # ------------------------------------------------------------------
     # Live reload (theory: a reload builds a complete new snapshot off to the
@@ -533,6 +537,7 @@ class Gateway:
             if metrics_listeners:
                 root.start_soon(serve_metrics, metrics_listeners, self.metrics, self.readiness)
             root.start_soon(self._watch)
+            root.start_soon(self._pools.run)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as acceptors:
                     for listener in self.config.listeners:
@@ -667,8 +672,9 @@ class Gateway:
         label = self.partner_label(listener, partner)
         self._active_by_partner[label] += 1
         try:
+            origin = proxy_info(tcp, tls, partner, conn.tls_version)
             try:
-                upstream, member = await self._connect_upstream(pool_name)
+                upstream, member = await self._connect_upstream(pool_name, origin)
             except _Rejected as rej:
                 self._reject(listener, conn, rej.reason, rej.detail)
                 await trio.aclose_forcefully(tls.transport_stream)
@@ -685,7 +691,8 @@ class Gateway:
                 raise
             conn.member = member.host
             self.metrics.handshakes.labels(listener.name, label, "ok").inc()
-            await self._relay_and_report(listener, label, conn, tls, upstream)
+            with member:  # the member's active count, for balancing and max_connections
+                await self._relay_and_report(listener, label, conn, tls, upstream)
         finally:
             self._active_by_partner[label] -= 1
 
@@ -753,60 +760,16 @@ class Gateway:
             )
         return verdict.partner, policy.pool or listener.pool
 
-    async def _connect_upstream(self, pool_name: str) -> tuple[TLSStream, Member]:
-        pool = self.config.pools[pool_name]
-        members = pool.members
-        start = self._round_robin[pool_name]
-        self._round_robin[pool_name] = (start + 1) % max(len(members), 1)
-        failures: list[str] = []
-        untrusted = False
-        timeout = self.config.limits.handshake_timeout_s
-        for i in range(len(members)):
-            member = members[(start + i) % len(members)]
-            t0 = trio.current_time()
-            reason, detail = "", ""
-            upstream: TLSStream | None = None
-            try:
-                with trio.fail_after(timeout):
-                    tcp = await trio.open_tcp_stream(member.address or member.host, member.port)
-                    upstream = TLSStream(
-                        tcp, self._client_context, server_side=False, server_hostname=member.host
-                    )
-                    await upstream.do_handshake()
-            except HostnameMismatchError as exc:
-                reason, detail = Reason.UPSTREAM_UNTRUSTED.value, str(exc)
-            except TLSError as exc:
-                text = str(exc)
-                if "certificate verify failed" in text:
-                    reason, detail = (
-                        Reason.UPSTREAM_UNTRUSTED.value,
-                        f"certificate not trusted: {text}",
-                    )
-                else:
-                    reason, detail = "upstream_tls_error", text
-            except trio.TooSlowError:
-                reason, detail = "upstream_timeout", f"no connection within {timeout:g}s"
-            except (OSError, trio.BrokenResourceError) as exc:
-                reason, detail = "connect_failed", str(getattr(exc, "strerror", None) or exc)
-            else:
-                assert upstream is not None
-                self.metrics.upstream_connect_duration.labels(pool_name).observe(
-                    trio.current_time() - t0
-                )
-                self.metrics.pool_member_up.labels(pool_name, member.host).set(1)
-                return upstream, member
-            if upstream is not None:
-                await trio.aclose_forcefully(upstream.transport_stream)
-            untrusted = untrusted or reason == Reason.UPSTREAM_UNTRUSTED.value
-            failures.append(f"{member.host}: {reason}: {detail}")
-            self.metrics.upstream_errors.labels(pool_name, member.host, reason).inc()
-            self.metrics.pool_member_up.labels(pool_name, member.host).set(0)
-            self.log.event(
-                "upstream_error", pool=pool_name, member=member.host, reason=reason, detail=detail
-            )
-        code = Reason.UPSTREAM_UNTRUSTED if untrusted else Reason.NO_UPSTREAM
-        summary = "; ".join(failures) if failures else f"pool {pool_name} has no members"
-        raise _Rejected(code, f"no member of pool {pool_name} could be used: {summary}")
+    async def _connect_upstream(self, pool_name: str, origin: ProxyInfo) -> tuple[TLSStream, Lease]:
+        """A verified stream to a member of the pool (``edge.pools`` chooses).
+
+        ``origin`` is what a ``proxy_protocol = "v2"`` pool is told about the
+        partner. The lease must be released when the relay ends.
+        """
+        try:
+            return await self._pools.connect(pool_name, origin)
+        except UpstreamUnavailable as exc:
+            raise _Rejected(exc.reason, exc.detail) from exc
 
     async def _relay_and_report(
         self, listener: Listener, label: str, conn: _Conn, partner: TLSStream, upstream: TLSStream

@@ -1,0 +1,751 @@
+"""Pools: which member gets the next connection, and which members are alive.
+
+Owns the life of the internal pools: their members (listed, or discovered
+through DNS SRV), the addresses members are dialled at (A/AAAA), the health
+of each member (active checks and what real traffic reveals), the choice of a
+member for each partner connection, and the dial itself (TCP, optional PROXY
+v2 header, MTLS handshake verified against the internal roots and the
+member's topology host).
+
+Must never: let DNS decide trust (a DNS answer only says where to dial; the
+member's certificate must still name its topology host, which for SRV is the
+target name), relay a partner byte to a member whose handshake did not verify,
+or run an unbounded loop (every wait is a TTL or an interval, every lookup
+and dial has a deadline, every retry is counted).
+
+General theory of operation
+===========================
+
+Two layers, as in the rest of the gateway. The *decisions* are pure
+functions at the top of this module, testable without a socket:
+
+* ``observe(health, ok, ...)`` is the health state machine: a member leaves
+  the rotation after ``unhealthy_after`` consecutive failures and comes back
+  after ``healthy_after`` consecutive successes. Active checks and real
+  traffic feed the same machine (a failed connect or handshake for a partner
+  is as much evidence as a failed check).
+* ``choose(candidates, balance, exclude)`` picks a member from immutable
+  ``Candidate`` views. Eligible: in rotation, has an address, under its
+  ``max_connections``, not already tried for this connection. Among those, the
+  lowest SRV priority wins (static members all have priority 0), and weight-0
+  SRV targets only serve when no positive-weight target of that priority can.
+  Every pick advances the chosen member's *virtual pass* by ``1 / weight``
+  (stride scheduling): ``round_robin`` takes the smallest pass, a smooth
+  weighted round robin whose shares match the weights exactly over any
+  window. ``least_connections`` takes the smallest
+  ``pass + LOAD_FACTOR * active / weight``:
+  in an idle pool (short connections) that is the same weighted round robin;
+  when connections pile up on a member (slow, or holding long sessions) its
+  score rises and new connections go elsewhere until its load per weight
+  matches the others'. Plain ``active / weight`` (nginx) or HAProxy's
+  ``(active + 1) / weight`` do not hold the weights at low concurrency: the
+  first favours any idle light member, the second sends everything to the
+  heaviest member of an idle pool. A member that joins (SRV answer) or comes
+  back into rotation starts at the rotation's lowest pass, so it is not
+  flooded to "catch up". ``LOAD_FACTOR`` = 2 is the trade: a member that
+  holds every connection it gets receives a third of its fair share of new
+  ones, while random connection lifetimes keep the weights within about 5%
+  (tests/test_pools.py simulates both; 8 would steer harder and drift 8%).
+
+The *shell* (``PoolSet``) holds the mutable per-member state and does the
+I/O on trio: one task per pool refreshes DNS when the shortest TTL expires
+(keeping the last good answer on failure, logging ``dns_error`` and counting
+``edge_dns_failures_total``), one task per pool checks every member each
+``health_interval_s`` with a full MTLS handshake (and a PROXY v2 LOCAL header
+when the pool speaks PROXY), and ``connect`` dials members one after another
+until one verifies, at most ``MAX_ATTEMPTS`` per partner connection. When no
+member in rotation is left, ``connect`` still tries the members that are out
+of rotation (a check may be a few seconds stale; refusing a partner while a
+member works is worse than one failed dial), so ``no_upstream`` means every
+member was tried in this very connection and failed.
+
+Counting: a member's ``active`` count is taken before the dial (so two
+concurrent connections cannot both squeeze under ``max_connections``) and
+given back by the ``Lease`` the caller holds for the life of the relay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.resolver
+import trio
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
+from prometheus_client import CollectorRegistry, Counter
+
+from edge.config import Balance, Config, Dns, Pool
+from edge.logs import EventLog
+from edge.metrics import Metrics
+from edge.proxy_protocol import ProxyInfo, encode_local, encode_v2
+from edge.reasons import Reason
+from edge.tls import HostnameMismatchError, TLSError, TLSStream
+
+__all__ = [
+    "LOAD_FACTOR",
+    "MAX_ATTEMPTS",
+    "Candidate",
+    "Health",
+    "Lease",
+    "PoolSet",
+    "UpstreamUnavailable",
+    "advance",
+    "choose",
+    "observe",
+    "proxy_info",
+]
+
+# Most members one partner connection may try before it is refused.
+MAX_ATTEMPTS = 8
+# How much a member's open connections (per weight) count against it, in picks.
+LOAD_FACTOR = 2.0
+# DNS: one query's whole budget; the shortest and longest wait between refreshes
+# (a TTL of 0 must not become a busy loop; a day-long TTL must not hide a change).
+_DNS_LIFETIME_S = 5.0
+_MIN_REFRESH_S = 1.0
+_MAX_REFRESH_S = 300.0
+# After a failed lookup: first retry, doubling up to the longest.
+_RETRY_MIN_S = 1.0
+_RETRY_MAX_S = 30.0
+# A NOERROR answer with no record of one type carries no TTL we keep.
+_NEGATIVE_TTL_S = 30.0
+# An SRV answer bigger than this is a mistake or an attack; the rest is ignored.
+_MAX_SRV_TARGETS = 64
+# Longest a health check spends closing its connection politely.
+_CHECK_CLOSE_S = 1.0
+
+
+# ======================================================================
+# Core: pure decisions over immutable values (no trio, no sockets)
+
+
+@dataclass(frozen=True)
+class Health:
+    """A member's place in the rotation and the streak that may change it."""
+
+    up: bool = True
+    successes: int = 0  # consecutive, capped at healthy_after
+    failures: int = 0  # consecutive, capped at unhealthy_after
+
+
+def observe(health: Health, ok: bool, *, unhealthy_after: int, healthy_after: int) -> Health:
+    """The state after one more check (active or from real traffic)."""
+    if ok:
+        successes = min(health.successes + 1, healthy_after)
+        return Health(up=health.up or successes >= healthy_after, successes=successes, failures=0)
+    failures = min(health.failures + 1, unhealthy_after)
+    return Health(up=health.up and failures < unhealthy_after, successes=0, failures=failures)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the balancer knows about one member at the moment of a choice."""
+
+    key: Hashable
+    weight: int  # >= 1 for listed members; SRV weights may be 0
+    active: int = 0
+    up: bool = True
+    routable: bool = True  # has an address to dial
+    priority: int = 0  # SRV priority: lower is preferred
+    max_connections: int | None = None
+    passes: float = 0.0  # virtual pass (see the module docstring)
+
+
+def choose(
+    candidates: Sequence[Candidate],
+    balance: Balance,
+    exclude: Iterable[Hashable] = (),
+    *,
+    down: bool = False,
+) -> Candidate | None:
+    """The member for the next connection, or None when none is eligible.
+
+    ``down=True`` chooses among the members *out* of rotation instead (the
+    last resort before ``no_upstream``). Ties go to the earlier candidate, so
+    the result is deterministic.
+    """
+    excluded = set(exclude)
+    eligible = [
+        (index, c)
+        for index, c in enumerate(candidates)
+        if c.routable
+        and c.up != down
+        and c.key not in excluded
+        and (c.max_connections is None or c.active < c.max_connections)
+    ]
+    if not eligible:
+        return None
+    best_priority = min(c.priority for _, c in eligible)
+    tier = [(i, c) for i, c in eligible if c.priority == best_priority]
+    if any(c.weight > 0 for _, c in tier):
+        tier = [(i, c) for i, c in tier if c.weight > 0]
+
+    def key(item: tuple[int, Candidate]) -> tuple[float, int]:
+        index, c = item
+        if balance == "least_connections":
+            return (c.passes + LOAD_FACTOR * c.active / max(c.weight, 1), index)
+        return (c.passes, index)
+
+    return min(tier, key=key)[1]
+
+
+def advance(candidate: Candidate) -> float:
+    """The chosen member's next virtual pass."""
+    return candidate.passes + 1.0 / max(candidate.weight, 1)
+
+
+def refresh_delay(ttls: Iterable[float]) -> float:
+    """Seconds until the next DNS refresh: the shortest TTL, clamped."""
+    shortest = min(ttls, default=_MAX_REFRESH_S)
+    return min(max(shortest, _MIN_REFRESH_S), _MAX_REFRESH_S)
+
+
+# ======================================================================
+# Shell: state, DNS, health checks and dialling on trio
+
+
+class UpstreamUnavailable(Exception):
+    """No member could be used; ``reason`` is no_upstream or upstream_untrusted."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class _DialFailed(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class _LookupFailed(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class _Member:
+    host: str  # verified on the certificate, sent as SNI, the metrics label
+    port: int
+    dial: str  # what to resolve or dial: the configured address, else host
+    weight: int
+    priority: int = 0
+    max_connections: int | None = None
+    addresses: tuple[str, ...] = ()
+    health: Health = field(default_factory=Health)
+    active: int = 0
+    passes: float = 0.0
+    present: bool = True  # still in the pool (False once DNS dropped it)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def candidate(self) -> Candidate:
+        return Candidate(
+            key=self.key,
+            weight=self.weight,
+            active=self.active,
+            up=self.health.up,
+            routable=bool(self.addresses),
+            priority=self.priority,
+            max_connections=self.max_connections,
+            passes=self.passes,
+        )
+
+
+class Lease:
+    """One relayed connection's hold on a member's ``active`` count."""
+
+    def __init__(self, member: _Member) -> None:
+        self._member: _Member | None = member
+        self.host = member.host
+        self.port = member.port
+
+    def release(self) -> None:
+        if self._member is not None:
+            self._member.active -= 1
+            self._member = None
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass(eq=False)
+class _PoolState:
+    pool: Pool
+    members: dict[tuple[str, int], _Member] = field(default_factory=dict)
+
+    def needs_dns(self) -> bool:
+        return self.pool.dns_srv is not None or any(
+            not _is_ip(m.dial) for m in self.members.values()
+        )
+
+    def lowest_pass(self) -> float:
+        return min((m.passes for m in self.members.values()), default=0.0)
+
+
+_dns_failure_counters: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _dns_failures(registry: CollectorRegistry) -> Counter:
+    counter = _dns_failure_counters.get(registry)
+    if counter is None:
+        counter = Counter(
+            "edge_dns_failures_total",
+            "Failed DNS lookups for pool discovery (the last good answer is kept)",
+            ["pool"],
+            registry=registry,
+        )
+        _dns_failure_counters[registry] = counter
+    return counter
+
+
+class PoolSet:
+    """Every pool of one configuration, alive: run ``run`` in a nursery."""
+
+    def __init__(
+        self,
+        config: Config,
+        client_context: Callable[[], SSL.Context],
+        metrics: Metrics,
+        log: EventLog,
+    ) -> None:
+        self._config = config
+        self._client_context = client_context
+        self._metrics = metrics
+        self._log = log
+        self._dns_failures = _dns_failures(metrics.registry)
+        self._resolver: dns.asyncresolver.Resolver | None = None
+        self._pools: dict[str, _PoolState] = {}
+        for pool in config.pools.values():
+            state = _PoolState(pool)
+            for m in pool.members:
+                dial = m.address or m.host
+                member = _Member(
+                    host=m.host,
+                    port=m.port,
+                    dial=dial,
+                    weight=m.weight,
+                    max_connections=m.max_connections,
+                    addresses=(dial,) if _is_ip(dial) else (),
+                )
+                state.members[member.key] = member
+                self._export(state, member)
+            self._pools[pool.name] = state
+
+    # ------------------------------------------------------------------
+    # What the gateway asks
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready when every pool has a member in rotation with an address."""
+        for name, state in self._pools.items():
+            if not any(m.health.up and m.addresses for m in state.members.values()):
+                return False, f"pool {name} has no member up"
+        return True, "ready"
+
+    def members(self, pool: str) -> dict[tuple[str, int], dict[str, Any]]:
+        """A read-only view of a pool's members (tests, diagnostics)."""
+        return {
+            key: {
+                "up": m.health.up,
+                "active": m.active,
+                "addresses": m.addresses,
+                "weight": m.weight,
+                "priority": m.priority,
+            }
+            for key, m in self._pools[pool].members.items()
+        }
+
+    async def connect(self, pool_name: str, info: ProxyInfo | None) -> tuple[TLSStream, Lease]:
+        """A verified MTLS stream to one member of ``pool_name``, and its lease.
+
+        ``info`` is what the PROXY v2 header tells the member (pools with
+        ``proxy_protocol = "v2"``). Raises ``UpstreamUnavailable``.
+        """
+        state = self._pools[pool_name]
+        pool = state.pool
+        tried: list[Hashable] = []
+        failures: list[str] = []
+        untrusted = False
+        for _ in range(MAX_ATTEMPTS):
+            candidates = [m.candidate() for m in state.members.values()]
+            chosen = choose(candidates, pool.balance, tried) or choose(
+                candidates, pool.balance, tried, down=True
+            )
+            if chosen is None:
+                break
+            member = state.members[chosen.key]  # type: ignore[index]
+            tried.append(chosen.key)
+            member.passes = advance(chosen)
+            member.active += 1
+            t0 = trio.current_time()
+            try:
+                stream = await self._dial(pool, member, info, traffic=True)
+            except _DialFailed as exc:
+                member.active -= 1
+                untrusted = untrusted or exc.reason == Reason.UPSTREAM_UNTRUSTED.value
+                failures.append(f"{member.host}: {exc.reason}: {exc.detail}")
+                self._metrics.upstream_errors.labels(pool.name, member.host, exc.reason).inc()
+                self._log.event(
+                    "upstream_error",
+                    pool=pool.name,
+                    member=member.host,
+                    reason=exc.reason,
+                    detail=exc.detail,
+                )
+                self._observe(state, member, False, exc.reason, exc.detail)
+                continue
+            except BaseException:
+                member.active -= 1
+                raise
+            self._metrics.upstream_connect_duration.labels(pool.name).observe(
+                trio.current_time() - t0
+            )
+            self._observe(state, member, True)
+            return stream, Lease(member)
+        code = Reason.UPSTREAM_UNTRUSTED if untrusted else Reason.NO_UPSTREAM
+        if failures:
+            summary = "; ".join(failures)
+        elif not state.members:
+            summary = "no members (DNS has not named any yet)"
+        elif not any(m.addresses for m in state.members.values()):
+            summary = "no member address resolved yet"
+        else:
+            summary = "every member is at its max_connections"
+        raise UpstreamUnavailable(code, f"no member of pool {pool.name} could be used: {summary}")
+
+    # ------------------------------------------------------------------
+    # Background work
+
+    async def run(self) -> None:
+        """Health checks and DNS refreshes for every pool, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for state in self._pools.values():
+                if state.needs_dns():
+                    nursery.start_soon(self._discover, state)
+                nursery.start_soon(self._health_loop, state)
+
+    async def _health_loop(self, state: _PoolState) -> None:
+        # The first round comes one interval after start: members start in
+        # rotation, and real traffic (passive checks) already catches a dead one.
+        interval = state.pool.health_interval_s
+        await trio.sleep(interval)
+        while True:
+            started = trio.current_time()
+            async with trio.open_nursery() as checks:
+                for member in list(state.members.values()):
+                    if member.addresses:
+                        checks.start_soon(self._check, state, member)
+            await trio.sleep_until(started + interval)
+
+    async def _check(self, state: _PoolState, member: _Member) -> None:
+        try:
+            stream = await self._dial(state.pool, member, None, traffic=False)
+        except _DialFailed as exc:
+            if member.present:
+                self._observe(state, member, False, exc.reason, exc.detail)
+            return
+        with trio.move_on_after(_CHECK_CLOSE_S):
+            await stream.aclose()
+        if member.present:
+            self._observe(state, member, True)
+
+    def _observe(
+        self, state: _PoolState, member: _Member, ok: bool, reason: str = "", detail: str = ""
+    ) -> None:
+        pool = state.pool
+        before = member.health
+        member.health = observe(
+            before, ok, unhealthy_after=pool.unhealthy_after, healthy_after=pool.healthy_after
+        )
+        if before.up and not member.health.up:
+            self._log.event(
+                "pool_member_down", pool=pool.name, member=member.host, reason=reason, detail=detail
+            )
+        elif member.health.up and not before.up:
+            # Back in rotation at the rotation's pace, not flooded to catch up.
+            rotation = [m.passes for m in state.members.values() if m.health.up and m is not member]
+            member.passes = max(member.passes, min(rotation, default=member.passes))
+            self._log.event("pool_member_up", pool=pool.name, member=member.host)
+        self._export(state, member)
+
+    def _export(self, state: _PoolState, member: _Member) -> None:
+        up = member.health.up and bool(member.addresses)
+        # Two SRV records may name one target on two ports: the label is the
+        # host, so it is up when any of its entries is.
+        if not up:
+            up = any(
+                m.health.up and m.addresses
+                for m in state.members.values()
+                if m.host == member.host and m is not member
+            )
+        self._metrics.pool_member_up.labels(state.pool.name, member.host).set(1 if up else 0)
+
+    # ------------------------------------------------------------------
+    # Dialling
+
+    async def _dial(
+        self, pool: Pool, member: _Member, info: ProxyInfo | None, *, traffic: bool
+    ) -> TLSStream:
+        """TCP, PROXY header if the pool wants one, MTLS; raises _DialFailed."""
+        timeout = self._config.limits.handshake_timeout_s
+        if not traffic:
+            timeout = min(timeout, max(pool.health_interval_s, 1.0))
+        tcp: trio.SocketStream | None = None
+        try:
+            with trio.fail_after(timeout):
+                tcp = await _open_tcp(member.addresses, member.port)
+                if pool.proxy_protocol == "v2":
+                    await tcp.send_all(encode_v2(info) if info is not None else encode_local())
+                stream = TLSStream(
+                    tcp, self._client_context(), server_side=False, server_hostname=member.host
+                )
+                await stream.do_handshake()
+                return stream
+        except HostnameMismatchError as exc:
+            failure = _DialFailed(Reason.UPSTREAM_UNTRUSTED.value, str(exc))
+        except TLSError as exc:
+            text = str(exc)
+            if "certificate verify failed" in text:
+                failure = _DialFailed(
+                    Reason.UPSTREAM_UNTRUSTED.value, f"certificate not trusted: {text}"
+                )
+            else:
+                failure = _DialFailed("upstream_tls_error", text)
+        except trio.TooSlowError:
+            failure = _DialFailed("upstream_timeout", f"no connection within {timeout:g}s")
+        except (OSError, trio.BrokenResourceError) as exc:
+            failure = _DialFailed(
+                "connect_failed", str(getattr(exc, "strerror", None) or exc or "refused")
+            )
+        except BaseException:
+            if tcp is not None:
+                await trio.aclose_forcefully(tcp)
+            raise
+        if tcp is not None:
+            await trio.aclose_forcefully(tcp)
+        raise failure
+
+    # ------------------------------------------------------------------
+    # DNS
+
+    def _get_resolver(self) -> dns.asyncresolver.Resolver:
+        if self._resolver is None:
+            self._resolver = _make_resolver(self._config.dns)
+        return self._resolver
+
+    async def _discover(self, state: _PoolState) -> None:
+        """Refresh the pool's DNS answers when the shortest TTL runs out."""
+        retry = _RETRY_MIN_S
+        while True:
+            ttls, failed = await self._refresh(state)
+            if failed:
+                delay = min(retry, refresh_delay(ttls))
+                retry = min(retry * 2, _RETRY_MAX_S)
+            else:
+                delay = refresh_delay(ttls)
+                retry = _RETRY_MIN_S
+            await trio.sleep(delay)
+
+    def _dns_error(self, pool: str, name: str, detail: str) -> None:
+        self._dns_failures.labels(pool).inc()
+        self._log.event("dns_error", pool=pool, name=name, detail=detail)
+
+    async def _refresh(self, state: _PoolState) -> tuple[list[float], bool]:
+        """One round of lookups; (TTLs seen, whether any lookup failed)."""
+        pool = state.pool
+        ttls: list[float] = []
+        failed = False
+        if pool.dns_srv is not None:
+            try:
+                records, ttl = await self._lookup_srv(pool.dns_srv)
+            except _LookupFailed as exc:
+                self._dns_error(pool.name, pool.dns_srv, str(exc))
+                failed = True
+            else:
+                ttls.append(ttl)
+                self._apply_srv(state, records)
+        for member in list(state.members.values()):
+            if _is_ip(member.dial):
+                continue
+            try:
+                addresses, ttl = await self._lookup_addresses(member.dial)
+            except _LookupFailed as exc:
+                # The last good answer stays: a DNS outage must not empty a pool.
+                self._dns_error(pool.name, member.dial, str(exc))
+                failed = True
+                continue
+            ttls.append(ttl)
+            if addresses != member.addresses:
+                member.addresses = addresses
+                self._export(state, member)
+        return ttls, failed
+
+    def _apply_srv(self, state: _PoolState, records: list[tuple[int, int, int, str]]) -> None:
+        seen: set[tuple[str, int]] = set()
+        joined = state.lowest_pass()
+        for priority, weight, port, target in records:
+            key = (target, port)
+            if key in seen:
+                continue
+            seen.add(key)
+            member = state.members.get(key)
+            if member is None:
+                member = _Member(host=target, port=port, dial=target, weight=weight)
+                member.passes = joined
+                state.members[key] = member
+                self._log.event("pool_member_added", pool=state.pool.name, member=target, port=port)
+            member.priority, member.weight = priority, weight
+        for key in [k for k in state.members if k not in seen]:
+            gone = state.members.pop(key)
+            gone.present = False
+            self._log.event(
+                "pool_member_removed", pool=state.pool.name, member=gone.host, port=gone.port
+            )
+            if not any(m.host == gone.host for m in state.members.values()):
+                with contextlib.suppress(KeyError):
+                    self._metrics.pool_member_up.remove(state.pool.name, gone.host)
+
+    async def _lookup_srv(self, name: str) -> tuple[list[tuple[int, int, int, str]], float]:
+        answer = await self._query(name, "SRV")
+        if answer is None or answer.rrset is None:
+            raise _LookupFailed(f"no SRV record for {name}")
+        records: list[tuple[int, int, int, str]] = []
+        for rdata in list(answer.rrset)[:_MAX_SRV_TARGETS]:
+            target = rdata.target.to_text(omit_final_dot=True)
+            if target in ("", "."):  # RFC 2782: "service decidedly not available"
+                continue
+            records.append((int(rdata.priority), int(rdata.weight), int(rdata.port), target))
+        return records, float(answer.rrset.ttl)
+
+    async def _lookup_addresses(self, name: str) -> tuple[tuple[str, ...], float]:
+        results: dict[str, dns.resolver.Answer | None] = {}
+
+        async def one(rdtype: str) -> None:
+            try:
+                results[rdtype] = await self._query(name, rdtype)
+            except _LookupFailed as exc:
+                results[rdtype] = None
+                errors.append(str(exc))
+
+        errors: list[str] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, "A")
+            nursery.start_soon(one, "AAAA")
+        addresses: list[str] = []
+        ttls: list[float] = []
+        for rdtype in ("A", "AAAA"):  # IPv4 first: most DMZ networks route it
+            answer = results.get(rdtype)
+            if answer is None:
+                continue
+            if answer.rrset is None:
+                ttls.append(_NEGATIVE_TTL_S)
+                continue
+            ttls.append(float(answer.rrset.ttl))
+            addresses.extend(rdata.address for rdata in answer.rrset)
+        if not addresses:
+            raise _LookupFailed("; ".join(errors) or f"no A or AAAA record for {name}")
+        return tuple(addresses), min(ttls)
+
+    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """One lookup; None for "the name exists but has no such record"."""
+        try:
+            resolver = self._get_resolver()
+            return await resolver.resolve(
+                name,
+                rdtype,
+                lifetime=_DNS_LIFETIME_S,
+                raise_on_no_answer=False,
+                search=False,
+            )
+        except dns.resolver.NXDOMAIN:
+            raise _LookupFailed(f"{name}: no such name (NXDOMAIN)") from None
+        except dns.resolver.LifetimeTimeout:
+            raise _LookupFailed(f"{name} {rdtype}: no answer within {_DNS_LIFETIME_S:g}s") from None
+        except dns.exception.DNSException as exc:
+            raise _LookupFailed(f"{name} {rdtype}: {exc}") from None
+
+
+def proxy_info(
+    tcp: trio.SocketStream, tls: TLSStream, partner: str | None, tls_version: str | None
+) -> ProxyInfo:
+    """What a PROXY v2 header says about one admitted partner connection.
+
+    ``partner`` is the id the core accepted (None on a "tls" listener, where
+    no client certificate is asked for).
+    """
+    try:
+        source = tcp.socket.getpeername()
+        destination = tcp.socket.getsockname()
+    except OSError:
+        source = destination = ("", 0)
+    chain = tls.peer_chain if tls.handshake_done else []
+    cn: str | None = None
+    if chain:
+        names = chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if names:
+            value = names[0].value
+            cn = value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return ProxyInfo(
+        source=(str(source[0]), int(source[1])),
+        destination=(str(destination[0]), int(destination[1])),
+        sni=tls.requested_server_name,
+        tls_version=tls_version,
+        client_cn=cn,
+        partner=partner,
+        client_cert=bool(chain),
+        cert_verified=bool(chain) and partner is not None,
+    )
+
+
+def _make_resolver(settings: Dns) -> dns.asyncresolver.Resolver:
+    """The configured name servers, else the system's (raises _LookupFailed)."""
+    try:
+        if not settings.nameservers:
+            resolver = dns.asyncresolver.Resolver()
+        else:
+            resolver = dns.asyncresolver.Resolver(configure=False)
+            resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(host, port) for host, port in settings.nameservers
+            ]
+    except dns.exception.DNSException as exc:
+        raise _LookupFailed(f"no DNS resolver configured: {exc}") from None
+    resolver.cache = None  # TTLs are honoured here, per pool
+    return resolver
+
+
+async def _open_tcp(addresses: Sequence[str], port: int) -> trio.SocketStream:
+    """Connect to the first address that answers (in order); OSError if none."""
+    if not addresses:
+        raise OSError("no address resolved for this member")
+    last: OSError | None = None
+    for address in addresses:
+        try:
+            return await trio.open_tcp_stream(address, port)
+        except OSError as exc:
+            last = exc
+    assert last is not None
+    raise last
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
