@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import subprocess
 import sys
 import time
 import urllib.error
@@ -97,7 +98,8 @@ async def relay_once(partner: Partner, edge: tuple[str, int]) -> tuple[str, int,
 async def cmd_relay(args: argparse.Namespace) -> int:
     partner = Partner(args.dir, args.partner)
     edge = _address(args.edge)
-    deadline = trio.current_time() + args.within
+    started = trio.current_time()
+    deadline = started + args.within
     attempts = 0
     while True:
         attempts += 1
@@ -106,7 +108,8 @@ async def cmd_relay(args: argparse.Namespace) -> int:
             break
         await trio.sleep(0.5)
     ok = outcome == args.expect
-    tries = f" after {attempts} attempt(s)" if args.within else ""
+    took = trio.current_time() - started
+    tries = f" after {attempts} attempt(s) in {took:.1f} s" if args.within else ""
     print(
         f"{'ok' if ok else 'FAIL'}: {args.partner}: {outcome}{tries} (expected {args.expect}); "
         f"{detail}; local port {port}"
@@ -161,7 +164,8 @@ def cmd_find_event(args: argparse.Namespace) -> int:
         print(f"FAIL: no log event {wanted}")
         return 1
     event = found[-1]
-    keys = ("event", "partner", "reason", "detail", "member", "end", "why", "active_connections")
+    keys = {"event", "partner", "reason", "detail", "member", "end", "why", "result", "added"}
+    keys |= {"active_connections"}
     shown = {k: v for k, v in event.items() if k in keys}
     print(f"ok: logged {json.dumps(shown, sort_keys=True)}")
     return 0
@@ -197,7 +201,11 @@ async def cmd_drain(args: argparse.Namespace) -> int:
         print(f"FAIL: drain: the held connection did not relay before the stop ({first!r})")
         return 1
     started = time.monotonic()
-    stop = await trio.lowlevel.open_process(shlex.split(args.stop_cmd))
+    # Its output is shown only if it fails (podman prints the container name,
+    # and on these machines a harmless complaint about systemd timers).
+    stop = await trio.lowlevel.open_process(
+        shlex.split(args.stop_cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     logs: str = ""
     with trio.move_on_after(15):
         while '"shutdown_started"' not in logs:
@@ -218,8 +226,12 @@ async def cmd_drain(args: argparse.Namespace) -> int:
         stop.kill()
         print(f"FAIL: drain: the stop command did not finish within {args.within:g} s")
         return 1
+    assert stop.stdout is not None
+    stop_output = (await stop.stdout.receive_some(65536)).decode("utf-8", "replace").strip()
     relayed = second == b"during drain\n"
     ok = relayed and stop.returncode == 0
+    if stop.returncode != 0:
+        print(f"{args.stop_cmd}: {stop_output}")
     print(
         f"{'ok' if ok else 'FAIL'}: drain: held connection (local port {port}) "
         f"{'still relayed' if relayed else 'was cut'} after SIGTERM; "
