@@ -58,6 +58,13 @@ def _build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway until SIGTERM/SIGINT, then drain")
     run.add_argument("--config", type=Path, help=config_help)
     run.add_argument("--log-format", choices=("json", "text"), default="json")
+    run.add_argument(
+        "--workers",
+        type=_workers_arg,
+        default=1,
+        metavar="N|auto",
+        help="gateway processes sharing the ports (SO_REUSEPORT); auto: one per CPU",
+    )
 
     check = sub.add_parser(
         "check",
@@ -92,6 +99,19 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _workers_arg(text: str) -> int | None:
+    """`--workers`: a count >= 1, or `auto` (None: one per CPU)."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'auto'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one `edge` command; return its exit status."""
     parser = _build_parser()
@@ -108,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             from edge.gateway import run_command  # the trio shell, only when running
 
             config_path = args.config if args.config is not None else default_config_path()
-            return run_command(config_path, args.log_format)
+            return run_command(config_path, args.log_format, args.workers)
         if args.command == "demo":
             from edge.demo import demo_command
 

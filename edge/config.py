@@ -139,11 +139,17 @@ class Metrics:
 
 @dataclass(frozen=True)
 class Limits:
-    handshake_timeout_s: float = 10
-    idle_timeout_s: float = 1800
-    max_connections: int = 10000
-    max_connections_per_partner: int = 1000
-    drain_timeout_s: float = 30
+    """`[limits]`: every bound the gateway enforces (README: "Limits")."""
+
+    handshake_timeout_s: float = 10  # accept -> handshake -> authorization
+    idle_timeout_s: float = 1800  # no byte either way
+    max_connections: int = 10000  # all connections, handshaking ones included
+    max_connections_per_partner: int = 1000  # policy.toml max_connections can lower it
+    drain_timeout_s: float = 30  # SIGTERM: stop accepting, wait this long, close
+    max_connections_per_source: int = 1000  # per client IP (IPv6: per /64)
+    max_handshakes_in_progress: int = 2000  # accepted, not yet authorized
+    new_connections_per_source_per_s: float = 100  # token bucket refill rate
+    new_connections_per_source_burst: int = 200  # token bucket size
 
 
 @dataclass(frozen=True)
@@ -217,8 +223,19 @@ _MAX_WEIGHT = 1000
 _MIN_HEALTH_INTERVAL_S = 0.1
 _MAX_HEALTH_THRESHOLD = 100
 _METRICS_KEYS = ("address",)
-_FLOAT_LIMITS = ("handshake_timeout_s", "idle_timeout_s", "drain_timeout_s")
-_INT_LIMITS = ("max_connections", "max_connections_per_partner")
+_FLOAT_LIMITS = (
+    "handshake_timeout_s",
+    "idle_timeout_s",
+    "drain_timeout_s",
+    "new_connections_per_source_per_s",
+)
+_INT_LIMITS = (
+    "max_connections",
+    "max_connections_per_partner",
+    "max_connections_per_source",
+    "max_handshakes_in_progress",
+    "new_connections_per_source_burst",
+)
 
 
 class _Loader:

@@ -46,7 +46,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 
-from edge.config import Config, ConfigError, Listener, load_config
+from edge.config import Config, ConfigError, Limits, Listener, load_config
+from edge.limits import SourceLimits
 from edge.logs import EventLog, LogFormat
 from edge.metrics import UNKNOWN_PARTNER, Metrics, serve_metrics
 from edge.policies import PartnerPolicy, PolicyFolderError, PolicySnapshot, load_policies
@@ -167,6 +168,10 @@ class Gateway:
         self._idle.set()
         self._shutdown = trio.Event()
         self._shutdown_why = ""
+        # --workers: where this worker binds, with SO_REUSEPORT (None: alone).
+        self.worker_listen: dict[str, tuple[str, int]] | None = None
+        self._handshakes_in_progress = 0
+        self._sources = _source_limits(config.limits)
         # Live reload: what was loaded, and the connections to re-check.
         self._live: dict[int, _Live] = {}
         self._reload_requested = trio.Event()
@@ -424,6 +429,10 @@ class Gateway:
             policies=new.policies,
         )
         self._client_context = client
+        if new.limits != old.limits:
+            # A new table for new connections; live ones release into the
+            # table that admitted them, which goes when they have ended.
+            self._sources = _source_limits(new.limits)
         self._build_server_contexts()
         self._config_print = config_print
         self.export_reload_metrics()
@@ -507,11 +516,16 @@ class Gateway:
         listeners: dict[str, list[trio.SocketListener]] = {}
         try:
             for listener in self.config.listeners:
+                if self.worker_listen is not None:
+                    host, port = self.worker_listen[listener.name]
+                    listeners[listener.name] = [await _reuse_port_listener(host, port)]
+                    continue
                 listeners[listener.name] = await trio.open_tcp_listeners(
                     listener.port, host=listener.host
                 )
             metrics_listeners: list[trio.SocketListener] = []
-            if self.config.metrics is not None:
+            # A worker's metrics are served by its supervisor (edge/workers.py).
+            if self.config.metrics is not None and self.worker_listen is None:
                 metrics_listeners = await trio.open_tcp_listeners(
                     self.config.metrics.port, host=self.config.metrics.host
                 )
@@ -654,7 +668,33 @@ class Gateway:
             )
             await trio.aclose_forcefully(tcp)
             return
+        # Refuse before spending a handshake wherever the limit is already known.
+        if self._handshakes_in_progress >= limits.max_handshakes_in_progress:
+            self._reject(
+                listener,
+                conn,
+                Reason.OVER_LIMIT,
+                f"max_handshakes_in_progress={limits.max_handshakes_in_progress} reached",
+            )
+            await trio.aclose_forcefully(tcp)
+            return
+        source = _source_ip(tcp)
+        sources = self._sources  # release into the table that admitted it
+        refusal = sources.admit(source, trio.current_time())
+        if refusal is not None:
+            self._reject(listener, conn, Reason.OVER_LIMIT, refusal)
+            await trio.aclose_forcefully(tcp)
+            return
+        try:
+            await self._serve_admitted_source(listener, tcp, conn)
+        finally:
+            sources.release(source)
+
+    async def _serve_admitted_source(
+        self, listener: Listener, tcp: trio.SocketStream, conn: _Conn
+    ) -> None:
         tls = TLSStream(tcp, self._server_contexts[listener.name], server_side=True)
+        self._handshakes_in_progress += 1
         try:
             partner, pool_name = await self._admit(listener, tls, conn)
         except _Rejected as rej:
@@ -669,6 +709,8 @@ class Gateway:
                 )
                 await trio.aclose_forcefully(tls.transport_stream)
             raise
+        finally:
+            self._handshakes_in_progress -= 1
         label = self.partner_label(listener, partner)
         self._active_by_partner[label] += 1
         try:
@@ -912,6 +954,40 @@ def _where(exc: BaseException) -> str:
     return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
 
 
+async def _reuse_port_listener(host: str, port: int) -> trio.SocketListener:
+    """A listener sharing its port with the other workers (SO_REUSEPORT)."""
+    import socket as _socket
+
+    family = _socket.AF_INET6 if ":" in host else _socket.AF_INET
+    sock = trio.socket.socket(family, _socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEPORT, 1)
+        if family == _socket.AF_INET6:
+            sock.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 1)
+        await sock.bind((host, port))
+        sock.listen(4096)
+    except OSError:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+def _source_ip(stream: trio.SocketStream) -> str:
+    try:
+        return str(stream.socket.getpeername()[0])
+    except OSError:
+        return "unknown"
+
+
+def _source_limits(limits: Limits) -> SourceLimits:
+    return SourceLimits(
+        max_per_source=limits.max_connections_per_source,
+        rate_per_s=limits.new_connections_per_source_per_s,
+        burst=limits.new_connections_per_source_burst,
+    )
+
+
 def _config_files(config: Config) -> list[Path]:
     ident = config.identity
     return [
@@ -951,11 +1027,24 @@ def _unique_subjects(certs: list[x509.Certificate]) -> list[x509.Certificate]:
 # `edge run`
 
 
-def run_command(config_path: Path, log_format: LogFormat = "json") -> int:
-    """Load, start, serve until SIGTERM/SIGINT, drain; the exit status."""
+def run_command(config_path: Path, log_format: LogFormat = "json", workers: int | None = 1) -> int:
+    """Load, start, serve until SIGTERM/SIGINT, drain; the exit status.
+
+    ``workers``: gateway processes to run (None: one per CPU). Above one, this
+    process becomes their supervisor (edge/workers.py).
+    """
+    import json
+    import os
     import signal
     import sys
 
+    from edge import workers as _workers
+
+    worker_listen = os.environ.get(_workers.WORKER_LISTEN_ENV)
+    if worker_listen is not None:
+        workers = 1  # a worker never supervises
+        log_format = "json"  # read by the supervisor, which formats for people
+    count = _workers.cpu_count() if workers is None else workers
     log = EventLog(log_format)
     try:
         config = load_config(config_path)
@@ -968,7 +1057,19 @@ def run_command(config_path: Path, log_format: LogFormat = "json") -> int:
         print(f"edge: {config_path}: {exc.strerror or exc}", file=sys.stderr)
         log.event("startup_failed", config=str(config_path), problems=[str(exc)])
         return 1
+    if count > 1:
+        for folder in sorted({lst.policies for lst in config.listeners if lst.policies}):
+            try:
+                load_policies(folder)  # fail here, once, not in N restarting workers
+            except PolicyFolderError as exc:
+                print(f"edge: {exc}", file=sys.stderr)
+                log.event("startup_failed", config=str(config_path), problems=[str(exc)])
+                return 1
+        return _workers.supervise(config, config_path, log, count)
     gateway = Gateway(config, log, Metrics())
+    if worker_listen is not None:
+        listen = json.loads(worker_listen)
+        gateway.worker_listen = {name: (str(h), int(p)) for name, (h, p) in listen.items()}
     try:
         gateway.load_policies()
     except StartupError as exc:

@@ -41,13 +41,20 @@ class EventLog:
         self._stream = stream if stream is not None else sys.stdout
         self._sink = sink
         self.enabled = True
+        # Fields added to every event (e.g. the worker number in --workers mode).
+        self.context: dict[str, Any] = {}
 
     def event(self, name: str, /, **fields: Any) -> None:
-        record: dict[str, Any] = {"ts": _now_iso(), "event": name}
+        record: dict[str, Any] = {"ts": _now_iso(), "event": name, **self.context}
         for key, value in fields.items():
             if isinstance(value, bytes | bytearray | memoryview):
                 raise TypeError(f"log field {key!r} is bytes: payloads never go to the log")
             record[key] = value
+        self.emit(record)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Write an already-built event (a worker's, forwarded by the supervisor)."""
+        name = str(record.get("event", ""))
         if self._sink is not None:
             self._sink(record)
         if not self.enabled:

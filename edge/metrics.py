@@ -13,6 +13,7 @@ the configuration.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 import h11
 import trio
@@ -52,6 +53,7 @@ class Metrics:
             "edge_connections_active",
             "Relayed connections open now",
             ["listener", "partner"],
+            multiprocess_mode="livesum",
             registry=registry,
         )
         self.bytes = Counter(
@@ -91,18 +93,21 @@ class Metrics:
             "edge_pool_member_up",
             "1 when the last attempt to reach the member succeeded",
             ["pool", "member"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         self.certificate_expiry = Gauge(
             "edge_certificate_expiry_timestamp_seconds",
             "notAfter of each configured certificate, Unix time",
             ["role", "partner", "subject"],
+            multiprocess_mode="livemin",
             registry=registry,
         )
         self.crl_next_update = Gauge(
             "edge_crl_next_update_timestamp_seconds",
             "nextUpdate of each partner CRL, Unix time",
             ["partner", "issuer"],
+            multiprocess_mode="livemin",
             registry=registry,
         )
         self.policy_reloads = Counter(
@@ -119,6 +124,7 @@ class Metrics:
             "edge_partners",
             "Configured partners by state",
             ["state"],
+            multiprocess_mode="livemax",
             registry=registry,
         )
         # Label sets each reload-dependent gauge was last given by
@@ -155,9 +161,15 @@ _PHRASES = {
 }
 
 
+class Renderer(Protocol):
+    """Anything that renders the exposition text: one registry, or all workers'."""
+
+    def render(self) -> bytes: ...
+
+
 async def _handle(
     stream: trio.SocketStream,
-    metrics: Metrics,
+    metrics: Renderer,
     readiness: Callable[[], tuple[bool, str]],
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_BYTES)
@@ -202,7 +214,7 @@ async def _handle(
 
 async def serve_metrics(
     listeners: Iterable[trio.SocketListener],
-    metrics: Metrics,
+    metrics: Renderer,
     readiness: Callable[[], tuple[bool, str]],
 ) -> None:
     """Serve the endpoint on already-bound listeners until cancelled."""

@@ -174,10 +174,10 @@ def edge_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "edge.cli", *args]
 
 
-async def start_edge(nursery: trio.Nursery, config: Path) -> EdgeProcess:
+async def start_edge(nursery: trio.Nursery, config: Path, args: Sequence[str] = ()) -> EdgeProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = await trio.lowlevel.open_process(
-        edge_command("run", "--config", str(config)),
+        edge_command("run", "--config", str(config), *args),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
