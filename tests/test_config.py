@@ -337,3 +337,137 @@ def test_default_config_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_config_path() == Path("edge.toml")
     monkeypatch.setenv("EDGE_CONFIG", "/etc/edge/edge.toml")
     assert default_config_path() == Path("/etc/edge/edge.toml")
+
+
+# ----------------------------------------------------------------------
+# Pools: weights, limits, DNS discovery, health checks, PROXY v2, [dns]
+
+POOLS_EXTENDED = """
+[[pools]]
+name = "discovered"
+dns_srv = "_sipinternaltls._tcp.corp.example."
+balance = "round_robin"
+health_interval_s = 0.5
+unhealthy_after = 3
+healthy_after = 1
+proxy_protocol = "v2"
+
+[dns]
+nameservers = ["10.0.0.2:53", "[2001:db8::53]:5353"]
+"""
+
+
+def test_pool_keys_load(site: Path) -> None:
+    text = site.read_text().replace(
+        '{ host = "fe2.corp.example", port = 5061 }',
+        '{ host = "fe2.corp.example", port = 5061, weight = 3, max_connections = 50 }',
+    )
+    site.write_text(text + POOLS_EXTENDED)
+    config = load_config(site)
+    frontend = config.pools["frontend"]
+    assert frontend.members[1] == Member(
+        "fe2.corp.example", None, 5061, weight=3, max_connections=50
+    )
+    assert frontend.members[0].weight == 1 and frontend.members[0].max_connections is None
+    # Defaults.
+    assert frontend.dns_srv is None and frontend.proxy_protocol is None
+    assert frontend.balance == "least_connections"
+    assert (frontend.health_interval_s, frontend.unhealthy_after, frontend.healthy_after) == (
+        5.0,
+        2,
+        2,
+    )
+    discovered = config.pools["discovered"]
+    assert discovered.members == ()
+    assert discovered.dns_srv == "_sipinternaltls._tcp.corp.example"
+    assert discovered.balance == "round_robin"
+    assert (discovered.health_interval_s, discovered.unhealthy_after) == (0.5, 3)
+    assert discovered.healthy_after == 1
+    assert discovered.proxy_protocol == "v2"
+    assert config.dns.nameservers == (("10.0.0.2", 53), ("2001:db8::53", 5353))
+
+
+POOL_MISTAKES = [
+    pytest.param(
+        "weight = 0, port = 1 }]",
+        "members[0].weight: must be an integer from 1 to 1000, not an integer 0",
+        id="weight",
+    ),
+    pytest.param(
+        "max_connections = -1, port = 1 }]",
+        "members[0].max_connections: must be an integer from 1",
+        id="member-max-connections",
+    ),
+    pytest.param(
+        'port = 1 }]\nbalance = "random"',
+        'pools[1] (p).balance: must be "least_connections" or "round_robin"',
+        id="balance",
+    ),
+    pytest.param(
+        "port = 1 }]\nhealth_interval_s = 0",
+        "pools[1] (p).health_interval_s: must be a number of seconds from 0.1 to 3600",
+        id="health-interval",
+    ),
+    pytest.param(
+        "port = 1 }]\nunhealthy_after = 0",
+        "pools[1] (p).unhealthy_after: must be an integer from 1 to 100",
+        id="unhealthy-after",
+    ),
+    pytest.param(
+        'port = 1 }]\nhealthy_after = "2"',
+        "pools[1] (p).healthy_after: must be an integer from 1 to 100",
+        id="healthy-after",
+    ),
+    pytest.param(
+        'port = 1 }]\nproxy_protocol = "v1"',
+        'pools[1] (p).proxy_protocol: the only version is "v2"',
+        id="proxy-protocol",
+    ),
+    pytest.param(
+        'port = 1 }]\ndns_srv = "_sip._tcp.corp.example"',
+        "pools[1] (p).members: give either members or dns_srv, not both",
+        id="members-and-srv",
+    ),
+    pytest.param(
+        'port = 1 }]\n[dns]\nnameservers = ["dns.corp.example:53"]',
+        "dns.nameservers: 'dns.corp.example:53': a name server is an IP address",
+        id="nameserver-name",
+    ),
+    pytest.param(
+        'port = 1 }]\n[dns]\nnameservers = ["10.0.0.2"]',
+        "dns.nameservers: '10.0.0.2' is not ip:port",
+        id="nameserver-port",
+    ),
+    pytest.param(
+        'port = 1 }]\n[dns]\nnameservers = "10.0.0.2:53"',
+        'dns.nameservers: must be a list of "ip:port" strings',
+        id="nameservers-type",
+    ),
+    pytest.param(
+        'port = 1 }]\n[dns]\nservers = ["10.0.0.2:53"]',
+        "dns.servers: unknown key",
+        id="dns-unknown-key",
+    ),
+]
+
+
+@pytest.mark.parametrize(("tail", "expected"), POOL_MISTAKES)
+def test_pool_key_mistakes_are_named(site: Path, tail: str, expected: str) -> None:
+    site.write_text(
+        site.read_text() + f'\n[[pools]]\nname = "p"\nmembers = [{{ host = "h", {tail}\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(site)
+    problems = info.value.problems
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"{site}: "), problems
+    assert expected in problems[0], problems
+
+
+def test_pool_needs_members_or_srv(site: Path) -> None:
+    site.write_text(site.read_text() + '\n[[pools]]\nname = "p"\nbalance = "round_robin"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(site)
+    assert info.value.problems == (
+        f"{site}: pools[1] (p).members: missing (required unless dns_srv is set)",
+    )
