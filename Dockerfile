@@ -53,7 +53,7 @@ RUN apt-get update \
  && groupadd --system --gid 10001 edge \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin edge \
- && mkdir -p /etc/edge
+ && mkdir -p /etc/edge/certs /etc/edge/federation_policies
 COPY --from=build /opt/edge /opt/edge
 ENV PATH=/opt/edge/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
