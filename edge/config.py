@@ -40,6 +40,7 @@ __all__ = [
     "Member",
     "Metrics",
     "PolicySettings",
+    "RevocationSettings",
     "Pool",
     "PrivateKey",
     "default_config_path",
@@ -153,6 +154,16 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class RevocationSettings:
+    """`[revocation]`: fetching CRLs from the certificates' distribution points."""
+
+    fetch: bool = False  # off: only the CRLs dropped into partner folders count
+    cache_dir: Path | None = None  # fetched CRLs survive a restart here (default: ./crl-cache)
+    refresh_interval_s: float = 3600.0  # refetch at least this often (and before next update)
+    timeout_s: float = 10.0  # one HTTP fetch, connect to last byte
+
+
+@dataclass(frozen=True)
 class PolicySettings:
     """`[policies]`: how the running gateway notices changes (live reload)."""
 
@@ -171,6 +182,7 @@ class Config:
     limits: Limits
     policies: PolicySettings = PolicySettings()
     dns: Dns = Dns()
+    revocation: RevocationSettings = RevocationSettings()
 
 
 def default_config_path() -> Path:
@@ -204,7 +216,16 @@ def parse_address(text: str, *, allow_any_port: bool = True) -> tuple[str, int]:
     return host, int(port_text)
 
 
-_TOP_KEYS = ("identity", "listeners", "pools", "metrics", "limits", "policies", "dns")
+_TOP_KEYS = (
+    "identity",
+    "listeners",
+    "pools",
+    "metrics",
+    "limits",
+    "policies",
+    "dns",
+    "revocation",
+)
 _IDENTITY_KEYS = ("public_cert", "public_key", "internal_cert", "internal_key", "internal_roots")
 _LISTENER_KEYS = ("name", "address", "mode", "policies", "pool")
 _POOL_KEYS = (
@@ -728,6 +749,35 @@ class _Loader:
         self.problem("policies.poll_interval_s", f"must be a number > 0, not {_shown(value)}")
         return PolicySettings()
 
+    def revocation_settings(self, data: Mapping[str, Any]) -> RevocationSettings:
+        table = self.table(data, "revocation", required=False)
+        defaults = RevocationSettings(cache_dir=self.base / "crl-cache")
+        if table is None:
+            return defaults
+        self.unknown_keys(
+            table, ("fetch", "cache_dir", "refresh_interval_s", "timeout_s"), "revocation."
+        )
+        fetch = table.get("fetch", False)
+        if not isinstance(fetch, bool):
+            self.problem("revocation.fetch", f"must be true or false, not {_shown(fetch)}")
+            fetch = False
+        cache_dir = defaults.cache_dir
+        raw = table.get("cache_dir")
+        if raw is not None:
+            if isinstance(raw, str) and raw:
+                cache_dir = self.base / raw
+            else:
+                self.problem("revocation.cache_dir", f"must be a folder path, not {_shown(raw)}")
+        numbers: dict[str, float] = {}
+        for key in ("refresh_interval_s", "timeout_s"):
+            if key in table:
+                value = table[key]
+                if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+                    numbers[key] = float(value)
+                else:
+                    self.problem(f"revocation.{key}", f"must be a number > 0, not {_shown(value)}")
+        return RevocationSettings(fetch=fetch, cache_dir=cache_dir, **numbers)
+
     def load(self) -> Config:
         try:
             with self.path.open("rb") as f:
@@ -746,6 +796,7 @@ class _Loader:
         limits = self.limits(data)
         policy_settings = self.policy_settings(data)
         dns = self.dns(data)
+        revocation = self.revocation_settings(data)
         if self.problems or identity is None:
             if not self.problems:  # defensive: never start on a half-built identity
                 self.problem("identity", "could not be loaded")
@@ -759,6 +810,7 @@ class _Loader:
             limits=limits,
             policies=policy_settings,
             dns=dns,
+            revocation=revocation,
         )
 
 

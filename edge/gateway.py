@@ -33,9 +33,11 @@ shutdown cancels first (stop accepting), then connections get
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import time
+import types
 from collections import Counter as _Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 
 from edge.config import Config, ConfigError, Limits, Listener, load_config
+from edge.crlfetch import CrlFetcher
 from edge.limits import SourceLimits
 from edge.logs import EventLog, LogFormat
 from edge.metrics import UNKNOWN_PARTNER, Metrics, serve_metrics
@@ -78,8 +81,9 @@ class StartupError(Exception):
 class _Trust:
     """One policies folder: its snapshot and the verifier built from it."""
 
-    snapshot: PolicySnapshot
+    snapshot: PolicySnapshot  # what the verifier uses: base plus fetched CRLs
     verifier: PartnerTrust
+    base: PolicySnapshot  # exactly what the folder holds (reload keeps last good from it)
 
 
 @dataclass
@@ -155,8 +159,13 @@ class Gateway:
         self._trust: dict[Path, _Trust] = {}
         self._server_contexts: dict[str, SSL.Context] = {}
         ident = config.identity
+        # The pool is ours: the edge -> pool leg resumes TLS sessions per member
+        # host (never the partner side; see edge.tls).
         self._client_context = make_client_context(
-            ident.internal_root_certs, ident.internal_chain, ident.internal_private_key
+            ident.internal_root_certs,
+            ident.internal_chain,
+            ident.internal_private_key,
+            resume_sessions=True,
         )
         # Pool members, their health and DNS (edge.pools); the context is read
         # at each dial, so a reloaded internal identity is used at once.
@@ -170,6 +179,7 @@ class Gateway:
         self._shutdown_why = ""
         # --workers: where this worker binds, with SO_REUSEPORT (None: alone).
         self.worker_listen: dict[str, tuple[str, int]] | None = None
+        self._crl_fetcher = CrlFetcher(config.revocation, log) if config.revocation.fetch else None
         self._handshakes_in_progress = 0
         self._sources = _source_limits(config.limits)
         # Live reload: what was loaded, and the connections to re-check.
@@ -205,7 +215,10 @@ class Gateway:
                         file=str(problem.path),
                         problem=problem.message,
                     )
-                self._trust[listener.policies] = _Trust(snapshot, PartnerTrust(snapshot))
+                effective = self._with_fetched_crls(snapshot)
+                self._trust[listener.policies] = _Trust(
+                    effective, PartnerTrust(effective), snapshot
+                )
                 self._policy_prints[listener.policies] = fingerprint([listener.policies])
         self._config_print = fingerprint(files=_config_files(self.config))
         self._build_server_contexts()
@@ -341,7 +354,7 @@ class Gateway:
             await self._recheck_live(None)
 
     async def _reload_policies(self, folder: Path, folder_print: Fingerprint) -> None:
-        previous = self._trust[folder].snapshot
+        previous = self._trust[folder].base
         try:
             snapshot = await trio.to_thread.run_sync(load_policies, folder, previous)
         except PolicyFolderError as exc:
@@ -351,8 +364,9 @@ class Gateway:
             self._policy_prints[folder] = folder_print
             return
         self._policy_prints[folder] = folder_print
-        verifier = await trio.to_thread.run_sync(PartnerTrust, snapshot)
-        self._trust[folder] = _Trust(snapshot, verifier)  # the swap
+        effective = self._with_fetched_crls(snapshot)
+        verifier = await trio.to_thread.run_sync(PartnerTrust, effective)
+        self._trust[folder] = _Trust(effective, verifier, snapshot)  # the swap
         self._build_server_contexts()
         self.export_reload_metrics()
         old_ids, new_ids = set(previous.partners), set(snapshot.partners)
@@ -382,6 +396,35 @@ class Gateway:
             partners=snapshot.state_counts(),
         )
         await self._recheck_live(folder)
+
+    def _with_fetched_crls(self, base: PolicySnapshot) -> PolicySnapshot:
+        """``base`` with the CRLs fetched from distribution points added."""
+        fetched = self._crl_fetcher.crls() if self._crl_fetcher is not None else {}
+        if not any(pid in base.partners for pid in fetched):
+            return base
+        partners = dict(base.partners)
+        for pid, crls in fetched.items():
+            policy = partners.get(pid)
+            if policy is not None:
+                partners[pid] = dataclasses.replace(
+                    policy,
+                    crls=policy.crls + tuple(crl for crl, _ in crls),
+                    crl_files=policy.crl_files + tuple(path for _, path in crls),
+                )
+        return dataclasses.replace(base, partners=types.MappingProxyType(partners))
+
+    async def _apply_fetched_crls(self) -> None:
+        """New CRLs arrived: rebuild each verifier from its base, re-check live."""
+        for folder, trust in list(self._trust.items()):
+            effective = self._with_fetched_crls(trust.base)
+            verifier = await trio.to_thread.run_sync(PartnerTrust, effective)
+            self._trust[folder] = _Trust(effective, verifier, trust.base)
+            await self._recheck_live(folder)
+        self.export_reload_metrics()
+        fetched = self._crl_fetcher.crls() if self._crl_fetcher is not None else {}
+        self.log.event(
+            "crls_applied", partners={pid: len(crls) for pid, crls in sorted(fetched.items())}
+        )
 
     async def _reload_config(self, config_print: Fingerprint) -> None:
         """Re-read edge.toml and the identity files; apply what can be applied live."""
@@ -417,7 +460,10 @@ class Gateway:
         ]
         ident = new.identity
         client = make_client_context(
-            ident.internal_root_certs, ident.internal_chain, ident.internal_private_key
+            ident.internal_root_certs,
+            ident.internal_chain,
+            ident.internal_private_key,
+            resume_sessions=True,  # a new context: sessions of the old one are not resumed
         )
         self.config = Config(
             path=old.path,
@@ -551,6 +597,8 @@ class Gateway:
             if metrics_listeners:
                 root.start_soon(serve_metrics, metrics_listeners, self.metrics, self.readiness)
             root.start_soon(self._watch)
+            if self._crl_fetcher is not None:
+                root.start_soon(self._crl_fetcher.run, self._apply_fetched_crls)
             root.start_soon(self._pools.run)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as acceptors:
@@ -784,6 +832,14 @@ class Gateway:
                 f"handshake not finished within handshake_timeout_s={limits.handshake_timeout_s:g}",
             )
         self.metrics.handshake_duration.labels(listener.name).observe(trio.current_time() - t0)
+        if (
+            self._crl_fetcher is not None
+            and verdict.partner is not None
+            and (verdict.accepted or verdict.reason in (Reason.CRL_UNAVAILABLE, Reason.REVOKED))
+        ):
+            # Learn where this partner's CRLs live (a crl_unavailable refusal
+            # too: the next attempt succeeds once the CRL has been fetched).
+            self._crl_fetcher.note_chain(verdict.partner, verdict.chain or conn.chain)
         if not verdict.accepted:
             conn.partner = verdict.partner
             assert verdict.reason is not None

@@ -233,12 +233,14 @@ class CA:
         not_before: _dt.datetime | None = None,
         not_after: _dt.datetime | None = None,
         san: bool = True,
+        crl_url: str | None = None,
     ) -> Leaf:
         """An end-entity certificate.
 
         `eku` names purposes ("client", "server"); None leaves the extension out.
         `san=False` leaves the subjectAltName extension out even if names are
         given (a CN-only certificate); with no names at all there is no SAN either.
+        `crl_url` adds a CRL distribution point (the issuer's CRL, over HTTP).
         """
         key = _new_key()
         if common_name is None:
@@ -265,6 +267,8 @@ class CA:
         names += [x509.UniformResourceIdentifier(u) for u in uris]
         if san and names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        if crl_url is not None:
+            builder = builder.add_extension(_crl_distribution(crl_url), critical=False)
         if eku is not None:
             try:
                 oids = [_EKU_NAMES[e] for e in eku]
@@ -307,6 +311,17 @@ class CA:
     def cert_pem(self) -> bytes:
         """This CA's certificate, PEM."""
         return self.cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _crl_distribution(url: str) -> x509.CRLDistributionPoints:
+    """A CRL distribution point: where the issuer's CRL can be fetched."""
+    point = x509.DistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(url)],
+        relative_name=None,
+        reasons=None,
+        crl_issuer=None,
+    )
+    return x509.CRLDistributionPoints([point])
 
 
 def _ca_key_usage() -> x509.KeyUsage:
