@@ -67,6 +67,10 @@ __all__ = ["Gateway", "StartupError", "run_command"]
 
 # One chunk in flight per direction: the relay's memory bound.
 RELAY_CHUNK = 64 * 1024
+# Log fields an unauthenticated peer can fill are clipped: a stranger's 80 kB
+# subject must not become a 240 kB log line per handshake.
+_MAX_SUBJECT = 512
+_MAX_DETAIL = 2048
 # Longest a relayed connection spends closing both of its streams.
 _CLOSE_BUDGET_S = 2.0
 # OpenSSL's reason when a required client certificate was not sent.
@@ -694,7 +698,7 @@ class Gateway:
             "listener": listener.name,
             "peer": conn.peer,
             "reason": reason.value,
-            "detail": detail,
+            "detail": _clip(detail, _MAX_DETAIL),
         }
         if conn.partner is not None:
             fields["partner"] = conn.partner
@@ -819,11 +823,14 @@ class Gateway:
                     trio.current_time() - t0
                 )
                 return None, listener.pool
-            chain = tls.peer_chain
+            try:
+                chain = tls.peer_chain
+                if chain:
+                    conn.leaf_subject = _clip(chain[0].subject.rfc4514_string(), _MAX_SUBJECT)
+                    conn.fingerprint_sha256 = _fingerprint(chain[0])
+            except ValueError as exc:  # DER that OpenSSL took but cryptography will not
+                raise _Rejected(Reason.INVALID_CHAIN, f"unparsable certificate: {exc}") from exc
             conn.chain = tuple(chain)
-            if chain:
-                conn.leaf_subject = chain[0].subject.rfc4514_string()
-                conn.fingerprint_sha256 = _fingerprint(chain[0])
             assert listener.policies is not None
             verdict = self._trust[listener.policies].verifier.verify_client(chain)
         if scope.cancelled_caught:
@@ -910,7 +917,7 @@ class Gateway:
             if conn.withdrawn_reason is not None:
                 fields["reason"] = conn.withdrawn_reason
             if conn.detail:
-                fields["detail"] = conn.detail
+                fields["detail"] = _clip(conn.detail, _MAX_DETAIL)
             conn.reported = True
             self.log.event("connection_closed", **fields)
 
@@ -998,6 +1005,13 @@ async def _close_both(a: TLSStream, b: TLSStream) -> None:
     async with trio.open_nursery() as n:
         n.start_soon(a.aclose)
         n.start_soon(b.aclose)
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def _where(exc: BaseException) -> str:

@@ -320,6 +320,21 @@ def _norm(name: str) -> str:
     return name.strip().rstrip(".").lower()
 
 
+def _malformed_extensions(chain: Sequence[x509.Certificate]) -> str | None:
+    """Why a certificate's extensions cannot be parsed, or None.
+
+    cryptography parses extensions lazily and raises ValueError on malformed
+    DER (say, a non-ASCII dNSName); doing it once here turns a hostile
+    certificate into an invalid_chain verdict instead of an exception.
+    """
+    for depth, cert in enumerate(chain):
+        try:
+            cert.extensions  # noqa: B018 - the parse is the point
+        except ValueError as exc:
+            return f"certificate at depth {depth} has a malformed extension: {exc}"
+    return None
+
+
 def leaf_names(cert: x509.Certificate) -> tuple[str, ...]:
     """The names a partner's leaf claims, normalized: DNS SANs, `sip:`/`sips:` URI SANs
     without a user part (RFC 5922 domain certificates), and the CN only when the
@@ -514,6 +529,9 @@ class PartnerTrust:
                 Reason.INVALID_CHAIN,
                 f"the peer sent {len(chain)} certificates; at most {MAX_CHAIN_LENGTH} are accepted",
             )
+        malformed = _malformed_extensions(chain)
+        if malformed is not None:
+            return _reject(Reason.INVALID_CHAIN, malformed)
         when = at if at is not None else _dt.datetime.now(_dt.UTC)
         leaf = chain[0]
         candidates = self._candidates(chain)
@@ -634,6 +652,9 @@ class ServerTrust:
             return _reject(Reason.TLS_ERROR, "the server presented no certificate")
         if not self.roots:
             return _reject(Reason.UNKNOWN_CA, "no roots configured to verify servers")
+        malformed = _malformed_extensions(chain)
+        if malformed is not None:
+            return _reject(Reason.INVALID_CHAIN, malformed)
         when = at if at is not None else _dt.datetime.now(_dt.UTC)
         store = self._store if at is None else _build_store(self.roots, self._cache, at)
         result = _verify_chain(store, chain, self._cache, when)

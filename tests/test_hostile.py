@@ -305,12 +305,6 @@ def _dns_san(name: bytes) -> bytes:
     return b"\x30" + bytes([len(general_name)]) + general_name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: edge.trust.leaf_names lets cryptography's ValueError on a "
-    "malformed subjectAltName escape; the connection is refused as internal_error "
-    "(a bug, per the README) instead of a reason code",
-)
 async def test_malformed_san_from_a_partner_root_is_a_reason_code(tmp_path: Path, pki: Pki) -> None:
     cases = {
         "non-ASCII dNSName": _odd_leaf(pki.fabrikam, raw_san=_dns_san(b"sip.fabrikam.com\xff")),
@@ -326,11 +320,6 @@ async def test_malformed_san_from_a_partner_root_is_a_reason_code(tmp_path: Path
             await _stop_clean(edge)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="same bug as above, offline: `edge verify` on a chain whose leaf has a malformed "
-    "subjectAltName dies with a ValueError traceback instead of printing a rejection",
-)
 def test_edge_verify_rejects_a_malformed_san_without_a_traceback(tmp_path: Path, pki: Pki) -> None:
     from tests.gateway_harness import edge_command
 
@@ -349,12 +338,6 @@ def test_edge_verify_rejects_a_malformed_san_without_a_traceback(tmp_path: Path,
     assert done.stdout.startswith("rejected reason=invalid_chain"), done.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway bug: connection_rejected logs the unauthenticated peer's leaf_subject "
-    "in full; an 80 kB subject of commas becomes a ~240 kB log line (RFC 4514 and JSON "
-    "escaping), a 3x amplification any stranger can trigger per handshake",
-)
 async def test_huge_subject_from_a_stranger_is_not_amplified_into_the_log(
     tmp_path: Path, pki: Pki
 ) -> None:
