@@ -77,6 +77,19 @@ session tickets; like trio, we hold it back and send it with the first
 record we send, so a handshake costs one write fewer and a peer that closes
 right after the handshake does not make us fail on an unsent ticket.
 
+Session resumption. Server contexts made here never resume (a resumed
+session would skip the partner's certificate, and with it authorization).
+Client contexts may: ``client_context(..., resume_sessions=True)`` gives the
+context a small cache of one session per server host name, kept beside the
+context (a weak map, so a context rebuilt on reload starts empty and never
+resumes a session verified against old roots). A client ``TLSStream`` offers
+the cached session for its ``server_hostname``; it stores the newest session
+after its first successful read (TLS 1.3 tickets arrive after the handshake)
+or, for TLS 1.2, right after the handshake. A resumed session keeps the
+server's certificate, so the host-name check still runs on it. Use it only
+toward servers that are ours (the pool), where it saves a certificate
+exchange, its signatures and its verification on every connection.
+
 Cost. Reads pull up to ``_TRANSPORT_READ_SIZE`` of ciphertext and then decrypt
 every complete record already buffered in one call; writes encrypt up to
 ``_WRITE_CHUNK`` of plaintext (OpenSSL writes one 16 KiB record per call)
@@ -91,6 +104,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -126,6 +140,12 @@ _BIO_READ_SIZE = 1024 * 1024
 # How long aclose() and an error path spend trying to deliver a close_notify or
 # an alert to a peer that does not read.
 _DEFAULT_CLOSE_TIMEOUT = 1.0
+# Client contexts that resume sessions -> {server host name: newest session}.
+_SESSIONS: weakref.WeakKeyDictionary[SSL.Context, dict[str, SSL.Session]] = (
+    weakref.WeakKeyDictionary()
+)
+# Most host names one context remembers sessions for (a pool is small).
+_MAX_SESSION_HOSTS = 1024
 
 # Mozilla's "intermediate" TLS 1.2 suites (v5.7), restricted to ECDHE + AEAD
 # (the DHE suites are left out: finite-field DH is slow and rarely needed).
@@ -246,6 +266,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
             server_hostname is not None if check_hostname is None else check_hostname
         )
         self._close_timeout = close_timeout
+        # Where to keep this connection's session once it is resumable (client
+        # side, resume_sessions contexts only); None once kept.
+        self._session_cache: dict[str, SSL.Session] | None = None
         self._conn = SSL.Connection(context, None)
         if server_side:
             self._conn.set_accept_state()
@@ -253,6 +276,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._conn.set_connect_state()
             if server_hostname is not None:
                 self._conn.set_tlsext_host_name(_sni_bytes(server_hostname))
+                cache = _SESSIONS.get(context)
+                if cache is not None:
+                    self._session_cache = cache
+                    session = cache.get(server_hostname)
+                    if session is not None:
+                        self._conn.set_session(session)
         self._state = _State.OK
         self._handshake_started = False
         self._handshake_done = trio.Event()  # set when the attempt ended, either way
@@ -460,6 +489,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
             await self._retry(self._conn.do_handshake, is_handshake=True)
             if self._check_hostname:
                 self._verify_hostname()
+            if (
+                self._session_cache is not None
+                and self._conn.get_protocol_version_name() != "TLSv1.3"
+            ):
+                self._remember_session()
             self._handshake_ok = True
         except BaseException:
             self._state = _State.BROKEN
@@ -554,7 +588,19 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise ValueError("max_bytes must be >= 1")
             data = await self._retry(lambda: self._read_plain(max_bytes))
             assert data is not None
+            if self._session_cache is not None:
+                # TLS 1.3: the server's tickets came before these bytes.
+                self._remember_session()
             return data
+
+    def _remember_session(self) -> None:
+        cache, self._session_cache = self._session_cache, None
+        session = self._conn.get_session()
+        if cache is None or session is None or self.server_hostname is None:
+            return
+        if len(cache) >= _MAX_SESSION_HOSTS and self.server_hostname not in cache:
+            cache.pop(next(iter(cache)))
+        cache[self.server_hostname] = session
 
     # ------------------------------------------------------------------
     # Sending
@@ -756,18 +802,26 @@ def client_context(
     roots: Sequence[x509.Certificate],
     chain: Sequence[x509.Certificate] | None = None,
     key: PrivateKey | None = None,
+    *,
+    resume_sessions: bool = False,
 ) -> SSL.Context:
     """A hardened client context that verifies the server against ``roots``.
 
     OpenSSL verifies the chain (the handshake fails otherwise); the host name
     is checked by ``TLSStream`` after the handshake and before any byte is
     sent. ``chain``/``key``: the client certificate to present (mutual TLS).
+
+    ``resume_sessions``: ``TLSStream`` clients on this context resume the
+    newest session they hold for the same ``server_hostname`` (see the module
+    docstring). Only for servers that are ours, such as the pool members.
     """
     if not roots:
         raise ValueError("a client context needs at least one trusted root")
     ctx = _base_context(chain, key)
     _add_roots(ctx, roots)
     ctx.set_verify(SSL.VERIFY_PEER)
+    if resume_sessions:
+        _SESSIONS[ctx] = {}
     return ctx
 
 

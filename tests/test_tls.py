@@ -968,6 +968,65 @@ async def test_interop_our_client_against_stdlib_server(tls_pki: TLSPKI, version
             await close_all(server, client)
 
 
+async def _reused_by_stdlib_server(
+    client_ctx: SSL.Context, server_ctx: ssl.SSLContext, hostname: str = "localhost"
+) -> bool:
+    """One connection, one byte each way; did the server resume a session?"""
+    server_tcp, client_tcp = await tcp_pair()
+    server = trio.SSLStream(server_tcp, server_ctx, server_side=True)
+    client = TLSStream(client_tcp, client_ctx, server_side=False, server_hostname=hostname)
+    try:
+        _, client_error = await both(server.do_handshake, client.do_handshake)
+        if client_error is not None:
+            raise client_error
+        await server.send_all(b"s")
+        assert await receive_exactly(client, 1) == b"s"
+        await client.send_all(b"c")
+        assert await receive_exactly(server, 1) == b"c"
+        return bool(server.session_reused)  # type: ignore[attr-defined]
+    finally:
+        await close_all(server, client)
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+async def test_client_resumes_sessions_only_when_asked(tls_pki: TLSPKI, version: str) -> None:
+    with trio.fail_after(TIMEOUT):
+        server_ctx = stdlib_server_ctx(tls_pki)  # one ticket key for every connection
+        resuming = client_context(
+            [tls_pki.root], tls_pki.client.chain, tls_pki.client.key, resume_sessions=True
+        )
+        resuming.set_min_proto_version(VERSIONS[version])
+        resuming.set_max_proto_version(VERSIONS[version])
+        assert not await _reused_by_stdlib_server(resuming, server_ctx)
+        assert await _reused_by_stdlib_server(resuming, server_ctx)
+        assert await _reused_by_stdlib_server(resuming, server_ctx)
+        # The default: every connection is a full handshake.
+        plain = make_client_ctx(tls_pki, version=version)
+        assert not await _reused_by_stdlib_server(plain, server_ctx)
+        assert not await _reused_by_stdlib_server(plain, server_ctx)
+        # A new context (a reload) starts with no session.
+        fresh = client_context(
+            [tls_pki.root], tls_pki.client.chain, tls_pki.client.key, resume_sessions=True
+        )
+        fresh.set_min_proto_version(VERSIONS[version])
+        fresh.set_max_proto_version(VERSIONS[version])
+        assert not await _reused_by_stdlib_server(fresh, server_ctx)
+
+
+async def test_resumed_session_still_checks_the_host_name(tls_pki: TLSPKI) -> None:
+    with trio.fail_after(TIMEOUT):
+        server_ctx = stdlib_server_ctx(tls_pki)
+        ctx = client_context(
+            [tls_pki.root], tls_pki.client.chain, tls_pki.client.key, resume_sessions=True
+        )
+        assert not await _reused_by_stdlib_server(ctx, server_ctx)
+        # Sessions are kept per host name: another name gets a full handshake
+        # and its own check, which the certificate fails.
+        with pytest.raises(HostnameMismatchError):
+            await _reused_by_stdlib_server(ctx, server_ctx, hostname="other.example")
+        assert await _reused_by_stdlib_server(ctx, server_ctx)
+
+
 # ----------------------------------------------------------------------
 # Interop: openssl s_client / s_server subprocesses
 
