@@ -122,7 +122,10 @@ fi
 
 # --- 2. build -------------------------------------------------------------------------
 step "2. build $IMAGE"
-if [ "${EDGE_CONTEXT:-}" != "" ]; then
+if [ -z "${EDGE_CONTEXT:-}" ] && ! git -C "$REPO" rev-parse --verify -q HEAD >/dev/null 2>&1; then
+  EDGE_CONTEXT=$REPO  # not a git checkout: the files as they are
+fi
+if [ -n "${EDGE_CONTEXT:-}" ]; then
   CONTEXT=$(cd "$EDGE_CONTEXT" && pwd)
   say "   context: $CONTEXT (working tree as it is)"
 else
@@ -177,8 +180,11 @@ check "no compiler, pip or package cache (gcc cc make pip pip3, /var/lib/apt/lis
             test -z "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock)" && ! test -e /root/.cache'
 check "no tests, benchmarks or sources beyond the installed package" -- \
   in_image '! ls -d /opt/edge/lib/python3*/site-packages/tests /opt/edge/lib/python3*/site-packages/bench /src 2>/dev/null'
-check "edge --help works as the image's user" -- \
-  run_once "$IMAGE" --help >/dev/null
+edge_help() {
+  local out
+  out=$(run_once "$IMAGE" --help) && [[ $out == *"run the gateway"* ]]
+}
+check "\`edge --help\` runs as the image's user" -- edge_help
 
 # --- 4. run it ------------------------------------------------------------------------------
 step "4. run $IMAGE read-only on loopback"
