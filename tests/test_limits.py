@@ -98,7 +98,7 @@ async def _start(nursery: trio.Nursery, tmp_path: Path, pki: Pki, limits: str) -
         tmp_path,
         pki,
         [(h, p) for h, p, _ in pool],
-        limits="handshake_timeout_s = 3\n" + limits,
+        limits=limits if "handshake_timeout_s" in limits else "handshake_timeout_s = 3\n" + limits,
         policies={
             "fabrikam.com": 'domains = ["fabrikam.com"]\nmax_connections = 2\n',
         },
@@ -109,6 +109,22 @@ async def _start(nursery: trio.Nursery, tmp_path: Path, pki: Pki, limits: str) -
 async def _raw_connection(edge: EdgeProcess) -> tuple[trio.SocketStream, int]:
     tcp = await trio.open_tcp_stream(*edge.address)
     return tcp, tcp.socket.getsockname()[1]
+
+
+async def _first_refusal(
+    edge: EdgeProcess, held: list[tuple[trio.SocketStream, int]]
+) -> dict[str, object]:
+    """Open stalled connections until the gateway refuses one; return that event.
+
+    Deterministic under load: no guess of when the gateway accepted the
+    earlier ones. Every connection opened is appended to ``held``.
+    """
+    for _ in range(40):
+        tcp, port = await _raw_connection(edge)
+        held.append((tcp, port))
+        with trio.move_on_after(0.3):
+            return await edge.event_for_port(port, "connection_rejected")
+    raise AssertionError("no connection was refused")
 
 
 async def _stop(edge: EdgeProcess) -> None:
@@ -138,16 +154,16 @@ async def test_max_connections_per_source(tmp_path: Path, pki: Pki) -> None:
 async def test_max_handshakes_in_progress(tmp_path: Path, pki: Pki) -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            edge = await _start(nursery, tmp_path, pki, "max_handshakes_in_progress = 3")
-            stalled = [await _raw_connection(edge) for _ in range(3)]
-            await trio.sleep(0.2)  # let the gateway accept them
-            extra, port = await _raw_connection(edge)
-            event = await edge.event_for_port(port, "connection_rejected")
+            edge = await _start(
+                nursery, tmp_path, pki, "max_handshakes_in_progress = 3\nhandshake_timeout_s = 20"
+            )
+            stalled: list[tuple[trio.SocketStream, int]] = []
+            event = await _first_refusal(edge, stalled)
             assert event["reason"] == "over_limit"
-            assert "max_handshakes_in_progress" in event["detail"]
+            assert "max_handshakes_in_progress" in str(event["detail"])
+            assert len(stalled) >= 4  # three held the slots before one was refused
             for tcp, _ in stalled:
                 await tcp.aclose()
-            await extra.aclose()
             # Freed slots admit a real partner again.
             await edge.wait_for(
                 lambda _e: (
@@ -211,15 +227,15 @@ async def test_policy_max_connections_per_partner(tmp_path: Path, pki: Pki) -> N
 async def test_max_connections_global(tmp_path: Path, pki: Pki) -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            edge = await _start(nursery, tmp_path, pki, "max_connections = 2")
-            held = [await _raw_connection(edge) for _ in range(2)]
-            await trio.sleep(0.2)
-            extra, port = await _raw_connection(edge)
-            event = await edge.event_for_port(port, "connection_rejected")
+            edge = await _start(
+                nursery, tmp_path, pki, "max_connections = 2\nhandshake_timeout_s = 20"
+            )
+            held: list[tuple[trio.SocketStream, int]] = []
+            event = await _first_refusal(edge, held)
             assert event["reason"] == "over_limit"
-            assert "max_connections=2" in event["detail"]
+            assert "max_connections=2" in str(event["detail"])
+            assert len(held) >= 3
             for tcp, _ in held:
                 await tcp.aclose()
-            await extra.aclose()
             await _stop(edge)
             nursery.cancel_scope.cancel()
