@@ -91,7 +91,7 @@ class Metrics:
         )
         self.pool_member_up = Gauge(
             "edge_pool_member_up",
-            "1 when the last attempt to reach the member succeeded",
+            "1 while the member is in rotation (health checks and real traffic agree it works)",
             ["pool", "member"],
             multiprocess_mode="livemax",
             registry=registry,
