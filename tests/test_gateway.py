@@ -584,3 +584,28 @@ def test_malformed_config_fails_naming_the_problem(case: str, tmp_path: Path, pk
     assert must_name in result.stderr, result.stderr
     assert "gateway_started" not in result.stdout
     assert "Traceback" not in result.stderr
+
+
+async def test_tls_mode_listener_relays_without_client_certificate(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """mode = "tls": server authentication only; identity is the inner protocol's."""
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            pool = await start_pool(nursery, pki, POOL[:1])
+            config = write_federation(tmp_path, pki, [(h, p) for h, p, _ in pool])
+            text = config.read_text().replace(
+                'mode = "mtls"\npolicies = "federation_policies"\n', 'mode = "tls"\n'
+            )
+            assert 'mode = "tls"' in text
+            config.write_text(text)
+            edge = await start_edge(nursery, config)
+            stream, port = await partner_stream(edge, pki, None)  # no client certificate
+            assert await echo_roundtrip(stream, b"remote user") == b"remote user"
+            await stream.aclose()
+            closed = await edge.event_for_port(port, "connection_closed")
+            assert closed["partner"] == "unknown"
+            assert closed["leaf_subject"] is None
+            assert closed["member"] == POOL[0]
+            assert await _stop(edge) == 0
+            nursery.cancel_scope.cancel()
