@@ -4,7 +4,7 @@
 #
 #   1. make (or reuse) a local Debian bookworm base image with debootstrap
 #      (no registry is reachable here; EDGE_BASE=debian:bookworm-slim skips this
-#      where one is);
+#      where one is; EDGE_FRESH_BASE=1 remakes it, as on a fresh machine);
 #   2. build the image from git HEAD (EDGE_CONTEXT=. builds the working tree);
 #   3. inspect it: user, healthcheck, no compiler, no pip, no tests;
 #   4. generate a throwaway federation (deploy/example/make-certs.py), start an
@@ -30,7 +30,7 @@ REPO=$PWD
 export CONTAINERS_CONF="$REPO/deploy/ci/containers.conf"
 export CONTAINERS_STORAGE_CONF="$REPO/deploy/ci/storage.conf"
 IMAGE=${EDGE_IMAGE:-localhost/edge:ci}
-LOCAL_BASE=localhost/debian-bookworm-minbase:local
+LOCAL_BASE=${EDGE_LOCAL_BASE:-localhost/debian-bookworm-minbase:local}  # made here if absent
 BASE=${EDGE_BASE:-$LOCAL_BASE}
 NAME=edge-ci-$$
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}
@@ -107,7 +107,7 @@ say "   podman $(podman --version | awk '{print $3}'), runtime and storage: $inf
 step "1. base image $BASE"
 if [ "$BASE" != "$LOCAL_BASE" ]; then
   say "   using $BASE as given by EDGE_BASE"
-elif timeout 60 podman image exists "$LOCAL_BASE"; then
+elif [ -z "${EDGE_FRESH_BASE:-}" ] && timeout 60 podman image exists "$LOCAL_BASE"; then
   say "   reusing $LOCAL_BASE (made by debootstrap earlier; podman rmi it to remake)"
 else
   mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
