@@ -18,6 +18,8 @@ ARG BASE=debian:bookworm-slim
 FROM ${BASE} AS build
 ARG PIP_INDEX_URL=
 ARG PIP_CERT=
+# DL3008 (pin apt versions) is ignored on purpose: the base tag pins the Debian
+# release, and exact versions vanish from the archive at each point release.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \

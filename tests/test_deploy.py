@@ -486,3 +486,17 @@ def test_the_image_command_starts_answers_its_healthcheck_and_stops_on_sigterm(
         timeout=10,
     )
     assert down.returncode == 1 and down.stdout.startswith("unhealthy:")
+
+
+def test_the_kubernetes_edge_toml_loads(tmp_path: Path) -> None:
+    """The ConfigMap's edge.toml, with its mount points moved into tmp_path,
+    passes the gateway's own loader (no unknown key, no wrong type)."""
+    make_certs = load_script(EXAMPLE / "make-certs.py")
+    assert make_certs.main([str(tmp_path)]) == 0
+    text = k8s("ConfigMap", "edge-config")["data"]["edge.toml"]
+    text = text.replace("/etc/edge/certs/", f"{tmp_path}/certs/")
+    text = text.replace("/etc/edge/federation_policies", f"{tmp_path}/federation_policies")
+    assert not [line for line in text.splitlines() if "/etc/edge" in line.split("#")[0]]
+    config = tmp_path / "k8s-edge.toml"
+    config.write_text(text)
+    assert edge_main(["check", "--config", str(config)]) == 0
