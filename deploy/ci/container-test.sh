@@ -115,7 +115,8 @@ else
   say "   debootstrap --variant=minbase bookworm from $mirror"
   timeout 900 debootstrap --variant=minbase bookworm "$RUN/rootfs" "$mirror" >"$RUN/debootstrap.log" 2>&1 \
     || { tail -20 "$RUN/debootstrap.log"; say "FAIL: debootstrap"; exit 1; }
-  timeout 600 tar -C "$RUN/rootfs" -c . | timeout 600 podman import - "$LOCAL_BASE" >/dev/null
+  timeout 600 tar -C "$RUN/rootfs" -c . | timeout 600 podman import - "$LOCAL_BASE" >"$RUN/import.log" 2>&1 \
+    || { cat "$RUN/import.log"; say "FAIL: podman import"; exit 1; }
   rm -rf "$RUN/rootfs"
   say "   made $LOCAL_BASE in $(($(date +%s) - step_started)) s"
 fi
@@ -283,7 +284,9 @@ HELPER_TIMEOUT=60 partner relay --edge "$EDGE" --dir "$PARTNERS" --partner north
 out=$(cat "$RUN/new-partner.out")
 if [ "${out#ok:}" != "$out" ]; then
   say "   after:  $out"
-  event --event policies_reloaded --field result=ok | sed 's/^/   /' || true
+  event --event policies_reloaded --field result=ok | sed 's/^/   /' || FAILED=$((FAILED + 1))
+  starts=$(logs | grep -c '"event":"gateway_started"' || true)
+  check "no restart: one gateway_started in the log ($starts), same process" -- test "$starts" = 1
 else
   reloads=$(partner metric "$M/metrics" 'edge_policy_reloads_total{result="ok"}' 2>&1 || true)
   errors=$(partner metric "$M/metrics" 'edge_policy_reloads_total{result="error"}' 2>&1 || true)
