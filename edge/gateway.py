@@ -746,9 +746,14 @@ class Gateway:
         self, listener: Listener, tcp: trio.SocketStream, conn: _Conn
     ) -> None:
         tls = TLSStream(tcp, self._server_contexts[listener.name], server_side=True)
-        self._handshakes_in_progress += 1
         try:
-            partner, pool_name = await self._admit(listener, tls, conn)
+            self._handshakes_in_progress += 1
+            try:
+                partner, pool_name = await self._admit(listener, tls, conn)
+            finally:
+                # Released before anything is logged: whoever reads the verdict
+                # may count on the slot being free again.
+                self._handshakes_in_progress -= 1
         except _Rejected as rej:
             self._reject(listener, conn, rej.reason, rej.detail)
             # No close_notify: a refusal is not a graceful end of stream.
@@ -761,8 +766,6 @@ class Gateway:
                 )
                 await trio.aclose_forcefully(tls.transport_stream)
             raise
-        finally:
-            self._handshakes_in_progress -= 1
         label = self.partner_label(listener, partner)
         self._active_by_partner[label] += 1
         try:
