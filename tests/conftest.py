@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+if TYPE_CHECKING:
+    from tests.gateway_harness import Pki
 
 
 @dataclass(frozen=True)
@@ -65,3 +69,11 @@ def tls_pki(tmp_path_factory: pytest.TempPathFactory) -> TLSPKI:
         server=_identity(server, directory, "server"),
         client=_identity(client, directory, "client"),
     )
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    """A federation's PKI for end-to-end tests (edge, enterprise, partners, a stranger)."""
+    from tests.gateway_harness import Pki
+
+    return Pki.make()

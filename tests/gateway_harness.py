@@ -170,6 +170,22 @@ class EdgeProcess:
             self.process.send_signal(signal.SIGTERM)
 
 
+async def _reap(process: trio.Process) -> None:
+    """Kill the gateway if the test ends (passes, fails or times out) with it running."""
+    try:
+        await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+
+
+async def stop_edge(edge: EdgeProcess, timeout: float = 15) -> int:
+    """SIGTERM, then the exit status (the gateway drains first)."""
+    edge.terminate()
+    with trio.fail_after(timeout):
+        return await edge.process.wait()
+
+
 def edge_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "edge.cli", *args]
 
@@ -185,6 +201,7 @@ async def start_edge(nursery: trio.Nursery, config: Path, args: Sequence[str] = 
     edge = EdgeProcess(process)
     nursery.start_soon(edge.read_stdout)
     nursery.start_soon(edge.read_stderr)
+    nursery.start_soon(_reap, process)
     try:
         started = await edge.wait_for(
             lambda e: e.get("event") in ("gateway_started", "startup_failed"), timeout=20

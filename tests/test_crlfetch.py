@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import h11
-import pytest
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -22,11 +21,6 @@ from tests.gateway_harness import (
     start_pool,
     write_federation,
 )
-
-
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki.make()
 
 
 def test_distribution_points_are_read_from_the_certificate(pki: Pki) -> None:

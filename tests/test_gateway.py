@@ -23,18 +23,15 @@ from tests.gateway_harness import (
     Pki,
     echo_roundtrip,
     edge_command,
+    http_get,
     partner_stream,
     start_edge,
     start_pool,
+    stop_edge,
     write_federation,
 )
 
 POOL = ("fe1.corp.test", "fe2.corp.test")
-
-
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki.make()
 
 
 async def _federation(
@@ -50,12 +47,6 @@ async def _federation(
         tmp_path, pki, [(h, p) for h, p, _ in pool], limits=limits, policies=policies
     )
     return await start_edge(nursery, config)
-
-
-async def _stop(edge: EdgeProcess) -> int:
-    edge.terminate()
-    with trio.fail_after(15):
-        return await edge.process.wait()
 
 
 async def test_two_partners_relayed_concurrently(tmp_path: Path, pki: Pki) -> None:
@@ -89,7 +80,7 @@ async def test_two_partners_relayed_concurrently(tmp_path: Path, pki: Pki) -> No
                 members.add(closed["member"])
             # Round robin: two connections went to the two members.
             assert members == set(POOL)
-            assert await _stop(edge) == 0
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -115,7 +106,7 @@ async def test_forty_concurrent_connections(tmp_path: Path, pki: Pki) -> None:
             await edge.wait_for(
                 lambda _e: sum(1 for e in edge.events if e["event"] == "connection_closed") >= 40
             )
-            assert await _stop(edge) == 0
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -153,7 +144,7 @@ async def test_64_mib_each_way_sha256(tmp_path: Path, pki: Pki) -> None:
             assert closed["bytes_from_partner"] == size
             assert closed["bytes_to_partner"] == size
             assert closed["end"] == "partner_closed"
-            assert await _stop(edge) == 0
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -217,7 +208,7 @@ async def test_rejections_carry_exact_reason_codes(tmp_path: Path, pki: Pki) -> 
             await tcp.aclose()
             # The log never carries payload bytes.
             assert not any("let me in" in str(e) for e in edge.events)
-            assert await _stop(edge) == 0
+            assert await stop_edge(edge) == 0
             assert b"Traceback" not in edge.stderr
             nursery.cancel_scope.cancel()
 
@@ -254,7 +245,7 @@ async def test_handshake_timeout(tmp_path: Path, pki: Pki) -> None:
             with trio.fail_after(5):
                 assert await silent.receive_some(10) == b""
             await silent.aclose()
-            assert await _stop(edge) == 0
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -271,7 +262,7 @@ async def test_idle_timeout_closes_relayed_connection(tmp_path: Path, pki: Pki) 
             closed = await edge.event_for_port(port, "connection_closed")
             assert closed["end"] == "idle_timeout"
             await stream.aclose()
-            assert await _stop(edge) == 0
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -313,7 +304,7 @@ async def test_member_with_certificate_for_another_host_is_untrusted(
             assert upstream["reason"] == "upstream_untrusted"
             # Not one byte of the partner's data reached the impostor.
             assert received == []
-            assert await _stop(edge) == 0
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -332,7 +323,7 @@ async def test_all_members_down_is_no_upstream(tmp_path: Path, pki: Pki) -> None
             assert event["partner"] == "fabrikam.com"
             for host in POOL:
                 assert host in str(event["detail"])
-            assert await _stop(edge) == 0
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -356,7 +347,7 @@ async def test_half_close_partner_first(tmp_path: Path, pki: Pki) -> None:
             await stream.aclose()
             closed = await edge.event_for_port(port, "connection_closed")
             assert closed["end"] == "partner_closed"
-            assert await _stop(edge) == 0
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -408,7 +399,7 @@ async def test_half_close_pool_first(tmp_path: Path, pki: Pki) -> None:
             closed = await edge.event_for_port(port, "connection_closed")
             assert closed["end"] == "pool_closed"
             assert closed["bytes_from_partner"] == len(payload)
-            assert await _stop(edge) == 0
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -464,8 +455,8 @@ async def test_metrics_endpoint(tmp_path: Path, pki: Pki) -> None:
             await stream.aclose()
             await _rejected_reason(edge, pki, pki.stranger.issue(dns=["x.stranger.test"]))
             await edge.wait_for(lambda e: e["event"] == "connection_closed")
-            text = await _http_get(edge.metrics_address, "/metrics")
-            assert "200 OK" in text.splitlines()[0]
+            status, text = await http_get(edge.metrics_address, "/metrics")
+            assert status == 200
             fed = 'listener="federation"'
             assert f'edge_handshakes_total{{{fed},partner="fabrikam.com",result="ok"}} 1.0' in text
             assert (
@@ -477,23 +468,11 @@ async def test_metrics_endpoint(tmp_path: Path, pki: Pki) -> None:
             )
             assert "edge_connections_active" in text
             assert "process_cpu_seconds_total" in text
-            assert (await _http_get(edge.metrics_address, "/healthz")).startswith("HTTP/1.1 200")
-            assert (await _http_get(edge.metrics_address, "/readyz")).startswith("HTTP/1.1 200")
-            assert (await _http_get(edge.metrics_address, "/nope")).startswith("HTTP/1.1 404")
-            assert await _stop(edge) == 0
+            assert (await http_get(edge.metrics_address, "/healthz"))[0] == 200
+            assert (await http_get(edge.metrics_address, "/readyz"))[0] == 200
+            assert (await http_get(edge.metrics_address, "/nope"))[0] == 404
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
-
-
-async def _http_get(address: str, path: str) -> str:
-    host, _, port = address.rpartition(":")
-    stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
-    async with stream:
-        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-        body = b""
-        with trio.fail_after(5):
-            while chunk := await stream.receive_some(65536):
-                body += chunk
-    return body.decode()
 
 
 # ----------------------------------------------------------------------
@@ -607,5 +586,5 @@ async def test_tls_mode_listener_relays_without_client_certificate(
             assert closed["partner"] == "unknown"
             assert closed["leaf_subject"] is None
             assert closed["member"] == POOL[0]
-            assert await _stop(edge) == 0
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()

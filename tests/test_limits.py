@@ -15,6 +15,7 @@ from tests.gateway_harness import (
     partner_stream,
     start_edge,
     start_pool,
+    stop_edge,
     write_federation,
 )
 
@@ -87,11 +88,6 @@ def test_limits_must_be_positive() -> None:
 # Through `edge run`: each limit refuses with over_limit, before a handshake.
 
 
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki.make()
-
-
 async def _start(nursery: trio.Nursery, tmp_path: Path, pki: Pki, limits: str) -> EdgeProcess:
     pool = await start_pool(nursery, pki, ("fe1.corp.test",))
     config = write_federation(
@@ -127,12 +123,6 @@ async def _first_refusal(
     raise AssertionError("no connection was refused")
 
 
-async def _stop(edge: EdgeProcess) -> None:
-    edge.terminate()
-    with trio.fail_after(15):
-        assert await edge.process.wait() == 0
-
-
 async def test_max_connections_per_source(tmp_path: Path, pki: Pki) -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -147,7 +137,7 @@ async def test_max_connections_per_source(tmp_path: Path, pki: Pki) -> None:
             for tcp, _ in held:
                 await tcp.aclose()
             await extra.aclose()
-            await _stop(edge)
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -164,23 +154,16 @@ async def test_max_handshakes_in_progress(tmp_path: Path, pki: Pki) -> None:
             assert len(stalled) >= 4  # three held the slots before one was refused
             for tcp, _ in stalled:
                 await tcp.aclose()
-            # Freed slots admit a real partner again.
-            await edge.wait_for(
-                lambda _e: (
-                    sum(
-                        1
-                        for e in edge.events
-                        if e["event"] == "connection_rejected" and e["reason"] == "tls_error"
-                    )
-                    >= 3
-                )
-            )
+            # Freed slots admit a real partner again, once every stalled
+            # connection has ended (each one's own event, not a count).
+            for _, port in stalled:
+                await edge.event_for_port(port, "connection_rejected")
             stream, _ = await partner_stream(
                 edge, pki, pki.fabrikam.issue(dns=["sip.fabrikam.com"])
             )
             assert await echo_roundtrip(stream, b"ok") == b"ok"
             await stream.aclose()
-            await _stop(edge)
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -199,7 +182,7 @@ async def test_new_connection_rate_per_source(tmp_path: Path, pki: Pki) -> None:
             assert "new_connections_per_source_per_s" in event["detail"]
             for tcp, _ in conns:
                 await tcp.aclose()
-            await _stop(edge)
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -220,7 +203,7 @@ async def test_policy_max_connections_per_partner(tmp_path: Path, pki: Pki) -> N
             await third.aclose()
             for stream in open_streams:
                 await stream.aclose()
-            await _stop(edge)
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
 
 
@@ -237,5 +220,5 @@ async def test_max_connections_global(tmp_path: Path, pki: Pki) -> None:
             assert len(held) >= 3
             for tcp, _ in held:
                 await tcp.aclose()
-            await _stop(edge)
+            assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()

@@ -6,7 +6,6 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
 import trio
 
 from tests.gateway_harness import (
@@ -14,15 +13,12 @@ from tests.gateway_harness import (
     Pki,
     echo_roundtrip,
     partner_stream,
+    sample,
+    scrape,
     start_edge,
     start_pool,
     write_federation,
 )
-
-
-@pytest.fixture(scope="module")
-def pki() -> Pki:
-    return Pki.make()
 
 
 async def _start(nursery: trio.Nursery, tmp_path: Path, pki: Pki, limits: str = "") -> EdgeProcess:
@@ -54,11 +50,11 @@ async def test_two_workers_share_the_port_and_metrics_add_up(tmp_path: Path, pki
             held, _ = await partner_stream(edge, pki, leaf)
             assert await echo_roundtrip(held, b"held") == b"held"
             fed = {"listener": "federation", "partner": "fabrikam.com"}
-            samples = await _scrape(edge)
-            assert sample_value(samples, "edge_handshakes_total", **fed, result="ok") == 25
-            assert sample_value(samples, "edge_connections_active", **fed) == 1
+            samples = await scrape(edge)
+            assert sample(samples, "edge_handshakes_total", **fed, result="ok") == 25
+            assert sample(samples, "edge_connections_active", **fed) == 1
             assert (
-                sample_value(samples, "edge_bytes_total", **fed, direction="from_partner")
+                sample(samples, "edge_bytes_total", **fed, direction="from_partner")
                 == sum(len(b"w%d" % i) for i in range(24)) + 4
             )
             await held.aclose()
@@ -119,28 +115,3 @@ async def test_sigterm_drains_every_worker(tmp_path: Path, pki: Pki) -> None:
             assert sorted(e["worker"] for e in stopped) == [0, 1]
             assert all(e["code"] == 0 for e in stopped)
             nursery.cancel_scope.cancel()
-
-
-def sample_value(
-    samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str
-) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
-
-
-async def _scrape(edge: EdgeProcess) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    host, _, port = edge.metrics_address.rpartition(":")
-    stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
-    async with stream:
-        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
-        raw = b""
-        with trio.fail_after(5):
-            while chunk := await stream.receive_some(65536):
-                raw += chunk
-    body = raw.partition(b"\r\n\r\n")[2].decode()
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(body)
-        for s in family.samples
-    }
