@@ -80,6 +80,7 @@ FIGURES: list[tuple[str, str, str]] = [
     ("b_rate", "    MiB/s relayed", "{:.0f}"),
     ("c_p50", "(c) echo p50 ms, 100 busy", "{:.2f}"),
     ("c_p99", "    echo p99 ms, 100 busy", "{:.2f}"),
+    ("c_cpu", "    CPU us / 1 KiB echo", "{:.0f}"),
     ("d_mem", "(d) KiB / idle connection", "{:.1f}"),
 ]
 BUSY = [
@@ -253,6 +254,8 @@ def run_latency(
             clients.expect(p, 60)
         probe = clients.spawn(load.probe, partner, relay.port, seconds, samples)
         clients.expect(probe, 30)
+        relay.refresh()
+        c0 = relay.cpu()
         for p in busy_pipes:
             p.send("go")
         time.sleep(0.5)  # the busy connections reach their steady state
@@ -261,12 +264,18 @@ def run_latency(
         for p in busy_pipes:
             p.send("stop")
         busy_results = [clients.expect(p, 30) for p in busy_pipes]
+        cpu = relay.cpu() - c0
     finally:
         clients.close()
     errors = [r["error"] for r in [result, *busy_results] if r["error"]]
     if errors or "p99" not in result:
         raise RuntimeError(f"{relay.name}: latency run failed: {errors or result}")
-    return {"c_p50": result["p50"] * 1000, "c_p99": result["p99"] * 1000}
+    echoes = result["samples"] + sum(r["echoes"] for r in busy_results)
+    return {
+        "c_p50": result["p50"] * 1000,
+        "c_p99": result["p99"] * 1000,
+        "c_cpu": cpu * 1e6 / max(echoes, 1),
+    }
 
 
 def run_idle(relay: Relay, partner: load.Partner, count: int, budget: float) -> dict[str, float]:
@@ -393,6 +402,12 @@ def main() -> int:
     parser.add_argument("--no-install", action="store_true", help="never run apt-get")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it (logs)")
     parser.add_argument(
+        "--baseline-edge",
+        type=Path,
+        help="also run edge from this source tree (e.g. a git worktree of main) as edge-base, "
+        "for a before/after comparison in the same run",
+    )
+    parser.add_argument(
         "--profile-edge", type=Path, help="run edge under cProfile, write FOLDER/edge-1w.prof"
     )
     args = parser.parse_args()
@@ -426,8 +441,12 @@ def main() -> int:
             relays.append(edge_relay(folder, files, back.port, w, args.profile_edge))
         relays.append(haproxy_relay(folder, files, back.port, w))
         relays.append(nginx_relay(folder, files, back.port, w))
+    if args.baseline_edge is not None:
+        base = edge_relay(folder, files, back.port, 1, name="edge-base")
+        base.env = {"PYTHONPATH": str(args.baseline_edge.resolve())}
+        relays.insert(1, base)
     if args.only:
-        wanted = set(args.only.split(","))
+        wanted = set(args.only.split(",")) | ({"edge-base"} if args.baseline_edge else set())
         relays = [r for r in relays if r.name in wanted]
     runs: dict[str, list[dict[str, float]]] = {r.name: [] for r in relays}
     try:

@@ -197,13 +197,18 @@ class Relay:
     port: int
     argv: list[str]
     folder: Path
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
     proc: subprocess.Popen[bytes] | None = None
     pids: list[int] = field(default_factory=list)
 
     def start(self) -> None:
         out = open(self.folder / f"{self.name}.out", "wb")  # noqa: SIM115 (kept by Popen)
         self.proc = subprocess.Popen(
-            self.argv, stdout=out, stderr=subprocess.STDOUT, cwd=self.folder, env=_env()
+            self.argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=self.folder,
+            env={**os.environ, **self.env},
         )
         out.close()
         wait_listening(self.port, self.proc)
@@ -239,10 +244,6 @@ class Relay:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ)
 
 
 _ECHO_LUA = """\
@@ -306,14 +307,20 @@ def _edge_limits() -> str:
 
 
 def edge_relay(
-    folder: Path, files: Files, backend_port: int, workers: int, profile: Path | None = None
+    folder: Path,
+    files: Files,
+    backend_port: int,
+    workers: int,
+    profile: Path | None = None,
+    name: str | None = None,
 ) -> Relay:
+    name = name or f"edge-{workers}w"
     port = free_port()
     policies = folder / "federation_policies" / PARTNER_DOMAIN
     policies.mkdir(parents=True, exist_ok=True)
     shutil.copy(files.partner_root, policies / "root.pem")
     (policies / "policy.toml").write_text(f'domains = ["{PARTNER_DOMAIN}"]\n')
-    cfg = folder / f"edge-{workers}.toml"
+    cfg = folder / f"{name}.toml"
     cfg.write_text(
         f"""[identity]
 public_cert = "{files.public_chain}"
@@ -342,10 +349,10 @@ address = "{HOST}:0"
     )
     argv = [sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)]
     if profile is not None:  # cProfile, written when the relay stops (SIGTERM drains)
-        argv[1:1] = ["-m", "cProfile", "-o", str(profile / f"edge-{workers}w.prof")]
+        argv[1:1] = ["-m", "cProfile", "-o", str(profile / f"{name}.prof")]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    return Relay(f"edge-{workers}w", workers, port, argv, folder)
+    return Relay(name, workers, port, argv, folder)
 
 
 def haproxy_relay(folder: Path, files: Files, backend_port: int, workers: int) -> Relay:
