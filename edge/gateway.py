@@ -928,7 +928,13 @@ class Gateway:
         self, listener: Listener, label: str, conn: _Conn, partner: TLSStream, upstream: TLSStream
     ) -> None:
         idle = self.config.limits.idle_timeout_s
-        last = trio.current_time()
+        watch_idle = idle > 0 and not math.isinf(idle)
+        # The idle timeout is the relay scope's deadline, pushed forward by the
+        # pumps (no watchdog task per connection). It is moved only once it is
+        # `slack` stale, so a busy stream does not touch trio's deadline heap
+        # per record; the connection closes between idle and idle + slack
+        # after its last byte.
+        slack = idle / 64 if watch_idle else 0.0
         from_partner = self.metrics.bytes.labels(listener.name, label, "from_partner")
         to_partner = self.metrics.bytes.labels(listener.name, label, "to_partner")
 
@@ -940,7 +946,6 @@ class Gateway:
         async def pump(
             src: TLSStream, dst: TLSStream, outbound: bool, scope: trio.CancelScope
         ) -> None:
-            nonlocal last
             src_name, dst_name = ("partner", "pool") if outbound else ("pool", "partner")
             counter = from_partner if outbound else to_partner
             while True:
@@ -975,29 +980,28 @@ class Gateway:
                     conn.bytes_from_partner += n
                 else:
                     conn.bytes_to_partner += n
-                last = trio.current_time()
-
-        async def watchdog(scope: trio.CancelScope) -> None:
-            while True:
-                deadline = last + idle
-                if trio.current_time() >= deadline:
-                    finish("idle_timeout", f"no byte either way for idle_timeout_s={idle:g}")
-                    scope.cancel()
-                    return
-                await trio.sleep_until(deadline)
+                if watch_idle:
+                    deadline = trio.current_time() + idle + slack
+                    if deadline - scope.deadline > slack:
+                        scope.deadline = deadline
 
         key = id(conn)
         try:
-            async with trio.open_nursery() as outer:
+            # One scope for the whole relay: an error in either pump, a
+            # withdrawn partner (_live) and the idle deadline all cancel it.
+            # One pump runs in this task, the other in the nursery.
+            with trio.CancelScope() as scope:
+                if watch_idle:
+                    scope.deadline = trio.current_time() + idle + slack
                 if conn.chain:
-                    self._live[key] = _Live(listener, conn, outer.cancel_scope)
+                    self._live[key] = _Live(listener, conn, scope)
                     self._note_expiry(conn.chain)
-                if idle > 0 and not math.isinf(idle):
-                    outer.start_soon(watchdog, outer.cancel_scope)
                 async with trio.open_nursery() as pumps:
-                    pumps.start_soon(pump, partner, upstream, True, outer.cancel_scope)
-                    pumps.start_soon(pump, upstream, partner, False, outer.cancel_scope)
-                outer.cancel_scope.cancel()
+                    pumps.start_soon(pump, upstream, partner, False, scope)
+                    await pump(partner, upstream, True, scope)
+            if scope.cancelled_caught:
+                # Whoever cancelled on purpose said why first; else the deadline.
+                finish("idle_timeout", f"no byte either way for idle_timeout_s={idle:g}")
         finally:
             self._live.pop(key, None)
         if conn.end is None:
