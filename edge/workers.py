@@ -298,13 +298,25 @@ async def _main(sup: _Supervisor) -> int:
 def supervise(config: Config, config_path: Path, log: EventLog, count: int) -> int:
     """Run ``count`` workers until SIGTERM/SIGINT; the exit status."""
     given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if given:
-        metrics_dir = Path(given)
-        metrics_dir.mkdir(parents=True, exist_ok=True)
-        for stale in metrics_dir.glob("*.db"):  # values of a previous run
-            stale.unlink()
-    else:
-        metrics_dir = Path(tempfile.mkdtemp(prefix="edge-metrics-"))
+    try:
+        if given:
+            metrics_dir = Path(given)
+            metrics_dir.mkdir(parents=True, exist_ok=True)
+            for stale in metrics_dir.glob("*.db"):  # values of a previous run
+                stale.unlink()
+        else:
+            metrics_dir = Path(tempfile.mkdtemp(prefix="edge-metrics-"))
+    except OSError as exc:
+        # A read-only root filesystem without a tmpfs: say what to do.
+        where = given if given else "a temporary directory"
+        problem = (
+            f"--workers needs a writable folder for the workers' metrics, and {where} "
+            f"cannot be used ({exc.strerror or exc}): mount a tmpfs on /tmp or set "
+            "PROMETHEUS_MULTIPROC_DIR to a writable folder"
+        )
+        print(f"edge: {problem}", file=sys.stderr)
+        log.event("startup_failed", config=str(config_path), problems=[problem])
+        return 1
     try:
         return trio.run(_main, _Supervisor(config, config_path, log, count, metrics_dir))
     finally:

@@ -115,3 +115,24 @@ async def test_sigterm_drains_every_worker(tmp_path: Path, pki: Pki) -> None:
             assert sorted(e["worker"] for e in stopped) == [0, 1]
             assert all(e["code"] == 0 for e in stopped)
             nursery.cancel_scope.cancel()
+
+
+def test_unwritable_metrics_folder_is_a_clear_startup_error(tmp_path: Path, pki: Pki) -> None:
+    """A read-only root without a tmpfs: exit 1 with advice, never a traceback."""
+    import subprocess
+    import sys
+
+    config = write_federation(tmp_path, pki, [("fe1.corp.test", 9)])
+    (tmp_path / "a-file").write_text("in the way\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "edge.cli", "run", "--config", str(config), "--workers", "2"],
+        env=dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "a-file" / "metrics")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "PROMETHEUS_MULTIPROC_DIR" in result.stderr and "tmpfs" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert '"startup_failed"' in result.stdout
