@@ -66,7 +66,7 @@ from edge.watch import Fingerprint, fingerprint
 __all__ = ["Gateway", "StartupError", "run_command"]
 
 # One chunk in flight per direction: the relay's memory bound.
-RELAY_CHUNK = 64 * 1024
+RELAY_CHUNK = 128 * 1024
 # Log fields an unauthenticated peer can fill are clipped: a stranger's 80 kB
 # subject must not become a 240 kB log line per handshake.
 _MAX_SUBJECT = 512
