@@ -2,7 +2,7 @@
 
 One command:
 
-    python bench/compare.py            # 3 rounds, ~5-8 minutes on 2 cores
+    python bench/compare.py            # 3 rounds, ~4 minutes on 2 cores (budget: 10)
     python bench/compare.py --quick    # 3 smaller rounds, ~3 minutes
 
 It writes one PKI (ECDSA P-256: partner root -> intermediate -> partner leaf,
