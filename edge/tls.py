@@ -97,7 +97,12 @@ before one transport send. Both keep the per-record Python overhead low while
 bounding the memory one connection can hold. When decrypting several records
 meets an error (an alert, a bad record, a truncation) after some plaintext,
 that plaintext is returned first and the error is kept and raised by the next
-read: OpenSSL reports the reason only once.
+read: OpenSSL reports the reason only once. When OpenSSL's last read found
+no complete record and no ciphertext came in since, the next read goes
+straight to the transport instead of asking OpenSSL again (``_drained``);
+and a memory BIO that gave less than asked for is empty, so draining the
+outgoing BIO takes one ``bio_read``. Each saves a call and an exception per
+record batch.
 """
 
 from __future__ import annotations
@@ -193,6 +198,11 @@ class TLSTruncatedError(TLSError):
 
 class HostnameMismatchError(TLSError):
     """The server's certificate does not name the host we connected to."""
+
+
+class _NeedBytes(SSL.WantReadError):
+    """``_read_plain`` without asking OpenSSL: its last read found no complete
+    record, and no ciphertext came in since (see ``TLSStream._drained``)."""
 
 
 class _State(enum.Enum):
@@ -291,6 +301,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._recv_lock = trio.Lock()
         self._recv_count = 0
         self._eof_received = False
+        # OpenSSL's last read found no complete record and no ciphertext was
+        # fed since: the next read goes to the transport without asking it.
+        self._drained = False
         # An error met after some plaintext was decrypted (see _read_plain).
         self._deferred_error: SSL.Error | None = None
         self._eof_sent = False
@@ -377,9 +390,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
         parts: list[bytes] = []
         while True:
             try:
-                parts.append(self._conn.bio_read(_BIO_READ_SIZE))
+                chunk = self._conn.bio_read(_BIO_READ_SIZE)
             except SSL.WantReadError:
                 # pyOpenSSL signals "outgoing BIO empty" this way.
+                break
+            parts.append(chunk)
+            if len(chunk) < _BIO_READ_SIZE:
+                # A memory BIO hands out all it holds up to the size asked
+                # for: less means it is empty now (no second read, no
+                # exception per record batch).
                 break
         if not parts:
             return b""
@@ -421,15 +440,21 @@ class TLSStream(trio.abc.HalfCloseableStream):
         ret: T | None = None
         while not finished:
             want_read = False
+            called_openssl = True
             try:
                 ret = fn()
+            except _NeedBytes:
+                want_read = True
+                called_openssl = False
             except SSL.WantReadError:
                 want_read = True
             except SSL.Error as exc:
                 raise await self._fail(exc) from exc
             else:
                 finished = True
-            to_send = self._take_outgoing()
+            # Every path drains the outgoing BIO right after calling OpenSSL,
+            # with no await in between: untouched, it is empty.
+            to_send = self._take_outgoing() if called_openssl else b""
             if (
                 is_handshake
                 and finished
@@ -467,6 +492,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                             self._conn.bio_write(data)
                         else:
                             self._conn.bio_shutdown()
+                        self._drained = False
                         self._recv_count += 1
                 finally:
                     self._recv_lock.release()
@@ -551,11 +577,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if self._deferred_error is not None:
             exc, self._deferred_error = self._deferred_error, None
             raise exc
+        if self._drained:
+            raise _NeedBytes
         try:
             first = self._conn.recv(max_bytes)
         except SSL.ZeroReturnError:
             self._eof_received = True
             return b""
+        except SSL.WantReadError:
+            self._drained = True
+            raise
         got = len(first)
         if got >= max_bytes:
             return first
@@ -564,6 +595,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             try:
                 more = self._conn.recv(max_bytes - got)
             except SSL.WantReadError:
+                self._drained = True
                 break
             except SSL.ZeroReturnError:
                 self._eof_received = True
