@@ -769,7 +769,7 @@ class Gateway:
         label = self.partner_label(listener, partner)
         self._active_by_partner[label] += 1
         try:
-            origin = proxy_info(tcp, tls, partner, conn.tls_version)
+            origin = proxy_info(tcp, tls, partner, conn.tls_version, conn.chain)
             try:
                 upstream, member = await self._connect_upstream(pool_name, origin)
             except _Rejected as rej:

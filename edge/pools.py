@@ -78,6 +78,7 @@ import dns.exception
 import dns.nameserver
 import dns.resolver
 import trio
+from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter
@@ -682,19 +683,24 @@ class PoolSet:
 
 
 def proxy_info(
-    tcp: trio.SocketStream, tls: TLSStream, partner: str | None, tls_version: str | None
+    tcp: trio.SocketStream,
+    tls: TLSStream,
+    partner: str | None,
+    tls_version: str | None,
+    chain: Sequence[x509.Certificate],
 ) -> ProxyInfo:
     """What a PROXY v2 header says about one admitted partner connection.
 
     ``partner`` is the id the core accepted (None on a "tls" listener, where
-    no client certificate is asked for).
+    no client certificate is asked for); ``chain`` the certificates the partner
+    sent, as the gateway already holds them (converting them again from the
+    TLS connection costs ~45 us per connection).
     """
     try:
         source = tcp.socket.getpeername()
         destination = tcp.socket.getsockname()
     except OSError:
         source = destination = ("", 0)
-    chain = tls.peer_chain if tls.handshake_done else []
     cn: str | None = None
     if chain:
         names = chain[0].subject.get_attributes_for_oid(NameOID.COMMON_NAME)
