@@ -39,7 +39,7 @@ import math
 import time
 import types
 from collections import Counter as _Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +112,6 @@ class _Conn:
     # against every new policy snapshot (issue: trust withdrawn).
     chain: tuple[x509.Certificate, ...] = ()
     withdrawn_reason: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -176,7 +175,6 @@ class Gateway:
         self._pools = PoolSet(config, lambda: self._client_context, metrics, log)
         self._active_total = 0
         self._active_by_partner: _Counter[str] = _Counter()
-        self._relaying = 0
         self._idle = trio.Event()
         self._idle.set()
         self._shutdown = trio.Event()
