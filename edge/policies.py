@@ -9,6 +9,13 @@ Must never: decide whether a certificate chain is accepted (that is
 `edge.trust`), touch sockets or import trio, or mutate a snapshot once built.
 A reload builds a new `PolicySnapshot` beside the old one; the caller swaps it.
 
+A partner is either a folder (`fabrikam.com/` holding roots, CRLs and an
+optional `policy.toml`) or one file, `fabrikam.com.toml`, holding the
+`policy.toml` keys plus `roots` (PEM text) and optionally `crls` (PEM text).
+The single-file form exists for Kubernetes: a ConfigMap cannot hold folders,
+but one ConfigMap can hold every partner as a flat key, and updating it is an
+atomic `..data` swap that the running gateway picks up live.
+
 What counts as a problem (every problem names the file and what is wrong):
 - fatal (the partner is `broken`): an unreadable or unparsable file, a
   `policy.toml` with an unknown key or a wrong type, a "root" that is not a CA
@@ -39,6 +46,7 @@ __all__ = [
     "POLICY_FILE",
     "RESERVED_PARTNER_IDS",
     "ROOT_SUFFIXES",
+    "SINGLE_FILE_SUFFIX",
     "PartnerPolicy",
     "PolicyFolderError",
     "PolicyProblem",
@@ -57,6 +65,9 @@ POLICY_FILE = "policy.toml"
 RESERVED_PARTNER_IDS = frozenset({"unknown"})
 
 _POLICY_KEYS = ("domains", "enabled", "pool", "max_connections", "revocation")
+# A single-file partner (`ID.toml` at the top of the policies folder) adds these.
+_SINGLE_FILE_KEYS = ("roots", "crls")
+SINGLE_FILE_SUFFIX = ".toml"
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 
@@ -175,13 +186,45 @@ class _PartnerLoader:
     def problem(self, path: Path, message: str, *, fatal: bool = True) -> None:
         self.problems.append(PolicyProblem(self.pid, path, message, fatal))
 
-    def load(self) -> PartnerPolicy | None:
+    def load_file(self) -> PartnerPolicy | None:
+        """A single-file partner: `ID.toml` with `roots` (and `crls`) as PEM text."""
+        self._check_reserved()
+        path = self.folder
+        settings = _Settings()
+        if _is_domain(self.pid):
+            settings.domains = (normalize_domain(self.pid),)
+        raw = self._parse_toml(path)
+        if raw is None:
+            return None
+        for key in _SINGLE_FILE_KEYS:
+            value = raw.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                self.problem(path, f"{key}: must be PEM text (a multi-line string)")
+            elif key == "roots":
+                if "-----BEGIN" not in value:
+                    self.problem(path, "roots: no PEM certificate (-----BEGIN CERTIFICATE-----)")
+                    continue
+                self._load_roots(path, value.encode("ascii", "replace"))
+            else:
+                self._load_crls(path, value.encode("ascii", "replace"))
+        policy = {k: v for k, v in raw.items() if k not in _SINGLE_FILE_KEYS}
+        settings = self._settings(policy, path, settings, _POLICY_KEYS + _SINGLE_FILE_KEYS)
+        if not self.roots:
+            self.problem(path, "roots: missing (the partner's CA certificates, PEM text)")
+        return self._finish(settings)
+
+    def _check_reserved(self) -> None:
         if self.pid in RESERVED_PARTNER_IDS:
             self.problem(
                 self.folder,
                 f"partner id {self.pid!r} is reserved (it labels unidentified connections "
-                "in metrics); rename the folder",
+                "in metrics); rename it",
             )
+
+    def load(self) -> PartnerPolicy | None:
+        self._check_reserved()
         try:
             entries = sorted(self.folder.iterdir())
         except OSError as exc:
@@ -220,6 +263,9 @@ class _PartnerLoader:
             if self.unknown_files:
                 hint = " (not read: " + ", ".join(p.name for p in self.unknown_files) + ")"
             self.problem(self.folder, f"no trusted root certificate found{hint}")
+        return self._finish(settings)
+
+    def _finish(self, settings: _Settings) -> PartnerPolicy | None:
         self._check_crls(settings.revocation)
         if any(p.fatal for p in self.problems):
             return None
@@ -244,8 +290,9 @@ class _PartnerLoader:
             self.problem(path, f"cannot read: {exc.strerror or exc}")
             return None
 
-    def _load_roots(self, path: Path) -> None:
-        data = self._read(path)
+    def _load_roots(self, path: Path, data: bytes | None = None) -> None:
+        if data is None:
+            data = self._read(path)
         if data is None:
             return
         certs: list[x509.Certificate]
@@ -302,8 +349,9 @@ class _PartnerLoader:
             self.roots.append(cert)
             self.root_files.append(path)
 
-    def _load_crls(self, path: Path) -> None:
-        data = self._read(path)
+    def _load_crls(self, path: Path, data: bytes | None = None) -> None:
+        if data is None:
+            data = self._read(path)
         if data is None:
             return
         crls: list[x509.CertificateRevocationList] = []
@@ -374,18 +422,32 @@ class _PartnerLoader:
                     f"{POLICY_FILE} listing domains",
                 )
             return settings
+        raw = self._parse_toml(path)
+        if raw is None:
+            return settings
+        return self._settings(raw, path, settings, _POLICY_KEYS)
+
+    def _parse_toml(self, path: Path) -> dict[str, object] | None:
         try:
             with path.open("rb") as f:
-                raw = tomllib.load(f)
+                return tomllib.load(f)
         except OSError as exc:
             self.problem(path, f"cannot read: {exc.strerror or exc}")
-            return settings
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             self.problem(path, f"not valid TOML: {exc}")
-            return settings
+        return None
+
+    def _settings(
+        self,
+        raw: Mapping[str, object],
+        path: Path,
+        settings: _Settings,
+        known: tuple[str, ...],
+    ) -> _Settings:
+        """Validated policy settings from a parsed policy (folder or single file)."""
         for key in raw:
-            if key not in _POLICY_KEYS:
-                self.problem(path, f"{key}: unknown key (known keys: {', '.join(_POLICY_KEYS)})")
+            if key not in known:
+                self.problem(path, f"{key}: unknown key (known keys: {', '.join(known)})")
         if "domains" in raw:
             value = raw["domains"]
             if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
@@ -490,22 +552,47 @@ def load_policies(folder: Path, previous: PolicySnapshot | None = None) -> Polic
     partners: dict[str, PartnerPolicy] = {}
     problems: list[PolicyProblem] = []
     broken: set[str] = set()
+    folder_ids = {p.name for p in entries if not is_ignored_name(p.name) and p.is_dir()}
     for path in entries:
         if is_ignored_name(path.name):
+            continue
+        if path.is_file() and path.name.endswith(SINGLE_FILE_SUFFIX):
+            pid = path.name[: -len(SINGLE_FILE_SUFFIX)]
+            loader = _PartnerLoader(pid, path, now)
+            if pid in folder_ids:
+                loader.problem(
+                    path, f"partner {pid!r} is defined twice: by this file and by a folder"
+                )
+                policy = None
+            else:
+                policy = loader.load_file()
+            problems.extend(loader.problems)
+            if policy is not None:
+                partners[policy.id] = policy
+                continue
+            broken.add(pid)
+            if previous is not None and pid in previous.partners:
+                partners[pid] = previous.partners[pid]
             continue
         if not path.is_dir():
             problems.append(
                 PolicyProblem(
                     "",
                     path,
-                    "ignored: only partner folders belong here; move this file into "
-                    "the partner's folder",
+                    "ignored: only partner folders and single-file partners (ID.toml) "
+                    "belong here; move this file into the partner's folder",
                     fatal=False,
                 )
             )
             continue
         loader = _PartnerLoader(path.name, path, now)
-        policy = loader.load()
+        if f"{path.name}{SINGLE_FILE_SUFFIX}" in {p.name for p in entries}:
+            loader.problem(
+                path, f"partner {path.name!r} is defined twice: by this folder and by a file"
+            )
+            policy = None
+        else:
+            policy = loader.load()
         problems.extend(loader.problems)
         if policy is not None:
             partners[policy.id] = policy

@@ -315,22 +315,30 @@ def test_deployment_spreads_probes_and_outlasts_the_drain() -> None:
     assert container["args"] == ["run", "--config", "/etc/edge/config/edge.toml"]
 
 
-def test_partners_are_configmaps_mounted_as_folders() -> None:
+def test_partners_are_one_configmap_of_single_file_partners(tmp_path: Path) -> None:
+    """Adding a partner on Kubernetes is one `kubectl apply` of a ConfigMap, live."""
+    from edge.policies import load_policies
+
     pod = k8s("Deployment", "edge")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     (container,) = pod["containers"]
     policies = edge_toml_in_configmap()["listeners"][0]["policies"]
-    partner_mounts = [m for m in container["volumeMounts"] if m["mountPath"].startswith(policies)]
-    assert partner_mounts
-    for mount in partner_mounts:
-        partner = mount["mountPath"].removeprefix(policies + "/")
-        assert "/" not in partner and partner
-        configmap = k8s("ConfigMap", volumes[mount["name"]]["configMap"]["name"])
-        assert configmap["metadata"]["labels"]["edge.example/partner"] == partner
-    # The example partner is the repository's federation_policies/fabrikam.com.
-    data = k8s("ConfigMap", "partner-fabrikam.com")["data"]
-    folder = REPO / "federation_policies" / "fabrikam.com"
-    assert data == {p.name: p.read_text() for p in folder.iterdir()}
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"].startswith(policies)]
+    # The whole directory, no subPath: only then does the kubelet's atomic
+    # ..data swap reach the running gateway.
+    assert mount["mountPath"] == policies and "subPath" not in mount
+    configmap = k8s("ConfigMap", volumes[mount["name"]]["configMap"]["name"])
+    data = configmap["data"]
+    assert data and all(key.endswith(".toml") for key in data)
+    # Loaded by the gateway's own loader, it is the repository's example partner.
+    for key, text in data.items():
+        (tmp_path / key).write_text(text)
+    from_configmap = load_policies(tmp_path)
+    assert from_configmap.problems == ()
+    example = load_policies(REPO / "federation_policies").partners["fabrikam.com"]
+    partner = from_configmap.partners["fabrikam.com"]
+    for attribute in ("domains", "enabled", "max_connections", "revocation", "roots", "crls"):
+        assert getattr(partner, attribute) == getattr(example, attribute), attribute
     identity = volumes["identity"]["secret"]
     assert identity["defaultMode"] == 0o440
 

@@ -314,3 +314,70 @@ def test_normalize_domain() -> None:
     for bad in ("", ".", "*.x.com", "com", "a..b", "-a.com"):
         with pytest.raises(ValueError):
             normalize_domain(bad)
+
+
+# ----------------------------------------------------------------------
+# Single-file partners (`ID.toml`): one ConfigMap key per partner on Kubernetes
+
+
+def _single(base: Path, pid: str, text: str) -> Path:
+    path = base / f"{pid}.toml"
+    path.write_text(text)
+    return path
+
+
+def test_single_file_partner_loads_roots_crls_and_settings(tmp_path: Path, root: CA) -> None:
+    crl = root.crl().public_bytes(serialization.Encoding.PEM).decode()
+    _single(
+        tmp_path,
+        "contoso.example",
+        f'domains = ["contoso.example", "contoso.net"]\npool = "frontend"\n'
+        f'revocation = "require-crl"\nroots = """\n{root.cert_pem().decode()}"""\n'
+        f'crls = """\n{crl}"""\n',
+    )
+    snapshot = load_policies(tmp_path)
+    assert snapshot.problems == ()
+    policy = snapshot.partners["contoso.example"]
+    assert policy.roots == (root.cert,)
+    assert len(policy.crls) == 1
+    assert policy.domains == ("contoso.example", "contoso.net")
+    assert policy.pool == "frontend"
+    assert policy.revocation is Revocation.REQUIRE_CRL
+
+
+def test_single_file_partner_defaults_domain_to_its_id(tmp_path: Path, root: CA) -> None:
+    _single(tmp_path, "litware.example", f'roots = """\n{root.cert_pem().decode()}"""\n')
+    assert load_policies(tmp_path).partners["litware.example"].domains == ("litware.example",)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('domains = ["x.example"]\n', "roots: missing"),
+        ('roots = """\nnot a certificate\n"""\n', "roots: no PEM certificate"),
+        (
+            'roots = """\n-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"""\n',
+            "not a readable PEM",
+        ),
+        ("roots = 42\n", "roots: must be PEM text"),
+        ('rooots = "typo"\n', "rooots: unknown key"),
+        ("roots = [\n", "not valid TOML"),
+    ],
+)
+def test_single_file_partner_problems_name_the_file(
+    tmp_path: Path, root: CA, text: str, expected: str
+) -> None:
+    path = _single(tmp_path, "bad.example", text)
+    snapshot = load_policies(tmp_path)
+    assert snapshot.broken == {"bad.example"}
+    assert "bad.example" not in snapshot.partners
+    messages = [str(p) for p in snapshot.problems_of("bad.example")]
+    assert any(m.startswith(f"{path}: ") and expected in m for m in messages), messages
+
+
+def test_partner_defined_by_folder_and_file_is_broken(tmp_path: Path, root: CA) -> None:
+    _partner(tmp_path, "twice.example", {"root.pem": root.cert_pem()})
+    _single(tmp_path, "twice.example", f'roots = """\n{root.cert_pem().decode()}"""\n')
+    snapshot = load_policies(tmp_path)
+    assert snapshot.broken == {"twice.example"}
+    assert all("defined twice" in str(p) for p in snapshot.problems_of("twice.example"))

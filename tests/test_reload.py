@@ -298,3 +298,46 @@ async def test_configmap_style_data_symlink_swap(tmp_path: Path, pki: Pki) -> No
             await fab.aclose()
             assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_configmap_of_single_file_partners_adds_one_live(tmp_path: Path, pki: Pki) -> None:
+    """One ConfigMap holds every partner as `ID.toml`; `kubectl apply` is a ..data swap."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            pool = await start_pool(nursery, pki, POOL)
+            config = write_federation(
+                tmp_path, pki, [(h, p) for h, p, _ in pool], extra=FAST_POLL, policies={}
+            )
+            policies = tmp_path / "federation_policies"
+            shutil.rmtree(policies, ignore_errors=True)
+            policies.mkdir()
+
+            def version(name: str, partners: dict[str, bytes]) -> None:
+                (policies / name).mkdir()
+                for pid, root_pem in partners.items():
+                    (policies / name / f"{pid}.toml").write_text(
+                        f'roots = """\n{root_pem.decode()}"""\n'
+                    )
+
+            version("..2026_11_27_v1", {"fabrikam.com": pki.fabrikam.cert_pem()})
+            os.symlink("..2026_11_27_v1", policies / "..data")
+            os.symlink("..data/fabrikam.com.toml", policies / "fabrikam.com.toml")
+            edge = await start_edge(nursery, config)
+            litware_leaf = pki.litware.issue(dns=["sip.litware.com"])
+            assert await _refused_reason(edge, pki, litware_leaf) == "unknown_ca"
+            version(
+                "..2026_11_27_v2",
+                {
+                    "fabrikam.com": pki.fabrikam.cert_pem(),
+                    "litware.com": pki.litware_root.cert_pem(),
+                },
+            )
+            os.symlink("..data/litware.com.toml", policies / "litware.com.toml")
+            os.symlink("..2026_11_27_v2", policies / "..data_tmp")
+            os.rename(policies / "..data_tmp", policies / "..data")
+            await _next_reload(edge, added=["litware.com"])
+            stream, _ = await partner_stream(edge, pki, litware_leaf)
+            assert await echo_roundtrip(stream, b"one configmap") == b"one configmap"
+            await stream.aclose()
+            assert await stop_edge(edge) == 0
+            nursery.cancel_scope.cancel()
