@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -254,41 +255,52 @@ async def test_own_certificate_rotation_without_restart(tmp_path: Path, pki: Pki
             nursery.cancel_scope.cancel()
 
 
-async def test_configmap_style_data_symlink_swap(tmp_path: Path, pki: Pki) -> None:
-    """Kubernetes swaps `..data` atomically; partner folders are symlinks through it."""
+class KubeletVolume:
+    """A ConfigMap volume as the kubelet lays it out, updated as it updates it.
+
+    Each version is a hidden `..VERSION/` folder; every visible top-level name
+    is a symlink through `..data`, and an update writes a new version, adds the
+    symlinks of new names, then renames a new `..data` over the old one.
+    """
+
+    def __init__(self, root: Path) -> None:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        self.root = root
+        self.versions = 0
+
+    def publish(self, entries: dict[str, dict[str, str]]) -> None:
+        """``entries``: top-level name -> {file inside it, or "" for the name itself: text}."""
+        self.versions += 1
+        version = self.root / f"..2026_11_27_v{self.versions}"
+        for top, files in entries.items():
+            for inner, text in files.items():
+                path = version / top / inner if inner else version / top
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text)
+            if not (self.root / top).is_symlink():
+                os.symlink(f"..data/{top}", self.root / top)
+        os.symlink(version.name, self.root / "..data_tmp")
+        os.rename(self.root / "..data_tmp", self.root / "..data")  # atomic
+
+
+async def _kubelet_adds_litware(
+    tmp_path: Path, pki: Pki, layout: Callable[[str, bytes], tuple[str, dict[str, str]]]
+) -> None:
+    """fabrikam.com mounted first; litware.com added by one ConfigMap update, live."""
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             pool = await start_pool(nursery, pki, POOL)
             config = write_federation(
                 tmp_path, pki, [(h, p) for h, p, _ in pool], extra=FAST_POLL, policies={}
             )
-            policies = tmp_path / "federation_policies"
-            shutil.rmtree(policies, ignore_errors=True)
-            policies.mkdir()
-
-            def version(name: str, partners: dict[str, bytes]) -> None:
-                for pid, root_pem in partners.items():
-                    d = policies / name / pid
-                    d.mkdir(parents=True)
-                    (d / "root.pem").write_bytes(root_pem)
-
-            version("..2026_11_27_v1", {"fabrikam.com": pki.fabrikam.cert_pem()})
-            os.symlink("..2026_11_27_v1", policies / "..data")
-            os.symlink("..data/fabrikam.com", policies / "fabrikam.com")
+            volume = KubeletVolume(tmp_path / "federation_policies")
+            fabrikam = layout("fabrikam.com", pki.fabrikam.cert_pem())
+            volume.publish(dict([fabrikam]))
             edge = await start_edge(nursery, config)
             litware_leaf = pki.litware.issue(dns=["sip.litware.com"])
             assert await _refused_reason(edge, pki, litware_leaf) == "unknown_ca"
-            # The kubelet's update: new version dir, new key symlink, atomic rename.
-            version(
-                "..2026_11_27_v2",
-                {
-                    "fabrikam.com": pki.fabrikam.cert_pem(),
-                    "litware.com": pki.litware_root.cert_pem(),
-                },
-            )
-            os.symlink("..data/litware.com", policies / "litware.com")
-            os.symlink("..2026_11_27_v2", policies / "..data_tmp")
-            os.rename(policies / "..data_tmp", policies / "..data")
+            volume.publish(dict([fabrikam, layout("litware.com", pki.litware_root.cert_pem())]))
             await _next_reload(edge, added=["litware.com"])
             stream, _ = await partner_stream(edge, pki, litware_leaf)
             assert await echo_roundtrip(stream, b"k8s") == b"k8s"
@@ -300,44 +312,15 @@ async def test_configmap_style_data_symlink_swap(tmp_path: Path, pki: Pki) -> No
             nursery.cancel_scope.cancel()
 
 
+async def test_configmap_style_data_symlink_swap(tmp_path: Path, pki: Pki) -> None:
+    """Partner folders as symlinks through `..data` (a projected volume)."""
+    await _kubelet_adds_litware(tmp_path, pki, lambda pid, root: (pid, {"root.pem": root.decode()}))
+
+
 async def test_configmap_of_single_file_partners_adds_one_live(tmp_path: Path, pki: Pki) -> None:
     """One ConfigMap holds every partner as `ID.toml`; `kubectl apply` is a ..data swap."""
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            pool = await start_pool(nursery, pki, POOL)
-            config = write_federation(
-                tmp_path, pki, [(h, p) for h, p, _ in pool], extra=FAST_POLL, policies={}
-            )
-            policies = tmp_path / "federation_policies"
-            shutil.rmtree(policies, ignore_errors=True)
-            policies.mkdir()
-
-            def version(name: str, partners: dict[str, bytes]) -> None:
-                (policies / name).mkdir()
-                for pid, root_pem in partners.items():
-                    (policies / name / f"{pid}.toml").write_text(
-                        f'roots = """\n{root_pem.decode()}"""\n'
-                    )
-
-            version("..2026_11_27_v1", {"fabrikam.com": pki.fabrikam.cert_pem()})
-            os.symlink("..2026_11_27_v1", policies / "..data")
-            os.symlink("..data/fabrikam.com.toml", policies / "fabrikam.com.toml")
-            edge = await start_edge(nursery, config)
-            litware_leaf = pki.litware.issue(dns=["sip.litware.com"])
-            assert await _refused_reason(edge, pki, litware_leaf) == "unknown_ca"
-            version(
-                "..2026_11_27_v2",
-                {
-                    "fabrikam.com": pki.fabrikam.cert_pem(),
-                    "litware.com": pki.litware_root.cert_pem(),
-                },
-            )
-            os.symlink("..data/litware.com.toml", policies / "litware.com.toml")
-            os.symlink("..2026_11_27_v2", policies / "..data_tmp")
-            os.rename(policies / "..data_tmp", policies / "..data")
-            await _next_reload(edge, added=["litware.com"])
-            stream, _ = await partner_stream(edge, pki, litware_leaf)
-            assert await echo_roundtrip(stream, b"one configmap") == b"one configmap"
-            await stream.aclose()
-            assert await stop_edge(edge) == 0
-            nursery.cancel_scope.cancel()
+    await _kubelet_adds_litware(
+        tmp_path,
+        pki,
+        lambda pid, root: (f"{pid}.toml", {"": f'roots = """\n{root.decode()}"""\n'}),
+    )
