@@ -32,7 +32,7 @@ from pathlib import Path
 import trio
 from OpenSSL import SSL
 
-from edge.demo import EchoMember
+from edge.demo import EchoMember, write_identity
 from edge.pki import CA
 from edge.tls import TLSStream, client_context
 
@@ -59,10 +59,7 @@ class Pki:
 
 
 def _write_site(folder: Path, pki: Pki, ports: list[int], health_interval: float) -> Path:
-    certs = folder / "certs"
-    pki.public.write(certs, "edge-public")
-    pki.internal.write(certs, "edge-internal")
-    (certs / "enterprise-root.pem").write_bytes(pki.enterprise.cert_pem())
+    identity = write_identity(folder, pki.public, pki.internal, pki.enterprise)
     policy = folder / "federation_policies" / "partner.example"
     policy.mkdir(parents=True)
     (policy / "root.pem").write_bytes(pki.partner_ca.cert_pem())
@@ -72,13 +69,7 @@ def _write_site(folder: Path, pki: Pki, ports: list[int], health_interval: float
     )
     config = folder / "edge.toml"
     config.write_text(
-        f"""[identity]
-public_cert = "certs/edge-public.pem"
-public_key = "certs/edge-public.key"
-internal_cert = "certs/edge-internal.pem"
-internal_key = "certs/edge-internal.key"
-internal_roots = ["certs/enterprise-root.pem"]
-
+        f"""{identity}
 [[listeners]]
 name = "federation"
 address = "127.0.0.1:0"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from edge.demo import write_identity
 from edge.pki import CA
 from edge.policies import load_policies
 from edge.trust import PartnerTrust
@@ -62,19 +63,10 @@ def end_to_end(folder: Path, count: int, timeout_s: float = 60) -> float:
 
     pki = Pki.make()
     base = folder.parent
-    certs = base / "certs"
-    pki.public.write(certs, "edge-public")
-    pki.internal.write(certs, "edge-internal")
-    (certs / "enterprise-root.pem").write_bytes(pki.enterprise.cert_pem())
+    identity = write_identity(base, pki.public, pki.internal, pki.enterprise)
     config = base / "edge.toml"
     config.write_text(
-        f"""[identity]
-public_cert = "certs/edge-public.pem"
-public_key = "certs/edge-public.key"
-internal_cert = "certs/edge-internal.pem"
-internal_key = "certs/edge-internal.key"
-internal_roots = ["certs/enterprise-root.pem"]
-
+        f"""{identity}
 [[listeners]]
 name = "federation"
 address = "127.0.0.1:0"

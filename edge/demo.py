@@ -34,7 +34,7 @@ from edge.metrics import Metrics
 from edge.pki import CA, Leaf
 from edge.tls import PrivateKey, TLSStream, client_context, server_context
 
-__all__ = ["EchoMember", "connect_partner", "demo_command"]
+__all__ = ["IDENTITY_TOML", "EchoMember", "connect_partner", "demo_command", "write_identity"]
 
 
 # ----------------------------------------------------------------------
@@ -131,18 +131,37 @@ def _toml_path(p: Path) -> str:
     return str(p).replace("\\", "\\\\").replace('"', '\\"')
 
 
+def write_identity(folder: Path, public: Leaf, internal: Leaf, enterprise: CA) -> str:
+    """Write the edge's certificates under ``folder/certs``; the `[identity]` naming them.
+
+    The one place the demo, the tests and the benchmarks lay out an edge's
+    identity, so their edge.toml files agree with each other.
+    """
+    certs = folder / "certs"
+    public.write(certs, "edge-public")
+    internal.write(certs, "edge-internal")
+    (certs / "enterprise-root.pem").write_bytes(enterprise.cert_pem())
+    return IDENTITY_TOML
+
+
+IDENTITY_TOML = """\
+[identity]
+public_cert = "certs/edge-public.pem"
+public_key = "certs/edge-public.key"
+internal_cert = "certs/edge-internal.pem"
+internal_key = "certs/edge-internal.key"
+internal_roots = ["certs/enterprise-root.pem"]
+"""
+
+
 def build_world(folder: Path, pool_ports: Sequence[int] | None = None) -> World:
     """Write the PKI, partner folders and edge.toml into ``folder``."""
     now = _dt.datetime.now(_dt.UTC)
-    certs = folder / "certs"
-    certs.mkdir(parents=True, exist_ok=True)
     enterprise = CA.root("Contoso Enterprise Root CA")
     edge_public_ca = CA.root("Contoso Public Issuing CA")
     public = edge_public_ca.issue(dns=[EDGE_PUBLIC_NAME], eku=["server"])
     internal = enterprise.issue(dns=["edge.corp.contoso.example"], eku=["client"])
-    public.write(certs, "edge-public")
-    internal.write(certs, "edge-internal")
-    (certs / "enterprise-root.pem").write_bytes(enterprise.cert_pem())
+    identity = write_identity(folder, public, internal, enterprise)
     pool_leaves = tuple(enterprise.issue(dns=[h], eku=["server"]) for h in POOL_HOSTS)
 
     policies = folder / "federation_policies"
@@ -167,13 +186,7 @@ def build_world(folder: Path, pool_ports: Sequence[int] | None = None) -> World:
     config = folder / "edge.toml"
     config.write_text(
         f"""# Written by `edge demo`: a throwaway federation on loopback.
-[identity]
-public_cert = "certs/edge-public.pem"
-public_key = "certs/edge-public.key"
-internal_cert = "certs/edge-internal.pem"
-internal_key = "certs/edge-internal.key"
-internal_roots = ["certs/enterprise-root.pem"]
-
+{identity}
 [[listeners]]
 name = "federation"
 address = "127.0.0.1:0"

@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from edge.demo import EchoMember
+from edge.demo import EchoMember, write_identity
 from edge.pki import CA, Leaf
 from edge.tls import TLSStream, client_context
 
@@ -70,10 +70,7 @@ def write_federation(
     extra: str = "",
 ) -> Path:
     """Write certs, federation_policies/ and edge.toml; return the config path."""
-    certs = folder / "certs"
-    pki.public.write(certs, "edge-public")
-    pki.internal.write(certs, "edge-internal")
-    (certs / "enterprise-root.pem").write_bytes(pki.enterprise.cert_pem())
+    identity = write_identity(folder, pki.public, pki.internal, pki.enterprise)
     default_policies = {
         "fabrikam.com": 'domains = ["fabrikam.com"]\n',
         "litware.com": 'domains = ["litware.com"]\n',
@@ -89,13 +86,7 @@ def write_federation(
     )
     config = folder / "edge.toml"
     config.write_text(
-        f"""[identity]
-public_cert = "certs/edge-public.pem"
-public_key = "certs/edge-public.key"
-internal_cert = "certs/edge-internal.pem"
-internal_key = "certs/edge-internal.key"
-internal_roots = ["certs/enterprise-root.pem"]
-
+        f"""{identity}
 [[listeners]]
 name = "federation"
 address = "127.0.0.1:0"
