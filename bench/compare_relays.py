@@ -284,10 +284,10 @@ frontend member
 
 def _edge_limits() -> str:
     """Limits high enough for the benchmark's one source address and 2,000 idle connections
-    (the peers have no such limits); only the keys this version of edge.config knows."""
+    (the peers have no such limits); only the keys this version of edge.core.config knows."""
     import dataclasses
 
-    from edge.config import Limits
+    from edge.core.config import Limits
 
     wanted: dict[str, float] = {
         "handshake_timeout_s": 10,

@@ -27,10 +27,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from edge.core.policies import load_policies
+from edge.core.trust import PartnerTrust
 from edge.demo import write_identity
 from edge.pki import CA
-from edge.policies import load_policies
-from edge.trust import PartnerTrust
 from edge.watch import fingerprint
 
 

@@ -32,9 +32,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import crypto
 
+from edge.core.policies import load_policies
+from edge.core.trust import PartnerTrust
 from edge.pki import CA
-from edge.policies import load_policies
-from edge.trust import PartnerTrust
 
 
 def _rate(fn: Callable[[], object], iterations: int, seconds: float) -> float:

@@ -3,7 +3,7 @@
 Owns: argument parsing, the offline commands `edge check` and `edge verify`
 (their output and exit codes), and dispatch to `edge run` / `edge demo`.
 
-Must never: decide trust itself (it asks `edge.trust`), import trio or the
+Must never: decide trust itself (it asks `edge.core.trust`), import trio or the
 gateway at module import (`edge check` and `edge verify` must work, and start
 fast, without the shell), or print key material.
 
@@ -25,14 +25,14 @@ from typing import Literal, cast
 
 from cryptography import x509
 
-from edge.config import Config, ConfigError, default_config_path, load_config
-from edge.policies import (
+from edge.core.config import Config, ConfigError, default_config_path, load_config
+from edge.core.policies import (
     PartnerPolicy,
     PolicyFolderError,
     PolicySnapshot,
     load_policies,
 )
-from edge.trust import PartnerTrust, ServerTrust, Verdict
+from edge.core.trust import PartnerTrust, ServerTrust, Verdict
 
 __all__ = ["console_main", "main"]
 

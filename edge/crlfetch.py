@@ -39,7 +39,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from edge.config import RevocationSettings
+from edge.core.config import RevocationSettings
 from edge.logs import EventLog
 
 __all__ = ["CrlFetcher", "distribution_points"]

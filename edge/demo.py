@@ -27,7 +27,7 @@ from cryptography import x509
 from OpenSSL import SSL
 from prometheus_client import CollectorRegistry
 
-from edge.config import load_config
+from edge.core.config import load_config
 from edge.gateway import Gateway
 from edge.logs import EventLog, LogFormat
 from edge.metrics import Metrics

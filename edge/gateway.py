@@ -2,7 +2,7 @@
 
 Owns the life of a connection, from accept to exactly one log event at its
 end. It decides nothing about trust itself: "who is this partner and may it
-come in" is ``edge.trust`` (the core), and "is this pool member who the
+come in" is ``edge.core.trust`` (the core), and "is this pool member who the
 topology says" is the TLS client's verification against the internal roots
 plus the member's topology host name. This module only moves bytes, enforces
 time and count limits, and reports.
@@ -48,19 +48,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from OpenSSL import SSL
 
-from edge.config import Config, ConfigError, Limits, Listener, load_config
+from edge.core.config import Config, ConfigError, Limits, Listener, load_config
+from edge.core.limits import SourceLimits
+from edge.core.policies import PartnerPolicy, PolicyFolderError, PolicySnapshot, load_policies
+from edge.core.proxy_protocol import ProxyInfo
+from edge.core.reasons import Reason
+from edge.core.trust import PartnerTrust
 from edge.crlfetch import CrlFetcher
-from edge.limits import SourceLimits
 from edge.logs import EventLog, LogFormat
 from edge.metrics import UNKNOWN_PARTNER, Metrics, serve_metrics
-from edge.policies import PartnerPolicy, PolicyFolderError, PolicySnapshot, load_policies
 from edge.pools import Lease, PoolSet, UpstreamUnavailable, proxy_info
-from edge.proxy_protocol import ProxyInfo
-from edge.reasons import Reason
 from edge.tls import TLSError, TLSStream, TLSTruncatedError
 from edge.tls import client_context as make_client_context
 from edge.tls import server_context as make_server_context
-from edge.trust import PartnerTrust
 from edge.watch import Fingerprint, fingerprint
 
 __all__ = ["Gateway", "StartupError", "run_command"]

@@ -6,7 +6,7 @@ event loop with h11 (sans-I/O HTTP/1.1) so no HTTP is parsed by hand.
 
 Must never let an unbounded value into a label: the ``partner`` label only
 takes configured partner ids or ``unknown`` (callers pass ``partner_label()``),
-reason labels come from ``edge.reasons.Reason``, and pool/member labels from
+reason labels come from ``edge.core.reasons.Reason``, and pool/member labels from
 the configuration.
 """
 

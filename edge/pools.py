@@ -83,11 +83,11 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter
 
-from edge.config import Balance, Config, Dns, Pool
+from edge.core.config import Balance, Config, Dns, Pool
+from edge.core.proxy_protocol import ProxyInfo, encode_local, encode_v2
+from edge.core.reasons import Reason
 from edge.logs import EventLog
 from edge.metrics import Metrics
-from edge.proxy_protocol import ProxyInfo, encode_local, encode_v2
-from edge.reasons import Reason
 from edge.tls import HostnameMismatchError, TLSError, TLSStream
 
 __all__ = [

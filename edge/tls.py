@@ -3,7 +3,7 @@
 This module owns moving TLS records between an ``OpenSSL.SSL.Connection`` and a
 trio transport stream. It never decides whether a peer is trusted: the server
 side accepts any certificate *at the TLS layer* and hands the chain to the
-core (``edge.trust``), which decides before a single application byte is read.
+core (``edge.core.trust``), which decides before a single application byte is read.
 It never logs, and never sees payload bytes except to encrypt and decrypt them.
 
 General theory of operation
@@ -351,7 +351,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
         Meaningful only when the context verifies the peer with OpenSSL (the
         client contexts made here do). Server contexts made here leave the
-        decision to ``edge.trust``, whose verdict carries its own verified
+        decision to ``edge.core.trust``, whose verdict carries its own verified
         chain; for them this is empty or OpenSSL's unverified guess.
         """
         self._need_handshake("verified_chain")
@@ -801,7 +801,7 @@ def _base_context(
 
 
 def _accept_at_tls_layer(conn: SSL.Connection, cert: X509, err: int, depth: int, ok: int) -> bool:
-    # Authorization is the core's job (edge.trust), per partner, right after
+    # Authorization is the core's job (edge.core.trust), per partner, right after
     # the handshake and before any application byte is read; OpenSSL's single
     # store cannot express "partner A's roots for partner A's names only".
     return True
@@ -819,7 +819,7 @@ def server_context(
 
     ``require_client_cert`` makes the handshake fail when the client sends no
     certificate; the certificate it does send is *not* judged here (see
-    ``_accept_at_tls_layer``): call ``edge.trust`` on ``TLSStream.peer_chain``.
+    ``_accept_at_tls_layer``): call ``edge.core.trust`` on ``TLSStream.peer_chain``.
     ``client_ca_names``: certificates whose subjects are advertised in the
     CertificateRequest (the partner roots), so clients with several
     certificates pick the right one.

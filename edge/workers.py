@@ -46,7 +46,7 @@ from typing import Any
 
 import trio
 
-from edge.config import Config
+from edge.core.config import Config
 from edge.logs import EventLog
 
 __all__ = ["WORKER_ENV", "WORKER_LISTEN_ENV", "cpu_count", "supervise"]

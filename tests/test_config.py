@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from edge.config import (
+from edge.core.config import (
     ConfigError,
     Limits,
     Member,

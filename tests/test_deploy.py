@@ -317,7 +317,7 @@ def test_deployment_spreads_probes_and_outlasts_the_drain() -> None:
 
 def test_partners_are_one_configmap_of_single_file_partners(tmp_path: Path) -> None:
     """Adding a partner on Kubernetes is one `kubectl apply` of a ConfigMap, live."""
-    from edge.policies import load_policies
+    from edge.core.policies import load_policies
 
     pod = k8s("Deployment", "edge")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from edge.limits import SourceLimits, source_key
+from edge.core.limits import SourceLimits, source_key
 from tests.gateway_harness import (
     EdgeProcess,
     Pki,

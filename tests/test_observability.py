@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import CollectorRegistry
 
-from edge.config import load_config
+from edge.core.config import load_config
 from edge.demo import EchoMember
 from edge.gateway import Gateway
 from edge.logs import EventLog

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from edge.pki import CA, certs_pem
-from edge.policies import (
+from edge.core.policies import (
     PolicyFolderError,
     PolicySnapshot,
     Revocation,
     load_policies,
     normalize_domain,
 )
+from edge.pki import CA, certs_pem
 
 NOW = dt.datetime.now(dt.UTC)
 

@@ -26,7 +26,8 @@ from prometheus_client import CollectorRegistry
 from proxyprotocol.result import ProxyResult, ProxyResultIPv4
 from proxyprotocol.v2 import ProxyProtocolV2
 
-from edge.config import load_config
+from edge.core.config import load_config
+from edge.core.proxy_protocol import PP2_TYPE_EDGE_PARTNER
 from edge.logs import EventLog
 from edge.metrics import Metrics
 from edge.pools import (
@@ -39,7 +40,6 @@ from edge.pools import (
     observe,
     refresh_delay,
 )
-from edge.proxy_protocol import PP2_TYPE_EDGE_PARTNER
 from edge.tls import TLSStream, client_context, server_context
 from tests.gateway_harness import EDGE_NAME, Pki, partner_stream, start_edge, write_federation
 

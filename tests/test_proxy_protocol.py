@@ -16,7 +16,7 @@ from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6, ProxyResultLo
 from proxyprotocol.tlv import ProxyProtocolSSLTLV
 from proxyprotocol.v2 import ProxyProtocolV2
 
-from edge.proxy_protocol import (
+from edge.core.proxy_protocol import (
     PP2_CLIENT_CERT_CONN,
     PP2_CLIENT_SSL,
     PP2_SUBTYPE_SSL_CN,

@@ -15,10 +15,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from edge.core.policies import PolicySnapshot, load_policies
+from edge.core.reasons import Reason
+from edge.core.trust import PartnerTrust, ServerTrust, Verdict, leaf_names, name_in_domains
 from edge.pki import CA, Leaf, certs_pem
-from edge.policies import PolicySnapshot, load_policies
-from edge.reasons import Reason
-from edge.trust import PartnerTrust, ServerTrust, Verdict, leaf_names, name_in_domains
 
 NOW = dt.datetime.now(dt.UTC)
 DAY = dt.timedelta(days=1)

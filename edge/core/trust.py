@@ -63,8 +63,8 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 
-from edge.policies import PartnerPolicy, PolicySnapshot, Revocation
-from edge.reasons import Reason
+from edge.core.policies import PartnerPolicy, PolicySnapshot, Revocation
+from edge.core.reasons import Reason
 
 __all__ = [
     "MAX_CHAIN_LENGTH",

@@ -6,7 +6,7 @@ judgement of which partners are loaded, disabled or broken. One partner's
 mistakes never stop another partner from loading.
 
 Must never: decide whether a certificate chain is accepted (that is
-`edge.trust`), touch sockets or import trio, or mutate a snapshot once built.
+`edge.core.trust`), touch sockets or import trio, or mutate a snapshot once built.
 A reload builds a new `PolicySnapshot` beside the old one; the caller swaps it.
 
 A partner is either a folder (`fabrikam.com/` holding roots, CRLs and an

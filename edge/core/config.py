@@ -6,7 +6,7 @@ checking that each key matches its certificate, and cross-references between
 sections (a listener's pool must exist, names are unique).
 
 Must never: start anything, open sockets or import trio, load the partner
-policies themselves (that is `edge.policies`; here we only check the folder
+policies themselves (that is `edge.core.policies`; here we only check the folder
 exists), or put key material in a message or a repr. Every problem is
 reported as "FILE: KEY: problem"; all problems found are collected before
 `ConfigError` is raised, so an operator fixes them in one pass.
