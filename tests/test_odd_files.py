@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 import edge.watch
 from edge.core.policies import (
@@ -36,6 +37,15 @@ from edge.core.policies import (
 )
 from edge.pki import CA, certs_pem
 from edge.watch import fingerprint
+from tests.gateway_harness import (
+    Pki,
+    echo_roundtrip,
+    partner_stream,
+    start_edge,
+    start_pool,
+    stop_edge,
+    write_federation,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 NOW = dt.datetime.now(dt.UTC)
@@ -538,3 +548,42 @@ def test_watcher_does_not_walk_out_of_the_folder(tmp_path: Path) -> None:
     entries = fingerprint([policies])
     assert [e[3] for e in entries] == ["outside-the-folder"]
     assert all(stat.S_ISLNK(os.lstat(e[0]).st_mode) for e in entries)
+
+
+# ----------------------------------------------------------------------
+# 7. Through a running `edge run`: a FIFO no longer freezes reload or shutdown
+
+
+async def test_running_edge_survives_a_fifo_and_withdraws_on_a_bad_enabled(
+    tmp_path: Path, pki: Pki
+) -> None:
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            pool = await start_pool(nursery, pki, ("fe1.corp.test",))
+            config = write_federation(
+                tmp_path,
+                pki,
+                [(h, p) for h, p, _ in pool],
+                extra="[policies]\npoll_interval_s = 0.2\n",
+                policies={"fabrikam.com": 'domains = ["fabrikam.com"]\n'},
+            )
+            edge = await start_edge(nursery, config)
+            leaf = pki.fabrikam.issue(dns=["sip.fabrikam.com"])
+            live, port = await partner_stream(edge, pki, leaf)
+            assert await echo_roundtrip(live, b"before") == b"before"
+            folder = tmp_path / "federation_policies" / "fabrikam.com"
+            os.mkfifo(folder / "pipe.pem")
+            problem = await edge.wait_for(
+                lambda e: e["event"] == "partner_problem" and e["file"].endswith("pipe.pem")
+            )
+            assert "not a regular file (a FIFO)" in problem["problem"]
+            # The FIFO adds nothing and takes nothing: fabrikam is still relayed.
+            assert await echo_roundtrip(live, b"after fifo") == b"after fifo"
+            # A later edit is still seen (reloads are not frozen), and a policy that
+            # cannot be read withdraws the partner, live connection included.
+            (folder / "policy.toml").write_text('enabled = "false"\n')
+            closed = await edge.event_for_port(port, "connection_closed", timeout=10)
+            assert closed["end"] == "trust_withdrawn"
+            await live.aclose()
+            assert await stop_edge(edge) == 0  # SIGTERM still exits
+            nursery.cancel_scope.cancel()
