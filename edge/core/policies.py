@@ -6,7 +6,9 @@ judgement of which partners are loaded, disabled or broken. One partner's
 mistakes never stop another partner from loading.
 
 Must never: decide whether a certificate chain is accepted (that is
-`edge.core.trust`), touch sockets or import trio, or mutate a snapshot once built.
+`edge.core.trust`), touch sockets or import trio, mutate a snapshot once built,
+open anything but a regular file, read through a symlink that leaves the
+policies folder, or echo key material.
 A reload builds a new `PolicySnapshot` beside the old one; the caller swaps it.
 
 A partner is either a folder (`fabrikam.com/` holding roots, CRLs and an
@@ -19,11 +21,14 @@ atomic `..data` swap that the running gateway picks up live.
 What counts as a problem (every problem names the file and what is wrong):
 - fatal (the partner is `broken`): an unreadable or unparsable file, a
   `policy.toml` with an unknown key or a wrong type, a "root" that is not a CA
-  certificate, a PEM root file holding a private key, a CRL without nextUpdate
-  or whose signature fails against a root in the folder, no usable root at all;
+  certificate, private key material anywhere in the folder, a FIFO, socket,
+  device, oversized file or outside symlink where a root, CRL or policy.toml
+  is expected, a CRL without nextUpdate or whose signature fails against a
+  root in the folder, no usable root at all;
 - warnings (the partner still loads): a file with an extension we do not read
   (`root.pem.txt`: a typo we refuse to ignore silently), a sub-folder, a root
-  already expired, a CRL already past its nextUpdate, `require-crl` with no CRL.
+  already expired or not valid yet, a CRL already past its nextUpdate,
+  `require-crl` with no CRL, a world-writable policies or partner folder.
 `edge check` reports both and exits 1 on either. Notices (an ignored backup
 copy or hidden entry) are printed but do not fail `edge check`.
 
@@ -60,6 +65,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 
 __all__ = [
     "CRL_SUFFIXES",
+    "KEY_PROBLEM",
     "MAX_POLICY_FILE_BYTES",
     "POLICY_FILE",
     "RESERVED_PARTNER_IDS",
