@@ -31,6 +31,7 @@ from edge.core.policies import (
     PolicyFolderError,
     PolicySnapshot,
     load_policies,
+    resolve_domain_conflicts,
 )
 from edge.core.trust import PartnerTrust, ServerTrust, Verdict
 
@@ -191,6 +192,8 @@ def _print_snapshot(snapshot: PolicySnapshot, pool_names: set[str] | None) -> in
         for problem in snapshot.problems_of(pid):
             print(f"  {'error' if problem.fatal else 'warning'}: {problem}")
             problems += 1
+    for notice in snapshot.notices:  # ignored backups and hidden names: said, not counted
+        print(f"  notice: {notice}")
     return problems
 
 
@@ -284,7 +287,7 @@ def _check(config_arg: Path | None, policies_arg: Path | None) -> int:
         folders.append(policies_arg)
     for folder in folders:
         try:
-            snapshot = load_policies(folder)
+            snapshot = resolve_domain_conflicts(load_policies(folder))
         except PolicyFolderError as exc:
             print(f"error: {exc}")
             problems += 1

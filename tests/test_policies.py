@@ -290,15 +290,28 @@ def test_disabled_and_stray_top_level_files(tmp_path: Path, root: CA) -> None:
     assert str(problem).startswith(str(tmp_path / "stray-root.pem") + ": ignored")
 
 
-def test_previous_snapshot_keeps_broken_partner(tmp_path: Path, root: CA) -> None:
+def test_previous_snapshot_keeps_partner_when_a_new_root_is_half_copied(
+    tmp_path: Path, root: CA
+) -> None:
     folder = _partner(tmp_path, "keep.example", {"root.pem": root.cert_pem()})
     first = load_policies(tmp_path)
-    (folder / "policy.toml").write_text("bogus = 1\n")
+    (folder / "new-root.pem").write_bytes(root.cert_pem()[:200])
     second = load_policies(tmp_path, previous=first)
     assert second.broken == {"keep.example"}
     assert second.partners["keep.example"] == first.partners["keep.example"]
     assert second.state_counts() == {"enabled": 0, "disabled": 0, "broken": 1}
     assert "keep.example" not in load_policies(tmp_path).partners
+
+
+def test_previous_snapshot_does_not_keep_a_partner_with_a_broken_policy(
+    tmp_path: Path, root: CA
+) -> None:
+    folder = _partner(tmp_path, "keep.example", {"root.pem": root.cert_pem()})
+    first = load_policies(tmp_path)
+    (folder / "policy.toml").write_text("bogus = 1\n")  # could have said enabled = false
+    second = load_policies(tmp_path, previous=first)
+    assert second.broken == {"keep.example"}
+    assert "keep.example" not in second.partners
 
 
 def test_missing_policies_folder(tmp_path: Path) -> None:

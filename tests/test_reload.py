@@ -111,14 +111,16 @@ async def test_broken_edit_keeps_last_good_trust(tmp_path: Path, pki: Pki) -> No
             # A live connection survives the broken edit too.
             live, _ = await partner_stream(edge, pki, leaf)
             assert await echo_roundtrip(live, b"before") == b"before"
-            policy = tmp_path / "federation_policies" / "fabrikam.com" / "policy.toml"
-            policy.write_text('domains = ["fabrikam.com"\n')  # half-written / invalid TOML
+            # A new root half-copied: it adds nothing, the partner keeps its root.
+            # (A broken policy.toml withdraws the partner instead: test_odd_files.)
+            half = tmp_path / "federation_policies" / "fabrikam.com" / "new-root.pem"
+            half.write_bytes(pki.litware_root.cert_pem()[:200])
             reload = await _next_reload(edge, broken=["fabrikam.com"])
             assert reload["result"] == "error"
             problem = await edge.wait_for(
                 lambda e: e["event"] == "partner_problem" and e.get("kept_last_good") is True
             )
-            assert problem["file"].endswith("policy.toml")
+            assert problem["file"].endswith("new-root.pem")
             stream, _ = await partner_stream(edge, pki, leaf)
             assert await echo_roundtrip(stream, b"still trusted") == b"still trusted"
             await stream.aclose()
@@ -127,7 +129,7 @@ async def test_broken_edit_keeps_last_good_trust(tmp_path: Path, pki: Pki) -> No
             assert sample(samples, "edge_partners", state="broken") == 1
             assert (sample(samples, "edge_policy_reloads_total", result="error") or 0) >= 1
             # Fixing the file is picked up as the next change.
-            policy.write_text('domains = ["fabrikam.com"]\n')
+            half.unlink()
             await _next_reload(edge, broken=[], result="ok")
             await live.aclose()
             assert await stop_edge(edge) == 0

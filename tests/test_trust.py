@@ -479,10 +479,10 @@ def test_broken_partner_kept_from_previous_snapshot_still_verifies(tmp_path: Pat
     root = CA.root("Reload Root")
     _write(tmp_path / "reload.example", "root.pem", root.cert_pem())
     first = load_policies(tmp_path)
-    _write(tmp_path / "reload.example", "policy.toml", "enabled = maybe\n")
+    _write(tmp_path / "reload.example", "new.pem", b"-----BEGIN CERTIFICATE-----\nMIIB")
     second = load_policies(tmp_path, previous=first)
     assert second.broken == {"reload.example"}
-    assert second.partners["reload.example"] is first.partners["reload.example"]
+    assert second.partners["reload.example"] == first.partners["reload.example"]
     verdict = PartnerTrust(second).verify_client(root.issue(dns=["a.reload.example"]).chain)
     assert verdict.accepted
     fresh = load_policies(tmp_path)

@@ -6,7 +6,9 @@ judgement of which partners are loaded, disabled or broken. One partner's
 mistakes never stop another partner from loading.
 
 Must never: decide whether a certificate chain is accepted (that is
-`edge.core.trust`), touch sockets or import trio, or mutate a snapshot once built.
+`edge.core.trust`), touch sockets or import trio, mutate a snapshot once built,
+open anything but a regular file, read through a symlink that leaves the
+policies folder, or echo key material.
 A reload builds a new `PolicySnapshot` beside the old one; the caller swaps it.
 
 A partner is either a folder (`fabrikam.com/` holding roots, CRLs and an
@@ -19,19 +21,39 @@ atomic `..data` swap that the running gateway picks up live.
 What counts as a problem (every problem names the file and what is wrong):
 - fatal (the partner is `broken`): an unreadable or unparsable file, a
   `policy.toml` with an unknown key or a wrong type, a "root" that is not a CA
-  certificate, a PEM root file holding a private key, a CRL without nextUpdate
-  or whose signature fails against a root in the folder, no usable root at all;
+  certificate, private key material anywhere in the folder, a FIFO, socket,
+  device, oversized file or outside symlink where a root, CRL or policy.toml
+  is expected, a CRL without nextUpdate or whose signature fails against a
+  root in the folder, no usable root at all;
 - warnings (the partner still loads): a file with an extension we do not read
   (`root.pem.txt`: a typo we refuse to ignore silently), a sub-folder, a root
-  already expired, a CRL already past its nextUpdate, `require-crl` with no CRL.
-`edge check` reports both and exits 1 on either.
+  already expired or not valid yet, a CRL already past its nextUpdate,
+  `require-crl` with no CRL, a world-writable policies or partner folder.
+`edge check` reports both and exits 1 on either. Notices (an ignored backup
+copy or hidden entry) are printed but do not fail `edge check`.
+
+Odd files (README, "What the edge does with odd files"): only regular files
+are opened, non-blocking, refused above `MAX_POLICY_FILE_BYTES`, and a FIFO,
+socket or device is a problem naming it, never a hang. A symlink whose target
+lies outside the policies folder is refused (the Kubernetes `..data` layout
+stays inside it). Hidden and backup-looking names are ignored with a notice.
+
+The fail-closed rule on reload: a change that could withdraw trust and cannot
+be read withdraws it (policy.toml, CRLs, the folder itself, no root left: the
+partner is broken and not trusted); a change that could add trust and cannot
+be read adds nothing (an unreadable root file: the partner keeps the roots it
+can read, with its new settings, and is reported broken until fixed). A new
+partner is all or nothing. Two enabled partners claiming one domain: the one
+that held it first keeps it (`resolve_domain_conflicts`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import enum
+import os
 import re
+import stat
 import tomllib
 import types
 from collections.abc import Mapping
@@ -43,6 +65,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 
 __all__ = [
     "CRL_SUFFIXES",
+    "KEY_PROBLEM",
+    "MAX_POLICY_FILE_BYTES",
     "POLICY_FILE",
     "RESERVED_PARTNER_IDS",
     "ROOT_SUFFIXES",
@@ -55,6 +79,7 @@ __all__ = [
     "is_ignored_name",
     "load_policies",
     "normalize_domain",
+    "resolve_domain_conflicts",
 ]
 
 ROOT_SUFFIXES = frozenset({".pem", ".crt", ".cer"})
@@ -70,6 +95,17 @@ _SINGLE_FILE_KEYS = ("roots", "crls")
 SINGLE_FILE_SUFFIX = ".toml"
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
+# Certificates and CRLs; a large public CA's CRL stays well under this. Anything
+# bigger is not ours, and reading it would stall a reload.
+MAX_POLICY_FILE_BYTES = 64 * 1024 * 1024
+# Unknown files are read only to spot key material; a key is small.
+_SNIFF_BYTES = 1024 * 1024
+_UTF8_BOM = b"\xef\xbb\xbf"
+# Names that hold private keys (PEM, PKCS#8, PKCS#12, Java keystores): never opened.
+_KEY_SUFFIXES = frozenset({".key", ".p8", ".pk8", ".p12", ".pfx", ".jks", ".keystore"})
+KEY_PROBLEM = "a private key does not belong in a partner folder: remove it"
+# Backup copies editors, cp and package managers leave behind (`cp -r x x.bak`).
+_BACKUP_SUFFIXES = (".bak", ".old", ".orig", ".swp", ".swo", ".tmp")
 
 
 class Revocation(enum.StrEnum):
@@ -126,6 +162,13 @@ class PolicySnapshot:
     problems: tuple[PolicyProblem, ...]
     broken: frozenset[str]  # partners with a fatal problem (may still be in `partners`)
     loaded_at: _dt.datetime = field(default_factory=lambda: _dt.datetime.now(_dt.UTC))
+    # Ignored entries (backup copies, hidden names): said, but not problems.
+    notices: tuple[PolicyProblem, ...] = ()
+
+    def new_notices(self, previous: PolicySnapshot | None) -> tuple[PolicyProblem, ...]:
+        """Notices not already in ``previous``: log these, so each is said once."""
+        seen = set(previous.notices) if previous is not None else set()
+        return tuple(n for n in self.notices if n not in seen)
 
     def state_counts(self) -> dict[str, int]:
         """Partner counts by state, for the `edge_partners` gauge."""
@@ -141,8 +184,111 @@ class PolicySnapshot:
 
 
 def is_ignored_name(name: str) -> bool:
-    """Hidden files (editor swap files, Kubernetes `..data` links) and READMEs."""
-    return name.startswith(".") or name.upper().startswith("README")
+    """Hidden entries, READMEs and backup-looking names: never loaded.
+
+    Hidden covers editor files (`.#x`, `.x.swp`) and Kubernetes' `..data` links;
+    backup-looking is `x~` and `x.bak`, `.old`, `.orig`, `.swp`, `.swo`, `.tmp`
+    (files and folders alike: `cp -r fabrikam.com fabrikam.com.bak`).
+    """
+    lower = name.lower()
+    return (
+        name.startswith(".")
+        or name.upper().startswith("README")
+        or name.endswith("~")
+        or lower.endswith(_BACKUP_SUFFIXES)
+    )
+
+
+def _is_quiet(name: str) -> bool:
+    """Ignored without a notice: READMEs and the kubelet's own `..` entries."""
+    return name.startswith("..") or name.upper().startswith("README")
+
+
+class _Refused(Exception):
+    """A policy file we will not read; the message says why."""
+
+
+def _printable(text: str) -> str:
+    """A file-system name fit for a one-line message (no control characters)."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:300]
+
+
+def _inside(real: str, root: str) -> bool:
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+    )
+    for test, kind in kinds:
+        if test(mode):
+            return kind
+    return "not a file"
+
+
+def _inspect(path: Path, root: str) -> os.stat_result:
+    """The stat of ``path``, refusing a symlink out of ``root``. Opens nothing."""
+    real = os.path.realpath(path)
+    if not _inside(real, root):
+        raise _Refused(
+            f"a symbolic link leading outside the policies folder (to {_printable(real)}): "
+            "refused; copy what you need into the folder"
+        )
+    return os.stat(real)
+
+
+def _read_regular(path: Path, root: str, limit: int = MAX_POLICY_FILE_BYTES) -> bytes:
+    """The bytes of a regular file inside ``root``, without a UTF-8 BOM.
+
+    Never blocks: the type is checked before opening (a FIFO is never opened),
+    the open is non-blocking and does not follow a symlink swapped in since,
+    and `fstat` on the open file decides. Raises `_Refused` or OSError.
+    """
+    st = _inspect(path, root)
+    if not stat.S_ISREG(st.st_mode):
+        raise _Refused(f"not a regular file ({_kind(st.st_mode)}): refused, never read; remove it")
+    real = os.path.realpath(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    fd = os.open(real, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Refused(
+                f"not a regular file ({_kind(st.st_mode)}): refused, never read; remove it"
+            )
+        if st.st_size > limit:
+            raise _Refused(f"too large ({st.st_size} bytes, limit {limit}): refused")
+        chunks: list[bytes] = []
+        total = 0
+        while total <= limit:  # bounded even if the file grows while we read
+            chunk = os.read(fd, min(1024 * 1024, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise _Refused(f"too large (over {limit} bytes): refused")
+    finally:
+        os.close(fd)
+    return b"".join(chunks).removeprefix(_UTF8_BOM)
+
+
+def _world_writable(folder: Path) -> bool:
+    try:
+        return bool(os.stat(folder).st_mode & stat.S_IWOTH)
+    except OSError:
+        return False
+
+
+_WORLD_WRITABLE = (
+    "world-writable: anyone on this host can add or change trust here; "
+    "chmod o-w (owned by root or the edge's admin user)"
+)
 
 
 def normalize_domain(raw: str) -> str:
@@ -172,11 +318,19 @@ def normalize_domain(raw: str) -> str:
 class _PartnerLoader:
     """Reads one partner folder, collecting problems instead of stopping at the first."""
 
-    def __init__(self, pid: str, folder: Path, now: _dt.datetime) -> None:
+    def __init__(self, pid: str, folder: Path, now: _dt.datetime, root: str) -> None:
         self.pid = pid
         self.folder = folder
         self.now = now
+        self.root = root  # real path of the policies folder: nothing is read outside it
         self.problems: list[PolicyProblem] = []
+        self.notices: list[PolicyProblem] = []
+        # A fatal problem in a file that could withdraw trust (policy.toml, a CRL,
+        # the folder itself): on reload the partner is not kept in any form.
+        self.withdraws = False
+        # What the readable files say (roots it could read, its settings), built
+        # even when something is broken: a reload may keep it (see `_settle`).
+        self.partial: PartnerPolicy | None = None
         self.roots: list[x509.Certificate] = []
         self.root_files: list[Path] = []
         self.crls: list[x509.CertificateRevocationList] = []
@@ -185,6 +339,22 @@ class _PartnerLoader:
 
     def problem(self, path: Path, message: str, *, fatal: bool = True) -> None:
         self.problems.append(PolicyProblem(self.pid, path, message, fatal))
+        if fatal and not self._adds_only(path):
+            self.withdraws = True
+
+    def _adds_only(self, path: Path) -> bool:
+        """True when ``path`` can only add trust: a root file (or a stray file) in
+        a partner folder. Not policy.toml, a CRL, the folder, or a single-file
+        partner (its one file holds the policy)."""
+        return (
+            path != self.folder
+            and path.parent == self.folder
+            and path.name != POLICY_FILE
+            and path.suffix.lower() not in CRL_SUFFIXES
+        )
+
+    def notice(self, path: Path, message: str) -> None:
+        self.notices.append(PolicyProblem(self.pid, path, message, fatal=False))
 
     def load_file(self) -> PartnerPolicy | None:
         """A single-file partner: `ID.toml` with `roots` (and `crls`) as PEM text."""
@@ -225,6 +395,8 @@ class _PartnerLoader:
 
     def load(self) -> PartnerPolicy | None:
         self._check_reserved()
+        if _world_writable(self.folder):
+            self.problem(self.folder, _WORLD_WRITABLE, fatal=False)
         try:
             entries = sorted(self.folder.iterdir())
         except OSError as exc:
@@ -234,21 +406,45 @@ class _PartnerLoader:
         for path in entries:
             name = path.name
             if is_ignored_name(name):
+                if not _is_quiet(name):
+                    self.notice(path, "ignored: hidden or backup-looking name, never read")
                 continue
-            if path.is_dir():
+            suffix = path.suffix.lower()
+            known = name == POLICY_FILE or suffix in ROOT_SUFFIXES or suffix in CRL_SUFFIXES
+            if suffix in _KEY_SUFFIXES:
+                self.problem(path, KEY_PROBLEM)  # by its name: never opened
+                continue
+            try:
+                st = _inspect(path, self.root)
+            except _Refused as exc:
+                self.problem(path, str(exc), fatal=known)
+                continue
+            except OSError as exc:  # a dangling link, or gone since the listing
+                self.problem(path, f"cannot read: {exc.strerror or exc}", fatal=known)
+                continue
+            if stat.S_ISDIR(st.st_mode):
                 self.problem(
                     path,
                     "sub-folders are not read; put roots and CRLs directly in the partner folder",
                     fatal=False,
                 )
                 continue
-            suffix = path.suffix.lower()
+            if not stat.S_ISREG(st.st_mode):
+                # Never opened: opening a FIFO would block every reload for good.
+                self.problem(
+                    path,
+                    f"not a regular file ({_kind(st.st_mode)}): refused, never read; remove it",
+                    fatal=known,
+                )
+                continue
             if name == POLICY_FILE:
                 policy_path = path
             elif suffix in ROOT_SUFFIXES:
                 self._load_roots(path)
             elif suffix in CRL_SUFFIXES:
                 self._load_crls(path)
+            elif self._holds_key(path):
+                self.problem(path, KEY_PROBLEM)
             else:
                 self.unknown_files.append(path)
                 self.problem(
@@ -265,10 +461,23 @@ class _PartnerLoader:
             self.problem(self.folder, f"no trusted root certificate found{hint}")
         return self._finish(settings)
 
+    def _holds_key(self, path: Path) -> bool:
+        """Whether a file of unknown type holds PEM key material (bounded read)."""
+        try:
+            data = _read_regular(path, self.root, _SNIFF_BYTES)
+        except (_Refused, OSError):
+            return False
+        return b"PRIVATE KEY-----" in data
+
     def _finish(self, settings: _Settings) -> PartnerPolicy | None:
         self._check_crls(settings.revocation)
+        if self.roots:
+            self.partial = self._policy(settings)
         if any(p.fatal for p in self.problems):
             return None
+        return self.partial
+
+    def _policy(self, settings: _Settings) -> PartnerPolicy:
         return PartnerPolicy(
             id=self.pid,
             folder=self.folder,
@@ -284,11 +493,14 @@ class _PartnerLoader:
         )
 
     def _read(self, path: Path) -> bytes | None:
+        """The file's bytes (UTF-8 BOM stripped), or None after reporting why not."""
         try:
-            return path.read_bytes()
+            return _read_regular(path, self.root)
+        except _Refused as exc:
+            self.problem(path, str(exc))
         except OSError as exc:
             self.problem(path, f"cannot read: {exc.strerror or exc}")
-            return None
+        return None
 
     def _load_roots(self, path: Path, data: bytes | None = None) -> None:
         if data is None:
@@ -296,13 +508,14 @@ class _PartnerLoader:
         if data is None:
             return
         certs: list[x509.Certificate]
+        data = data.removeprefix(_UTF8_BOM)  # Windows editors add one to PEM text
         if data.lstrip().startswith(b"-----BEGIN"):
             if b"PRIVATE KEY-----" in data:
                 # Never keep (or echo) key material; the operator must remove it.
                 self.problem(
                     path,
-                    "contains a private key; a partner folder must hold only the partner's "
-                    "CA certificates: remove the key from this file",
+                    f"contains a private key, and {KEY_PROBLEM} (a partner folder holds "
+                    "only the partner's CA certificates)",
                 )
                 return
             try:
@@ -342,6 +555,14 @@ class _PartnerLoader:
                     path,
                     f"{where} expired on {cert.not_valid_after_utc:%Y-%m-%d}; chains through "
                     "it are rejected as expired",
+                    fatal=False,
+                )
+            if cert.not_valid_before_utc > self.now:
+                # Like an expired root: a warning (edge check exits 1), the partner loads.
+                self.problem(
+                    path,
+                    f"{where} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M}Z; "
+                    "chains through it are rejected as not_yet_valid until then",
                     fatal=False,
                 )
             if cert in self.roots:
@@ -428,11 +649,11 @@ class _PartnerLoader:
         return self._settings(raw, path, settings, _POLICY_KEYS)
 
     def _parse_toml(self, path: Path) -> dict[str, object] | None:
+        data = self._read(path)
+        if data is None:
+            return None
         try:
-            with path.open("rb") as f:
-                return tomllib.load(f)
-        except OSError as exc:
-            self.problem(path, f"cannot read: {exc.strerror or exc}")
+            return tomllib.loads(data.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             self.problem(path, f"not valid TOML: {exc}")
         return None
@@ -533,9 +754,13 @@ def _crl_signed_by(crl: x509.CertificateRevocationList, key: CertificatePublicKe
 def load_policies(folder: Path, previous: PolicySnapshot | None = None) -> PolicySnapshot:
     """Load every partner folder under `folder`.
 
-    A partner with a fatal problem is listed in `broken`. If it loaded fine in
-    `previous`, its previous policy stays in `partners` (a typo during a live
-    reload must not cut off a working partner); otherwise it is absent.
+    A partner with a fatal problem is listed in `broken`. On a reload (it is in
+    `previous`), the fail-closed rule decides what stays trusted: if the
+    problem is in a file that could withdraw trust (policy.toml, a CRL, the
+    folder itself, or no root left) the partner is absent; if it is only in
+    root files (a half-copied new root), the partner stays, built from the
+    files that do read, with its new settings. A new partner is all or nothing.
+    Two enabled partners claiming one domain: see `resolve_domain_conflicts`.
     Raises PolicyFolderError when `folder` itself cannot be listed.
     """
     now = _dt.datetime.now(_dt.UTC)
@@ -549,16 +774,44 @@ def load_policies(folder: Path, previous: PolicySnapshot | None = None) -> Polic
         raise PolicyFolderError(
             f"{folder}: cannot read policies folder: {exc.strerror or exc}"
         ) from None
+    # The folder itself may be a link (/etc/edge/policies -> /srv/...); links
+    # inside it must stay inside its real path (Kubernetes' `..data` does).
+    root = os.path.realpath(folder)
     partners: dict[str, PartnerPolicy] = {}
     problems: list[PolicyProblem] = []
+    notices: list[PolicyProblem] = []
     broken: set[str] = set()
-    folder_ids = {p.name for p in entries if not is_ignored_name(p.name) and p.is_dir()}
+    if _world_writable(folder):
+        problems.append(PolicyProblem("", folder, _WORLD_WRITABLE, fatal=False))
+    kinds: dict[Path, int] = {}
     for path in entries:
         if is_ignored_name(path.name):
+            if not _is_quiet(path.name):
+                notices.append(
+                    PolicyProblem(
+                        "",
+                        path,
+                        "ignored: hidden or backup-looking name, never loaded as a partner",
+                        fatal=False,
+                    )
+                )
             continue
-        if path.is_file() and path.name.endswith(SINGLE_FILE_SUFFIX):
+        try:
+            kinds[path] = _inspect(path, root).st_mode
+        except _Refused as exc:
+            pid = path.name.removesuffix(SINGLE_FILE_SUFFIX) if path.is_file() else path.name
+            problems.append(PolicyProblem(pid, path, str(exc)))
+            broken.add(pid)  # partner-level: withdrawn, whatever `previous` held
+        except OSError as exc:
+            problems.append(
+                PolicyProblem("", path, f"cannot read: {exc.strerror or exc}", fatal=False)
+            )
+    names = {p.name for p in kinds}
+    folder_ids = {p.name for p, mode in kinds.items() if stat.S_ISDIR(mode)}
+    for path, mode in kinds.items():
+        if stat.S_ISREG(mode) and path.name.endswith(SINGLE_FILE_SUFFIX):
             pid = path.name[: -len(SINGLE_FILE_SUFFIX)]
-            loader = _PartnerLoader(pid, path, now)
+            loader = _PartnerLoader(pid, path, now, root)
             if pid in folder_ids:
                 loader.problem(
                     path, f"partner {pid!r} is defined twice: by this file and by a folder"
@@ -566,44 +819,124 @@ def load_policies(folder: Path, previous: PolicySnapshot | None = None) -> Polic
                 policy = None
             else:
                 policy = loader.load_file()
-            problems.extend(loader.problems)
-            if policy is not None:
-                partners[policy.id] = policy
-                continue
-            broken.add(pid)
-            if previous is not None and pid in previous.partners:
-                partners[pid] = previous.partners[pid]
-            continue
-        if not path.is_dir():
+        elif stat.S_ISDIR(mode):
+            pid = path.name
+            loader = _PartnerLoader(pid, path, now, root)
+            if f"{pid}{SINGLE_FILE_SUFFIX}" in names:
+                loader.problem(
+                    path, f"partner {pid!r} is defined twice: by this folder and by a file"
+                )
+                policy = None
+            else:
+                policy = loader.load()
+        else:
+            what = "" if stat.S_ISREG(mode) else f"not a regular file ({_kind(mode)}), "
             problems.append(
                 PolicyProblem(
                     "",
                     path,
-                    "ignored: only partner folders and single-file partners (ID.toml) "
+                    f"ignored: {what}only partner folders and single-file partners (ID.toml) "
                     "belong here; move this file into the partner's folder",
                     fatal=False,
                 )
             )
             continue
-        loader = _PartnerLoader(path.name, path, now)
-        if f"{path.name}{SINGLE_FILE_SUFFIX}" in {p.name for p in entries}:
-            loader.problem(
-                path, f"partner {path.name!r} is defined twice: by this folder and by a file"
-            )
-            policy = None
-        else:
-            policy = loader.load()
         problems.extend(loader.problems)
-        if policy is not None:
-            partners[policy.id] = policy
-            continue
-        broken.add(path.name)
-        if previous is not None and path.name in previous.partners:
-            partners[path.name] = previous.partners[path.name]
+        notices.extend(loader.notices)
+        kept = _settle(loader, policy, previous)
+        if policy is None:
+            broken.add(pid)
+        if kept is not None:
+            partners[pid] = kept
     return PolicySnapshot(
         folder=folder,
         partners=types.MappingProxyType(partners),
         problems=tuple(problems),
         broken=frozenset(broken),
         loaded_at=now,
+        notices=tuple(notices),
+    )
+
+
+def _settle(
+    loader: _PartnerLoader, policy: PartnerPolicy | None, previous: PolicySnapshot | None
+) -> PartnerPolicy | None:
+    """What stays trusted of one partner: the fail-closed rule (module docstring)."""
+    if policy is not None:
+        return policy
+    if previous is None or loader.pid not in previous.partners or loader.withdraws:
+        return None  # new partners are all or nothing; unreadable withdrawals withdraw
+    return loader.partial  # only root files failed: they add nothing, the rest stands
+
+
+def resolve_domain_conflicts(
+    snapshot: PolicySnapshot, previous: PolicySnapshot | None = None
+) -> PolicySnapshot:
+    """``snapshot`` with each domain held by at most one enabled partner.
+
+    Pure (no I/O, inputs untouched) and idempotent. For every domain that
+    several enabled partners of ``snapshot.partners`` list, the holder is the
+    partner that held it in ``previous`` (an enabled partner listing it there),
+    else the alphabetically first id. Every other claimant loses: it leaves
+    `partners`, joins `broken`, and gets a fatal problem naming both folders;
+    the holder gets a warning naming the loser. Disabled partners claim nothing
+    (they are not trusted). One root shared by several partners is not a
+    conflict: the leaf names decide (DESIGN.md).
+    """
+    claims: dict[str, list[str]] = {}
+    for pid in sorted(snapshot.partners):
+        policy = snapshot.partners[pid]
+        if policy.enabled:
+            for domain in policy.domains:
+                claims.setdefault(domain, []).append(pid)
+    held: dict[str, str] = {}
+    if previous is not None:
+        for pid in sorted(previous.partners, reverse=True):  # first id wins a tie
+            old = previous.partners[pid]
+            if old.enabled:
+                for domain in old.domains:
+                    held[domain] = pid
+    losers: set[str] = set()
+    problems: list[PolicyProblem] = []
+    for domain, pids in sorted(claims.items()):
+        if len(pids) < 2:
+            continue
+        holder = held.get(domain)
+        first = holder in pids
+        winner = holder if holder is not None and first else pids[0]
+        why = "held it first" if first else "is alphabetically first"
+        win = snapshot.partners[winner]
+        for pid in pids:
+            if pid == winner:
+                continue
+            losers.add(pid)
+            loser = snapshot.partners[pid]
+            problems.append(
+                PolicyProblem(
+                    pid,
+                    loser.folder,
+                    f"domain {domain} is also claimed by partner {winner!r} ({win.folder}), "
+                    f"which keeps it ({why}); this partner is not trusted until one of the "
+                    "two drops the domain",
+                )
+            )
+            problems.append(
+                PolicyProblem(
+                    winner,
+                    win.folder,
+                    f"domain {domain} is also claimed by partner {pid!r} ({loser.folder}), "
+                    "which is refused until one of the two drops the domain",
+                    fatal=False,
+                )
+            )
+    if not losers:
+        return snapshot
+    kept = {pid: p for pid, p in snapshot.partners.items() if pid not in losers}
+    return PolicySnapshot(
+        folder=snapshot.folder,
+        partners=types.MappingProxyType(kept),
+        problems=snapshot.problems + tuple(problems),
+        broken=snapshot.broken | losers,
+        loaded_at=snapshot.loaded_at,
+        notices=snapshot.notices,
     )
