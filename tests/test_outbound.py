@@ -527,6 +527,13 @@ async def test_member_not_in_topology_and_no_sni(tmp_path: Path, pki: Pki) -> No
             await refused(await member_connect(edge, pki, "sip.litware.com"))
             await edge.wait(3)
             assert edge.rejected[2].reason == "unknown_destination"
+            # A certificate from outside internal_roots fails the TLS handshake itself.
+            outsider = pki.fabrikam.issue(dns=["fe1.corp.test"], eku=["client"])
+            with contextlib.suppress(trio.BrokenResourceError):
+                await refused(await member_connect(edge, pki, "sip.fabrikam.com", outsider))
+            await edge.wait(4)
+            assert edge.rejected[3].reason == "tls_error"
+            assert edge.rejected[3].member is None
             assert partner.connections == 0
 
 
