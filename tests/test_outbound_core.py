@@ -245,3 +245,7 @@ def test_partner_edge_verdicts(tmp_path: Path, cas: dict[str, CA]) -> None:
         verdict = trust.verify("fabrikam.com", chain, name)
         assert (verdict.accepted, verdict.reason) == (False, reason), verdict.detail
     assert trust.verify("nobody", good.chain, "sip.fabrikam.com").reason is Reason.UNKNOWN_CA
+    long_chain = (good.cert,) + (fab.cert,) * 20
+    assert trust.verify("fabrikam.com", long_chain, "sip.fabrikam.com").reason is (
+        Reason.INVALID_CHAIN
+    )

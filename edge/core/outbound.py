@@ -45,7 +45,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edge.core.config import Pool
 from edge.core.policies import PartnerPolicy, PolicySnapshot, Revocation
 from edge.core.reasons import Reason
-from edge.core.trust import ServerTrust, Verdict
+from edge.core.trust import MAX_CHAIN_LENGTH, ServerTrust, Verdict
 
 __all__ = [
     "MAX_SRV_RECORDS",
@@ -453,6 +453,15 @@ class PartnerEdgeTrust:
         policy = self.snapshot.partners.get(partner)
         if policy is None:
             return Verdict(False, Reason.UNKNOWN_CA, f"no partner {partner!r} in the policies")
+        if len(chain) > MAX_CHAIN_LENGTH:
+            # Each certificate costs work in path building: bound what a peer can make us do.
+            return Verdict(
+                False,
+                Reason.INVALID_CHAIN,
+                f"the server sent {len(chain)} certificates; at most {MAX_CHAIN_LENGTH} "
+                "are accepted",
+                partner,
+            )
         trust = self._trust.get(partner)
         if trust is None:
             trust = self._trust[partner] = ServerTrust(policy.roots)
