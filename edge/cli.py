@@ -19,13 +19,13 @@ import datetime as _dt
 import json
 import sys
 import types
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, cast
 
 from cryptography import x509
 
 from edge.core.config import Config, ConfigError, default_config_path, load_config
+from edge.core.outbound import PartnerEdgeTrust, reach
 from edge.core.policies import (
     PartnerPolicy,
     PolicyFolderError,
@@ -203,6 +203,7 @@ def _print_policy(policy: PartnerPolicy, pool_names: set[str] | None, now: _dt.d
     limit = policy.max_connections if policy.max_connections is not None else "global limit"
     pool = policy.pool or "(the listener's)"
     print(f"  pool: {pool}; max_connections: {limit}; revocation: {policy.revocation}")
+    print(f"  outbound: reached by {reach(policy).line}")
     if policy.pool is not None and pool_names is not None and policy.pool not in pool_names:
         known = ", ".join(sorted(pool_names)) or "none"
         print(
@@ -249,9 +250,13 @@ def _print_config(config: Config) -> int:
     for listener in config.listeners:
         where = f" policies {listener.policies}" if listener.policies else ""
         host = f"[{listener.host}]" if ":" in listener.host else listener.host
+        target = (
+            f"for members of pools {', '.join(listener.pools)} -> partners"
+            if listener.mode == "outbound"
+            else f"-> pool {listener.pool}"
+        )
         print(
-            f"  listener {listener.name}: {listener.mode} on {host}:{listener.port} "
-            f"-> pool {listener.pool}{where}"
+            f"  listener {listener.name}: {listener.mode} on {host}:{listener.port} {target}{where}"
         )
     for pool in config.pools.values():
         members = ", ".join(
@@ -399,12 +404,14 @@ def _verify(args: argparse.Namespace) -> int:
         verdict = PartnerTrust(snapshot).verify_client(chain, at=at)
     else:
         if args.partner is not None:
+            # Exactly what an outbound dial to --name decides (one implementation).
             assert snapshot is not None
-            roots: Sequence[x509.Certificate] = _only_partner(snapshot, args.partner).roots
+            _only_partner(snapshot, args.partner)
+            verdict = PartnerEdgeTrust(snapshot).verify(args.partner, chain, args.name, at=at)
         else:
             assert config is not None
             roots = config.identity.internal_root_certs
-        verdict = ServerTrust(roots).verify_server(chain, args.name, at=at)
+            verdict = ServerTrust(roots).verify_server(chain, args.name, at=at)
 
     if args.json:
         print(json.dumps({"purpose": purpose, **verdict.as_dict()}, sort_keys=True))

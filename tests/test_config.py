@@ -191,7 +191,7 @@ MALFORMED = [
     ),
     pytest.param(
         ('mode = "mtls"', 'mode = "mutual"'),
-        'listeners[0] (federation).mode: must be "mtls" or "tls"',
+        'listeners[0] (federation).mode: must be "mtls", "tls" or "outbound"',
         id="bad-mode",
     ),
     pytest.param(

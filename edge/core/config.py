@@ -29,6 +29,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 __all__ = [
     "Config",
@@ -86,14 +87,18 @@ class Identity:
 
 @dataclass(frozen=True)
 class Listener:
-    """Where partners (mtls) or clients (tls) connect, and which pool they reach."""
+    """Where partners (mtls) or clients (tls) connect, and which pool they reach;
+    or (outbound) where pool members connect to reach partners."""
 
     name: str
     host: str  # IPv6 without brackets
     port: int
-    mode: Literal["mtls", "tls"]
-    policies: Path | None  # partner policies folder; required for mtls, None for tls
-    pool: str
+    mode: Literal["mtls", "tls", "outbound"]
+    # Partner policies folder; required for mtls and outbound, None for tls.
+    policies: Path | None
+    pool: str  # the pool partners reach; "" on an outbound listener (it uses `pools`)
+    # Outbound only: the pools whose members' topology hosts may use this listener.
+    pools: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,8 @@ class Limits:
     max_handshakes_in_progress: int = 2000  # accepted, not yet authorized
     new_connections_per_source_per_s: float = 100  # token bucket refill rate
     new_connections_per_source_burst: int = 200  # token bucket size
+    # Outbound listeners: live connections from the pool to one partner.
+    max_outbound_connections_per_partner: int = 1000
 
 
 @dataclass(frozen=True)
@@ -227,7 +234,7 @@ _TOP_KEYS = (
     "revocation",
 )
 _IDENTITY_KEYS = ("public_cert", "public_key", "internal_cert", "internal_key", "internal_roots")
-_LISTENER_KEYS = ("name", "address", "mode", "policies", "pool")
+_LISTENER_KEYS = ("name", "address", "mode", "policies", "pool", "pools")
 _POOL_KEYS = (
     "name",
     "members",
@@ -256,6 +263,7 @@ _INT_LIMITS = (
     "max_connections_per_source",
     "max_handshakes_in_progress",
     "new_connections_per_source_burst",
+    "max_outbound_connections_per_partner",
 )
 
 
@@ -516,15 +524,27 @@ class _Loader:
                     )
                 seen_addresses[address] = name or f"#{index}"
             mode = table.get("mode", "mtls")
-            if mode not in ("mtls", "tls"):
-                self.problem(f"{where}mode", f'must be "mtls" or "tls", not {_shown(mode)}')
+            if mode not in ("mtls", "tls", "outbound"):
+                self.problem(
+                    f"{where}mode", f'must be "mtls", "tls" or "outbound", not {_shown(mode)}'
+                )
                 mode = None
-            pool = self.string(table, "pool", where)
-            if pool is not None and pool not in pool_names:
+            pools: tuple[str, ...] = ()
+            pool: str | None = ""
+            if mode == "outbound":
+                pools = self.outbound_pools(table, where, pool_names)
+            else:
+                if "pools" in table:
+                    self.problem(
+                        f"{where}pools",
+                        'only outbound listeners take pools = [...]; use pool = "NAME"',
+                    )
+                pool = self.string(table, "pool", where)
+            if pool and pool not in pool_names:
                 known = ", ".join(sorted(pool_names)) or "none defined"
                 self.problem(f"{where}pool", f"no pool named {pool!r} ([[pools]]: {known})")
             policies: Path | None = None
-            if mode == "mtls":
+            if mode in ("mtls", "outbound"):
                 raw = self.string(table, "policies", where)
                 if raw is None and "policies" not in table:
                     pass  # "missing (required)" already reported
@@ -538,18 +558,87 @@ class _Loader:
                     f"{where}policies",
                     'only mtls listeners use partner policies; remove it or set mode = "mtls"',
                 )
-            if name and address and mode and pool and (mode == "tls" or policies):
+            if (
+                name
+                and address
+                and mode
+                and (pool or pools)
+                and pool is not None
+                and (mode == "tls" or policies)
+            ):
                 result.append(
                     Listener(
                         name=name,
                         host=address[0],
                         port=address[1],
-                        mode="mtls" if mode == "mtls" else "tls",
+                        mode="mtls" if mode == "mtls" else "tls" if mode == "tls" else "outbound",
                         policies=policies,
                         pool=pool,
+                        pools=pools,
                     )
                 )
         return tuple(result)
+
+    def outbound_pools(
+        self, table: Mapping[str, Any], where: str, pool_names: set[str]
+    ) -> tuple[str, ...]:
+        """An outbound listener's `pools`: who may use it (their members' hosts)."""
+        if "pool" in table:
+            self.problem(
+                f"{where}pool",
+                "an outbound listener names who may use it with pools = [...], not pool",
+            )
+        raw = table.get("pools")
+        if raw is None:
+            self.problem(f"{where}pools", 'missing (required for mode = "outbound")')
+            return ()
+        if not isinstance(raw, list) or not raw or not all(isinstance(v, str) and v for v in raw):
+            self.problem(
+                f"{where}pools", f"must be a non-empty list of pool names, not {_shown(raw)}"
+            )
+            return ()
+        known = ", ".join(sorted(pool_names)) or "none defined"
+        for name in raw:
+            if name not in pool_names:
+                self.problem(f"{where}pools", f"no pool named {name!r} ([[pools]]: {known})")
+        return tuple(dict.fromkeys(raw)) if all(n in pool_names for n in raw) else ()
+
+    def outbound_identity(self, identity: Identity, listeners: tuple[Listener, ...]) -> None:
+        """With an outbound listener the edge is a TLS server to the pool (internal_cert
+        must allow serverAuth) and a TLS client to partners (public_cert: clientAuth)."""
+        if not any(listener.mode == "outbound" for listener in listeners):
+            return
+        for key, chain, path, oid, label, why in (
+            (
+                "identity.internal_cert",
+                identity.internal_chain,
+                identity.internal_cert,
+                ExtendedKeyUsageOID.SERVER_AUTH,
+                "serverAuth",
+                "pool members connect to the edge's outbound listener",
+            ),
+            (
+                "identity.public_cert",
+                identity.public_chain,
+                identity.public_cert,
+                ExtendedKeyUsageOID.CLIENT_AUTH,
+                "clientAuth",
+                "the edge connects to partners' edges with it",
+            ),
+        ):
+            try:
+                eku = chain[0].extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+            except x509.ExtensionNotFound:
+                continue  # no EKU: any purpose (RFC 5280 4.2.1.12)
+            except ValueError as exc:
+                self.problem(key, f"{path}: malformed extensions: {exc}")
+                continue
+            if oid not in eku:
+                self.problem(
+                    key,
+                    f"{path}: extended key usage does not include {label}, which an outbound "
+                    f"listener needs ({why}); reissue it with {label} or without the extension",
+                )
 
     def pools(self, data: Mapping[str, Any]) -> dict[str, Pool]:
         result: dict[str, Pool] = {}
@@ -797,6 +886,8 @@ class _Loader:
         policy_settings = self.policy_settings(data)
         dns = self.dns(data)
         revocation = self.revocation_settings(data)
+        if identity is not None:
+            self.outbound_identity(identity, listeners)
         if self.problems or identity is None:
             if not self.problems:  # defensive: never start on a half-built identity
                 self.problem("identity", "could not be loaded")

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import enum
+import ipaddress
 import os
 import re
 import stat
@@ -62,6 +63,8 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
+from edge.core.config import parse_address
 
 __all__ = [
     "CRL_SUFFIXES",
@@ -79,6 +82,7 @@ __all__ = [
     "is_ignored_name",
     "load_policies",
     "normalize_domain",
+    "parse_edge",
     "resolve_domain_conflicts",
 ]
 
@@ -89,7 +93,7 @@ POLICY_FILE = "policy.toml"
 # with that id would make two different things indistinguishable on dashboards.
 RESERVED_PARTNER_IDS = frozenset({"unknown"})
 
-_POLICY_KEYS = ("domains", "enabled", "pool", "max_connections", "revocation")
+_POLICY_KEYS = ("domains", "enabled", "pool", "max_connections", "revocation", "edge")
 # A single-file partner (`ID.toml` at the top of the policies folder) adds these.
 _SINGLE_FILE_KEYS = ("roots", "crls")
 SINGLE_FILE_SUFFIX = ".toml"
@@ -138,6 +142,8 @@ class PartnerPolicy:
     root_files: tuple[Path, ...]  # file each root came from, same order as `roots`
     crls: tuple[x509.CertificateRevocationList, ...]
     crl_files: tuple[Path, ...]  # same order as `crls`
+    # Outbound: the partner's edge as (host, port), like Lync's ProxyFqdn; None: DNS SRV.
+    edge: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -490,6 +496,7 @@ class _PartnerLoader:
             root_files=tuple(self.root_files),
             crls=tuple(self.crls),
             crl_files=tuple(self.crl_files),
+            edge=settings.edge,
         )
 
     def _read(self, path: Path) -> bytes | None:
@@ -715,6 +722,11 @@ class _PartnerLoader:
             else:
                 choices = ", ".join(f'"{r}"' for r in _REVOCATION_VALUES)
                 self.problem(path, f"revocation: must be one of {choices}")
+        if "edge" in raw:
+            try:
+                settings.edge = parse_edge(raw["edge"])
+            except ValueError as exc:
+                self.problem(path, f"edge: {exc}")
         return settings
 
 
@@ -730,6 +742,23 @@ class _Settings:
     pool: str | None = None
     max_connections: int | None = None
     revocation: Revocation = Revocation.CRL_IF_PRESENT
+    edge: tuple[str, int] | None = None
+
+
+def parse_edge(value: object) -> tuple[str, int]:
+    """`edge = "sip.fabrikam.com:5061"` (or "[v6]:port") -> (host, port), the host a
+    lowercase DNS name or an IP address. Raises ValueError saying why."""
+    if not isinstance(value, str) or not value:
+        raise ValueError('must be "host:port", e.g. "sip.fabrikam.com:5061"')
+    host, port = parse_address(value, allow_any_port=False)
+    try:
+        return str(ipaddress.ip_address(host)), port
+    except ValueError:
+        pass
+    try:
+        return normalize_domain(host), port
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: {exc} (a host name or IP address, then :port)") from None
 
 
 def _is_domain(name: str) -> bool:

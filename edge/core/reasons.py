@@ -57,3 +57,13 @@ class Reason(enum.StrEnum):
     # A live connection's chain, re-checked after a policy reload, now identifies
     # a different partner than the one it was admitted as (a folder renamed).
     PARTNER_CHANGED = "partner_changed"
+    # Outbound: the pool member's certificate names no topology host of the
+    # outbound listener's pools (or does not chain to internal_roots).
+    NOT_IN_TOPOLOGY = "not_in_topology"
+    # Outbound: no SNI, or an SNI inside no enabled partner's domains.
+    UNKNOWN_DESTINATION = "unknown_destination"
+    # Outbound: no static edge and no SRV answer, or no target could be connected to.
+    PARTNER_UNREACHABLE = "partner_unreachable"
+    # Outbound: the partner's edge presented a certificate its policy does not accept
+    # (the core's reason code is in the detail).
+    PARTNER_UNTRUSTED = "partner_untrusted"
