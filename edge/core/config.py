@@ -30,6 +30,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from edge.core import schema
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -216,47 +218,20 @@ def parse_address(text: str, *, allow_any_port: bool = True) -> tuple[str, int]:
     return host, int(port_text)
 
 
-_TOP_KEYS = (
-    "identity",
-    "listeners",
-    "pools",
-    "metrics",
-    "limits",
-    "policies",
-    "dns",
-    "revocation",
-)
-_IDENTITY_KEYS = ("public_cert", "public_key", "internal_cert", "internal_key", "internal_roots")
-_LISTENER_KEYS = ("name", "address", "mode", "policies", "pool")
-_POOL_KEYS = (
-    "name",
-    "members",
-    "dns_srv",
-    "balance",
-    "health_interval_s",
-    "unhealthy_after",
-    "healthy_after",
-    "proxy_protocol",
-)
-_MEMBER_KEYS = ("host", "address", "port", "weight", "max_connections")
+# Known keys come from the schema, so a key cannot be accepted without being
+# documented (edge/core/schema.py; `python -m edge.docs` renders the reference).
+_TOP_KEYS = schema.top_tables()
+_IDENTITY_KEYS = schema.key_names("identity")
+_LISTENER_KEYS = schema.key_names("listeners")
+_POOL_KEYS = schema.key_names("pools")
+_MEMBER_KEYS = schema.key_names("pools.members")
 # Bounds that keep a typo from becoming an outage or a busy loop.
 _MAX_WEIGHT = 1000
 _MIN_HEALTH_INTERVAL_S = 0.1
 _MAX_HEALTH_THRESHOLD = 100
-_METRICS_KEYS = ("address",)
-_FLOAT_LIMITS = (
-    "handshake_timeout_s",
-    "idle_timeout_s",
-    "drain_timeout_s",
-    "new_connections_per_source_per_s",
-)
-_INT_LIMITS = (
-    "max_connections",
-    "max_connections_per_partner",
-    "max_connections_per_source",
-    "max_handshakes_in_progress",
-    "new_connections_per_source_burst",
-)
+_METRICS_KEYS = schema.key_names("metrics")
+_FLOAT_LIMITS = schema.key_names("limits", type="number")
+_INT_LIMITS = schema.key_names("limits", type="integer")
 
 
 class _Loader:
