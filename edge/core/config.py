@@ -1,7 +1,7 @@
 """The gateway's configuration file (TOML) read into frozen, typed objects.
 
-Owns: the schema of `edge.toml` (DESIGN.md, "Configuration file"), resolving
-paths relative to the file, loading the edge's own certificates and keys and
+Owns: reading `edge.toml` against its schema (`edge.core.schema`, rendered as
+docs/reference/configuration.md), resolving paths relative to the file, loading the edge's own certificates and keys and
 checking that each key matches its certificate, and cross-references between
 sections (a listener's pool must exist, names are unique).
 
