@@ -1,9 +1,10 @@
 """The gateway's configuration file (TOML) read into frozen, typed objects.
 
 Owns: reading `edge.toml` against its schema (`edge.core.schema`, rendered as
-docs/reference/configuration.md), resolving paths relative to the file, loading the edge's own certificates and keys and
-checking that each key matches its certificate, and cross-references between
-sections (a listener's pool must exist, names are unique).
+docs/reference/configuration.md), resolving paths relative to the file,
+loading the edge's own certificates and keys and checking that each key
+matches its certificate, and cross-references between sections (a
+listener's pool must exist, names are unique).
 
 Must never: start anything, open sockets or import trio, load the partner
 policies themselves (that is `edge.core.policies`; here we only check the folder
