@@ -171,6 +171,7 @@ KEYS: tuple[Key, ...] = (
         meaning="The pool's servers (see members below)."),
     Key(_E, "pools", "dns_srv", "string", apply="restart",
         default_text="none (use members)", allowed="an RFC 2782 SRV name",
+        example="_sipinternaltls._tcp.corp.example",
         meaning="Discover the members from this SRV record (targets, ports, priorities, "
         "weights), re-queried when its TTL runs out."),
     Key(_E, "pools", "balance", "string", default="least_connections", apply="restart",
@@ -188,7 +189,7 @@ KEYS: tuple[Key, ...] = (
         allowed="1 to 100",
         meaning="Consecutive successes that bring a member back into rotation."),
     Key(_E, "pools", "proxy_protocol", "string", apply="restart",
-        default_text="none", allowed='"v2"',
+        default_text="none", allowed='"v2"', example="v2",
         meaning="Send a PROXY protocol v2 header (partner address, SNI, partner id) before the "
         "TLS handshake to each member."),
     # --- members = [{ ... }]
