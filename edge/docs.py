@@ -334,7 +334,7 @@ def render_log_events() -> str:
     for name in sorted(_events.EVENTS):
         e = _events.EVENTS[name]
         out.append(f"\n### {name}\n")
-        out.append(f"Level **{e.level}**. Emitted when {e.when}.\n")
+        out.append(f"Level **{e.level}**. When: {e.when}.\n")
         if e.fields:
             out.append(_row("field", "meaning"))
             out.append("|---|---|")
