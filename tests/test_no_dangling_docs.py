@@ -97,6 +97,41 @@ def test_every_relative_markdown_link_exists() -> None:
     assert broken == []
 
 
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lowercase, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(markdown: str) -> set[str]:
+    return {_slug(h) for h in re.findall(r"^#+ (.*)$", _FENCE.sub("", markdown), re.M)}
+
+
+def test_every_anchor_into_a_markdown_file_exists() -> None:
+    broken = []
+    checked = 0
+    for path in _files():
+        if path.suffix.lower() != ".md":
+            continue
+        for target in _links(_text(path) or ""):
+            if _EXTERNAL.match(target) and not target.startswith("#"):
+                continue
+            rel, _, fragment = target.partition("#")
+            dest = (path.parent / rel) if rel else path
+            if not fragment or dest.suffix.lower() != ".md" or not dest.is_file():
+                continue
+            checked += 1
+            if fragment not in _anchors(_text(dest) or ""):
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+    assert checked >= 10
+    assert broken == []
+
+
+def test_slugs_follow_github() -> None:
+    assert _slug("Rotate the edge's certificates") == "rotate-the-edges-certificates"
+    assert _slug("Several cores: `edge run --workers N`") == "several-cores-edge-run---workers-n"
+    assert _slug("One file instead of a folder: `ID.toml`") == "one-file-instead-of-a-folder-idtoml"
+
+
 def test_link_checker_sees_a_broken_link(tmp_path: Path) -> None:
     text = "see [a](missing.md) and [b](#anchor) and [c](https://x.example)\n\n[d]: gone.md\n"
     text += "```\n[not](a-link.md)\n```\n"
