@@ -1,6 +1,6 @@
 """Where a partner's edge is: DNS SRV, then A/AAAA, with a bounded TTL cache.
 
-Owns the DNS half of outbound federation (DESIGN.md "Outbound federation"):
+Owns the DNS half of outbound federation (docs/architecture.md ("Outbound federation")):
 the `_sipfederationtls._tcp.<domain>` SRV lookup, the A/AAAA lookups of each
 target, caching each answer for its TTL (a bounded cache: a member that asks
 for many names cannot grow memory without limit), and turning a partner plus

@@ -1,6 +1,6 @@
 """Outbound federation on trio: a pool member's connection relayed to a partner's edge.
 
-Owns the shell half of DESIGN.md "Outbound federation": for one accepted
+Owns the shell half of docs/architecture.md ("Outbound federation"): for one accepted
 member TLS stream on a `mode = "outbound"` listener, authorize the member
 (`edge.core.outbound.authorize_member`), take the destination from its SNI,
 find and dial the partner's edge (`dial_partner`: static `edge` or DNS SRV,

@@ -1,9 +1,10 @@
 """The gateway's configuration file (TOML) read into frozen, typed objects.
 
-Owns: the schema of `edge.toml` (DESIGN.md, "Configuration file"), resolving
-paths relative to the file, loading the edge's own certificates and keys and
-checking that each key matches its certificate, and cross-references between
-sections (a listener's pool must exist, names are unique).
+Owns: reading `edge.toml` against its schema (`edge.core.schema`, rendered as
+docs/reference/configuration.md), resolving paths relative to the file,
+loading the edge's own certificates and keys and checking that each key
+matches its certificate, and cross-references between sections (a
+listener's pool must exist, names are unique).
 
 Must never: start anything, open sockets or import trio, load the partner
 policies themselves (that is `edge.core.policies`; here we only check the folder
@@ -30,6 +31,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from edge.core import schema
 
 __all__ = [
     "Config",
@@ -223,48 +226,20 @@ def parse_address(text: str, *, allow_any_port: bool = True) -> tuple[str, int]:
     return host, int(port_text)
 
 
-_TOP_KEYS = (
-    "identity",
-    "listeners",
-    "pools",
-    "metrics",
-    "limits",
-    "policies",
-    "dns",
-    "revocation",
-)
-_IDENTITY_KEYS = ("public_cert", "public_key", "internal_cert", "internal_key", "internal_roots")
-_LISTENER_KEYS = ("name", "address", "mode", "policies", "pool", "pools")
-_POOL_KEYS = (
-    "name",
-    "members",
-    "dns_srv",
-    "balance",
-    "health_interval_s",
-    "unhealthy_after",
-    "healthy_after",
-    "proxy_protocol",
-)
-_MEMBER_KEYS = ("host", "address", "port", "weight", "max_connections")
+# Known keys come from the schema, so a key cannot be accepted without being
+# documented (edge/core/schema.py; `python -m edge.docs` renders the reference).
+_TOP_KEYS = schema.top_tables()
+_IDENTITY_KEYS = schema.key_names("identity")
+_LISTENER_KEYS = schema.key_names("listeners")
+_POOL_KEYS = schema.key_names("pools")
+_MEMBER_KEYS = schema.key_names("pools.members")
 # Bounds that keep a typo from becoming an outage or a busy loop.
 _MAX_WEIGHT = 1000
 _MIN_HEALTH_INTERVAL_S = 0.1
 _MAX_HEALTH_THRESHOLD = 100
-_METRICS_KEYS = ("address",)
-_FLOAT_LIMITS = (
-    "handshake_timeout_s",
-    "idle_timeout_s",
-    "drain_timeout_s",
-    "new_connections_per_source_per_s",
-)
-_INT_LIMITS = (
-    "max_connections",
-    "max_connections_per_partner",
-    "max_connections_per_source",
-    "max_handshakes_in_progress",
-    "new_connections_per_source_burst",
-    "max_outbound_connections_per_partner",
-)
+_METRICS_KEYS = schema.key_names("metrics")
+_FLOAT_LIMITS = schema.key_names("limits", type="number")
+_INT_LIMITS = schema.key_names("limits", type="integer")
 
 
 class _Loader:

@@ -1,6 +1,6 @@
 """Outbound federation decisions: may this pool member go out, to which partner, how.
 
-Owns the sans-I/O half of DESIGN.md "Outbound federation" (pool -> partner):
+Owns the sans-I/O half of docs/architecture.md ("Outbound federation") (pool -> partner):
 - *who asks*: `authorize_member` accepts a pool member only when its verified
   chain ends at one of `internal_roots` and a DNS or IP subject alternative
   name equals the topology `host` of a member of one of the outbound
