@@ -12,7 +12,7 @@ values so a payload cannot slip in by accident.
 Must never let a field forge a line: JSON escapes control characters by
 itself, and the text format escapes every non-printable character (newline,
 carriage return, ESC, DEL, C1 controls, U+2028...) as ``\\xNN``/``\\uNNNN``
-and quotes any value holding a space, a quote, an ``=`` or a backslash, so a
+and quotes any value holding one, a space, a quote or a backslash, so a
 stranger's certificate subject stays inside its one ``key=value``.
 """
 
@@ -141,7 +141,7 @@ def _escape(text: str) -> str:
     return "".join(out)
 
 
-_NEEDS_QUOTES = frozenset(' "=\\')
+_NEEDS_QUOTES = frozenset(' "\\')
 
 
 def _text_value(value: Any) -> str:

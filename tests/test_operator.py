@@ -456,7 +456,8 @@ def test_every_event_has_a_level_from_one_table() -> None:
 def test_text_log_escapes_control_characters_so_no_line_is_forged() -> None:
     out = io.StringIO()
     log = EventLog("text", out)
-    forged = "CN=evil\n2026-01-01T00:00:00.000Z info connection_closed partner=fabrikam.com"
+    # Tabs, not spaces: "quote the value if it has a space" does not catch it.
+    forged = "CN=evil\n2026-01-01T00:00:00.000Z\tinfo\tconnection_closed\tpartner=fabrikam.com"
     log.event(
         "connection_rejected",
         leaf_subject=forged,
@@ -467,7 +468,7 @@ def test_text_log_escapes_control_characters_so_no_line_is_forged() -> None:
     assert text.count("\n") == 1 and text.endswith("\n")
     line = text[:-1]
     assert line.isprintable()
-    assert "\\x0a2026-01-01" in line
+    assert 'leaf_subject="CN=evil\\x0a2026-01-01T00:00:00.000Z\\x09info\\x09' in line
     assert 'detail="a\\x0db\\x1b[31mc\\x7fd\\u2028e\\x85f"' in line
     assert 'peer="x\\" y=1"' in line
     assert " warning connection_rejected " in line
