@@ -23,13 +23,16 @@ import trio
 __all__ = ["closed_before_sending"]
 
 
-async def closed_before_sending(stream: trio.SocketStream) -> bool:
+async def closed_before_sending(stream: trio.abc.Stream) -> bool:
     """True if the peer ended the connection (FIN or RST) before sending any byte.
 
     Returns False as soon as one byte is waiting (the byte stays unread), and
     on any other socket error (the handshake will then fail and be reported as
-    usual). Call it inside the handshake timeout.
+    usual), or for a stream that is not a socket. Call it inside the
+    handshake timeout.
     """
+    if not isinstance(stream, trio.SocketStream):
+        return False
     try:
         first = await stream.socket.recv(1, socket.MSG_PEEK)
     except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError):
