@@ -51,7 +51,7 @@ LEVELS: dict[str, Level] = {
     "crl_fetch_failed": "warning",
     "drain_timeout": "warning",
     "worker_output": "warning",
-    "insecure_key_file": "warning",
+    "config_warning": "warning",
 }
 
 
