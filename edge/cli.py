@@ -53,6 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="edge",
         description="Edge federation gateway: per-partner mutual TLS in, mutual TLS to a pool.",
     )
+    from edge.version import version
+
+    parser.add_argument("--version", action="version", version=f"edge {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     config_help = "configuration file (default: $EDGE_CONFIG, else ./edge.toml)"
 
@@ -78,6 +81,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "--policies",
         type=Path,
         help="check this partner policies folder (without --config: only this folder)",
+    )
+    check.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document (partners, states, roots, problems with file and line)",
     )
 
     verify = sub.add_parser(
@@ -121,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help is 0, a usage error is 2
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
+        if args.command == "check" and args.json:
+            return _check_json(args.config, args.policies)
         if args.command == "check":
             return _check(args.config, args.policies)
         if args.command == "verify":
@@ -266,7 +276,21 @@ def _print_config(config: Config) -> int:
         print(f"  pool {pool.name}: {members}")
     if config.metrics is not None:
         print(f"  metrics on {config.metrics.host}:{config.metrics.port}")
+    for warning in config.warnings:
+        print(f"  warning: {warning}")
+        problems += 1
     return problems
+
+
+def _check_json(config_arg: Path | None, policies_arg: Path | None) -> int:
+    from edge.report import check_document
+
+    config = config_arg
+    if config is None and policies_arg is None:
+        config = default_config_path()
+    document = check_document(config, policies_arg)
+    print(json.dumps(document, indent=2, sort_keys=True))
+    return EXIT_OK if document["ok"] else EXIT_REJECTED
 
 
 def _check(config_arg: Path | None, policies_arg: Path | None) -> int:

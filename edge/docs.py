@@ -214,6 +214,9 @@ LABELS: dict[str, str] = {
     "subject": "the certificate's subject, RFC 4514",
     "issuer": "the CRL issuer's name, RFC 4514",
     "state": "`enabled`, `disabled` or `broken`",
+    "version": "the installed edge-federation-gateway version",
+    "python": "the Python version running the edge",
+    "openssl": "the OpenSSL version doing the TLS (the one bundled with cryptography)",
 }
 
 

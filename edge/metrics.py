@@ -12,7 +12,11 @@ the configuration.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Protocol
 
 import h11
@@ -26,8 +30,18 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
-__all__ = ["UNKNOWN_PARTNER", "Metrics", "serve_metrics"]
+from edge.version import build_info
+
+__all__ = [
+    "UNKNOWN_PARTNER",
+    "LiveSeriesCollector",
+    "Metrics",
+    "forget_process",
+    "serve_metrics",
+]
 
 UNKNOWN_PARTNER = "unknown"
 
@@ -127,9 +141,27 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
+        self.build_info = Gauge(
+            "edge_build_info",
+            "Always 1; the labels say which edge, Python and OpenSSL are running",
+            ["version", "python", "openssl"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
+        self.build_info.labels(**build_info()).set(1)
+        self.tcp_probes = Counter(
+            "edge_tcp_probes_total",
+            "Connections closed before sending any byte (load-balancer TCP checks); "
+            "counted here, not logged",
+            ["listener"],
+            registry=registry,
+        )
         # Label sets each reload-dependent gauge was last given by
         # ``replace_series`` (so a partner or root that disappears loses its series).
         self._series: dict[Gauge, set[tuple[str, ...]]] = {}
+        # In a --workers worker, where the live-series list goes (see
+        # LiveSeriesCollector); None in a single process.
+        self._live_file = _live_file_of(os.getpid())
 
     def replace_series(self, gauge: Gauge, values: Mapping[tuple[str, ...], float]) -> None:
         """Make ``gauge`` hold exactly ``values`` (label values -> value).
@@ -138,14 +170,93 @@ class Metrics:
         so a scrape never misses a series that still exists. Only for gauges
         whose every series comes from here (expiry, CRL, partner states).
         """
+        old = self._series.get(gauge, set())
+        if self._live_file is not None:
+            # New series are listed before they are written, and the gone ones
+            # stay listed until they are removed: a scrape never misses one.
+            self._series[gauge] = old | set(values)
+            self._write_live_series()
         for labels, value in values.items():
             gauge.labels(*labels).set(value)
-        for labels in self._series.get(gauge, set()) - values.keys():
-            gauge.remove(*labels)
+        for labels in old - values.keys():
+            if self._live_file is None:
+                gauge.remove(*labels)
+            # In multiprocess mode remove() cannot delete a sample from the
+            # worker's mmap file (prometheus-client warns and keeps it): the
+            # live-series list below is what hides it from the scrape.
         self._series[gauge] = set(values)
+        if self._live_file is not None:
+            self._write_live_series()
+
+    def _write_live_series(self) -> None:
+        assert self._live_file is not None
+        doc = {
+            gauge._name: [dict(zip(gauge._labelnames, labels, strict=True)) for labels in series]
+            for gauge, series in self._series.items()
+        }
+        tmp = self._live_file.with_name(self._live_file.name + ".tmp")
+        with contextlib.suppress(OSError):  # a full disk must not stop a reload
+            tmp.write_text(json.dumps(doc, sort_keys=True))
+            tmp.replace(self._live_file)  # atomic: the collector never reads half a file
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# ----------------------------------------------------------------------
+# --workers: series a reload removed must leave the scrape
+#
+# prometheus-client's multiprocess mode cannot delete a sample: a worker's
+# ``gauge.remove()`` leaves it in the worker's mmap file until the worker
+# exits, so a removed partner's expiry series would stay (and could fire a
+# false expiry alert) until a restart. Each worker therefore also writes the
+# label sets its reload-dependent gauges hold now (``live_series_<pid>.json``
+# in the multiprocess folder), and the supervisor's collector drops the
+# samples of those gauges that no live worker lists.
+
+_LIVE_PREFIX = "live_series_"
+
+
+def _live_file_of(pid: int) -> Path | None:
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(folder) / f"{_LIVE_PREFIX}{pid}.json" if folder else None
+
+
+def forget_process(pid: int, path: str | Path) -> None:
+    """Drop a dead worker's live-series list (call next to ``mark_process_dead``)."""
+    with contextlib.suppress(FileNotFoundError):
+        (Path(path) / f"{_LIVE_PREFIX}{pid}.json").unlink()
+
+
+class LiveSeriesCollector(Collector):
+    """``MultiProcessCollector`` without the series no live worker still holds."""
+
+    def __init__(self, path: str | Path, registry: CollectorRegistry | None = None) -> None:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self._path = Path(path)
+        self._inner = MultiProcessCollector(None, path=str(path))  # type: ignore[no-untyped-call]
+        if registry is not None:
+            registry.register(self)
+
+    def _live(self) -> dict[str, set[frozenset[tuple[str, str]]]]:
+        live: dict[str, set[frozenset[tuple[str, str]]]] = {}
+        for file in self._path.glob(f"{_LIVE_PREFIX}*.json"):
+            try:
+                doc = json.loads(file.read_text())
+            except (OSError, ValueError):
+                continue  # being replaced: the next scrape reads it
+            for name, series in doc.items():
+                live.setdefault(name, set()).update(frozenset(s.items()) for s in series)
+        return live
+
+    def collect(self) -> Iterator[Metric]:
+        live = self._live()
+        for metric in self._inner.collect():  # type: ignore[no-untyped-call]
+            keep = live.get(metric.name)
+            if keep is not None:
+                metric.samples = [s for s in metric.samples if frozenset(s.labels.items()) in keep]
+            yield metric
 
 
 # ----------------------------------------------------------------------

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import math
 import os
 import re
 import tomllib
@@ -30,9 +31,11 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from edge.core import schema
+from edge.core.readiness import ReadyRequires
 
 __all__ = [
     "Config",
@@ -46,8 +49,12 @@ __all__ = [
     "PolicySettings",
     "Pool",
     "PrivateKey",
+    "ReadyRequires",
     "RevocationSettings",
+    "bind_error",
     "default_config_path",
+    "key_file_warnings",
+    "listen_conflicts",
     "load_config",
     "parse_address",
 ]
@@ -75,6 +82,7 @@ class ConfigError(Exception):
 class Identity:
     """The edge's own certificates: public (shown to partners), internal (to the pool)."""
 
+    # With `<side>_pkcs12`, `<side>_cert` and `<side>_key` are both that file.
     public_cert: Path
     public_key: Path
     internal_cert: Path
@@ -86,6 +94,9 @@ class Identity:
     internal_private_key: PrivateKey = field(repr=False, compare=False)
     # CAs that issue pool members' certificates.
     internal_root_certs: tuple[x509.Certificate, ...]
+    # Files holding key passphrases (watched for changes like the keys; the
+    # passphrases themselves are not kept).
+    passphrase_files: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,6 +155,9 @@ class Dns:
 class Metrics:
     host: str
     port: int
+    # /readyz: "any_pool" (default) is ready while at least one pool has a member
+    # up; "all_pools" only while every pool has (edge.core.readiness decides).
+    ready_requires: ReadyRequires = "any_pool"
 
 
 @dataclass(frozen=True)
@@ -193,6 +207,9 @@ class Config:
     policies: PolicySettings = PolicySettings()
     dns: Dns = Dns()
     revocation: RevocationSettings = RevocationSettings()
+    # Not errors, but worth a person's look (a private key readable by others):
+    # `edge check` prints them; `edge run` logs each as `config_warning`.
+    warnings: tuple[str, ...] = ()
 
 
 def default_config_path() -> Path:
@@ -233,6 +250,9 @@ _IDENTITY_KEYS = schema.key_names("identity")
 _LISTENER_KEYS = schema.key_names("listeners")
 _POOL_KEYS = schema.key_names("pools")
 _MEMBER_KEYS = schema.key_names("pools.members")
+_DNS_KEYS = schema.key_names("dns")
+_POLICY_SETTINGS_KEYS = schema.key_names("policies")
+_REVOCATION_KEYS = schema.key_names("revocation")
 # Bounds that keep a typo from becoming an outage or a busy loop.
 _MAX_WEIGHT = 1000
 _MIN_HEALTH_INTERVAL_S = 0.1
@@ -335,24 +355,25 @@ class _Loader:
                 break
         return path, certs
 
-    def private_key(
-        self, key: str, raw: str, cert_key: str, chain: tuple[x509.Certificate, ...]
-    ) -> tuple[Path, PrivateKey | None]:
-        path, data = self.file(key, raw)
+    def passphrase(self, table: Mapping[str, Any], key: str) -> bytes | None:
+        """The passphrase in the file named by ``identity.<key>`` (None: key not set).
+
+        One trailing newline is dropped (``echo secret > file`` writes one). The
+        passphrase itself never goes into a message.
+        """
+        raw = self.string(table, key, "identity.", required=False)
+        if raw is None:
+            return None
+        _, data = self.file(f"identity.{key}", raw)
         if data is None:
-            return path, None
-        # Parser messages are not echoed: never risk quoting key bytes to an operator.
-        try:
-            if data.lstrip().startswith(b"-----BEGIN"):
-                loaded = serialization.load_pem_private_key(data, password=None)
-            else:
-                loaded = serialization.load_der_private_key(data, password=None)
-        except TypeError:
-            self.problem(key, f"{path}: the key is encrypted; give an unencrypted PKCS#8 key")
-            return path, None
-        except (ValueError, UnsupportedAlgorithm):
-            self.problem(key, f"{path}: no readable private key (expected PEM or DER)")
-            return path, None
+            return None
+        if data.endswith(b"\r\n"):
+            return data[:-2]
+        return data[:-1] if data.endswith(b"\n") else data
+
+    def checked_key(
+        self, key: str, path: Path, loaded: object, cert_key: str, leaf: x509.Certificate | None
+    ) -> PrivateKey | None:
         if not isinstance(
             loaded,
             rsa.RSAPrivateKey
@@ -361,50 +382,127 @@ class _Loader:
             | ed448.Ed448PrivateKey,
         ):
             self.problem(key, f"{path}: unsupported key type {type(loaded).__name__}")
-            return path, None
-        if chain and loaded.public_key() != chain[0].public_key():
+            return None
+        if leaf is not None and loaded.public_key() != leaf.public_key():
             self.problem(
                 key,
                 f"{path}: does not match the certificate in {cert_key} "
-                f"({chain[0].subject.rfc4514_string()})",
+                f"({leaf.subject.rfc4514_string()})",
             )
+            return None
+        return loaded
+
+    def private_key(
+        self,
+        key: str,
+        raw: str,
+        cert_key: str,
+        chain: tuple[x509.Certificate, ...],
+        passphrase: bytes | None = None,
+    ) -> tuple[Path, PrivateKey | None]:
+        path, data = self.file(key, raw)
+        if data is None:
             return path, None
-        return path, loaded
+        pem = data.lstrip().startswith(b"-----BEGIN")
+        load = serialization.load_pem_private_key if pem else serialization.load_der_private_key
+        # Parser messages are not echoed: never risk quoting key bytes to an operator.
+        try:
+            try:
+                loaded: object = load(data, password=passphrase)
+            except TypeError:
+                if passphrase is None:
+                    self.problem(
+                        key,
+                        f"{path}: the key is encrypted; name its passphrase file in "
+                        f"{key}_passphrase_file (or give an unencrypted PKCS#8 key)",
+                    )
+                    return path, None
+                loaded = load(data, password=None)  # a passphrase for a plain key: harmless
+        except (ValueError, UnsupportedAlgorithm):
+            if passphrase is not None:
+                self.problem(
+                    key,
+                    f"{path}: cannot decrypt the key: wrong passphrase in "
+                    f"{key}_passphrase_file, or not a private key",
+                )
+            else:
+                self.problem(key, f"{path}: no readable private key (expected PEM or DER)")
+            return path, None
+        return path, self.checked_key(key, path, loaded, cert_key, chain[0] if chain else None)
+
+    def pkcs12(
+        self, key: str, raw: str, passphrase: bytes | None
+    ) -> tuple[Path, tuple[x509.Certificate, ...], PrivateKey | None]:
+        """Certificate, its chain and its key from one PKCS#12 (.pfx/.p12) file."""
+        path, data = self.file(key, raw)
+        if data is None:
+            return path, (), None
+        try:
+            loaded, cert, extra = pkcs12.load_key_and_certificates(data, passphrase)
+        except (ValueError, UnsupportedAlgorithm, TypeError):
+            how = f"wrong passphrase in {key}_passphrase_file" if passphrase else "no passphrase"
+            self.problem(key, f"{path}: cannot read the PKCS#12 file ({how}, or not PKCS#12)")
+            return path, (), None
+        if cert is None or loaded is None:
+            missing = "certificate" if cert is None else "private key"
+            self.problem(key, f"{path}: the PKCS#12 file holds no {missing}")
+            return path, (), None
+        # The file's other certificates come in any order: keep those that
+        # chain from the leaf, leaf first, as a PEM chain file would list them.
+        chain = [cert]
+        rest = list(extra)
+        while rest and chain[-1].issuer != chain[-1].subject:
+            issuer = next((c for c in rest if c.subject == chain[-1].issuer), None)
+            if issuer is None:
+                break
+            chain.append(issuer)
+            rest.remove(issuer)
+        return path, tuple(chain), self.checked_key(key, path, loaded, key, cert)
+
+    def key_pair(
+        self, table: Mapping[str, Any], side: str
+    ) -> tuple[Path, Path, tuple[x509.Certificate, ...], PrivateKey | None]:
+        """One side's (``public``/``internal``) certificate chain and key, from
+        ``<side>_cert`` + ``<side>_key`` or from ``<side>_pkcs12``."""
+        p12_key = f"{side}_pkcs12"
+        if p12_key in table:
+            for other in (f"{side}_cert", f"{side}_key", f"{side}_key_passphrase_file"):
+                if other in table:
+                    self.problem(
+                        f"identity.{other}",
+                        f"give either {side}_cert and {side}_key, or {p12_key}, not both",
+                    )
+            raw = self.string(table, p12_key, "identity.")
+            secret = self.passphrase(table, f"{p12_key}_passphrase_file")
+            if raw is None:
+                return Path(), Path(), (), None
+            path, chain, loaded = self.pkcs12(f"identity.{p12_key}", raw, secret)
+            return path, path, chain, loaded
+        if f"{p12_key}_passphrase_file" in table:
+            self.problem(f"identity.{p12_key}_passphrase_file", f"only used with {p12_key}")
+        cert_raw = self.string(table, f"{side}_cert", "identity.")
+        key_raw = self.string(table, f"{side}_key", "identity.")
+        secret = self.passphrase(table, f"{side}_key_passphrase_file")
+        cert_path, chain = (
+            self.chain(f"identity.{side}_cert", cert_raw) if cert_raw else (Path(), ())
+        )
+        key_path, loaded = (
+            self.private_key(
+                f"identity.{side}_key", key_raw, f"identity.{side}_cert", chain, secret
+            )
+            if key_raw
+            else (Path(), None)
+        )
+        return cert_path, key_path, chain, loaded
 
     def identity(self, data: Mapping[str, Any]) -> Identity | None:
         table = self.table(data, "identity", required=True)
         if table is None:
             return None
         self.unknown_keys(table, _IDENTITY_KEYS, "identity.")
-        paths: dict[str, str | None] = {
-            k: self.string(table, k, "identity.") for k in _IDENTITY_KEYS[:4]
-        }
-        public_cert, public_chain = (
-            self.chain("identity.public_cert", paths["public_cert"])
-            if paths["public_cert"]
-            else (Path(), ())
-        )
-        internal_cert, internal_chain = (
-            self.chain("identity.internal_cert", paths["internal_cert"])
-            if paths["internal_cert"]
-            else (Path(), ())
-        )
-        public_key_path, public_key = (
-            self.private_key(
-                "identity.public_key", paths["public_key"], "identity.public_cert", public_chain
-            )
-            if paths["public_key"]
-            else (Path(), None)
-        )
-        internal_key_path, internal_key = (
-            self.private_key(
-                "identity.internal_key",
-                paths["internal_key"],
-                "identity.internal_cert",
-                internal_chain,
-            )
-            if paths["internal_key"]
-            else (Path(), None)
+        public_cert, public_key_path, public_chain, public_key = self.key_pair(table, "public")
+        internal_cert, internal_key_path, internal_chain, internal_key = self.key_pair(
+            table, "internal"
         )
         root_paths, roots = self.internal_roots(table)
         if (
@@ -415,6 +513,12 @@ class _Loader:
             or not roots
         ):
             return None
+        secrets = tuple(
+            self.base / str(table[k])
+            for k in _IDENTITY_KEYS
+            if k.endswith("passphrase_file")
+            if isinstance(table.get(k), str)
+        )
         return Identity(
             public_cert=public_cert,
             public_key=public_key_path,
@@ -426,6 +530,7 @@ class _Loader:
             internal_chain=internal_chain,
             internal_private_key=internal_key,
             internal_root_certs=roots,
+            passphrase_files=secrets,
         )
 
     def internal_roots(
@@ -748,7 +853,7 @@ class _Loader:
         table = self.table(data, "dns", required=False)
         if table is None:
             return Dns()
-        self.unknown_keys(table, ("nameservers",), "dns.")
+        self.unknown_keys(table, _DNS_KEYS, "dns.")
         raw = table.get("nameservers")
         if raw is None:
             return Dns()
@@ -777,7 +882,18 @@ class _Loader:
             return None
         self.unknown_keys(table, _METRICS_KEYS, "metrics.")
         address = self.address(table, "metrics.")
-        return Metrics(*address) if address is not None else None
+        requires = table.get("ready_requires", "any_pool")
+        if requires not in ("all_pools", "any_pool"):
+            self.problem(
+                "metrics.ready_requires",
+                f'must be "any_pool" or "all_pools", not {_shown(requires)}',
+            )
+            requires = "any_pool"
+        if address is None:
+            return None
+        return Metrics(
+            *address, ready_requires="all_pools" if requires == "all_pools" else "any_pool"
+        )
 
     def limits(self, data: Mapping[str, Any]) -> Limits:
         table = self.table(data, "limits", required=False)
@@ -789,10 +905,18 @@ class _Loader:
         for key in _FLOAT_LIMITS:
             if key in table:
                 value = table[key]
-                if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+                # inf would disable the bound, nan compares false with everything.
+                if (
+                    isinstance(value, int | float)
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                    and value > 0
+                ):
                     values[key] = float(value)
                 else:
-                    self.problem(f"limits.{key}", f"must be a number > 0, not {_shown(value)}")
+                    self.problem(
+                        f"limits.{key}", f"must be a number > 0 and finite, not {_shown(value)}"
+                    )
         for key in _INT_LIMITS:
             if key in table:
                 value = table[key]
@@ -806,7 +930,7 @@ class _Loader:
         table = self.table(data, "policies", required=False)
         if table is None:
             return PolicySettings()
-        self.unknown_keys(table, ("poll_interval_s",), "policies.")
+        self.unknown_keys(table, _POLICY_SETTINGS_KEYS, "policies.")
         value = table.get("poll_interval_s", PolicySettings.poll_interval_s)
         if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
             return PolicySettings(poll_interval_s=float(value))
@@ -818,9 +942,7 @@ class _Loader:
         defaults = RevocationSettings(cache_dir=self.base / "crl-cache")
         if table is None:
             return defaults
-        self.unknown_keys(
-            table, ("fetch", "cache_dir", "refresh_interval_s", "timeout_s"), "revocation."
-        )
+        self.unknown_keys(table, _REVOCATION_KEYS, "revocation.")
         fetch = table.get("fetch", False)
         if not isinstance(fetch, bool):
             self.problem("revocation.fetch", f"must be true or false, not {_shown(fetch)}")
@@ -857,6 +979,8 @@ class _Loader:
         pools = self.pools(data)
         listeners = self.listeners(data, set(pools))
         metrics = self.metrics(data)
+        for conflict in listen_conflicts(listeners, metrics):
+            self.problem("metrics.address", conflict)
         limits = self.limits(data)
         policy_settings = self.policy_settings(data)
         dns = self.dns(data)
@@ -877,6 +1001,7 @@ class _Loader:
             policies=policy_settings,
             dns=dns,
             revocation=revocation,
+            warnings=tuple(key_file_warnings(identity)),
         )
 
 
@@ -900,6 +1025,78 @@ def _is_host(text: str) -> bool:
     except ValueError:
         return bool(_HOSTNAME.match(text))
     return True
+
+
+_WILDCARDS = frozenset({"0.0.0.0", "::"})
+
+
+def listen_conflicts(listeners: tuple[Listener, ...], metrics: Metrics | None) -> list[str]:
+    """Why ``[metrics]`` cannot bind next to the listeners (empty: it can).
+
+    Same port and the same host, or a wildcard (0.0.0.0 / ::) on either side
+    that covers the other: the second bind would fail with "Address already
+    in use" at start. Port 0 asks for a free port and never clashes.
+    """
+    if metrics is None or metrics.port == 0:
+        return []
+    out = []
+    for listener in listeners:
+        if listener.port != metrics.port:
+            continue
+        hosts = {listener.host, metrics.host}
+        if len(hosts) == 1 or (hosts & _WILDCARDS and _same_family(*hosts)):
+            out.append(
+                f"{_host_port(metrics.host, metrics.port)} is also the address of listener "
+                f"{listener.name!r} ({_host_port(listener.host, listener.port)}); "
+                "give the metrics endpoint its own port"
+            )
+    return out
+
+
+def _same_family(*hosts: str) -> bool:
+    def family(host: str) -> int:
+        try:
+            return ipaddress.ip_address(host).version
+        except ValueError:
+            return 0  # a name: could be either
+
+    families = {family(h) for h in hosts} - {0}
+    # "::" also takes IPv4 on Linux unless IPV6_V6ONLY: treat a v6 wildcard as both.
+    return len(families) <= 1 or "::" in hosts
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_error(host: str, port: int, what: str, exc: OSError) -> str:
+    """The message for a failed bind: the address, what it is for, and the OS's reason.
+
+    ``what``: ``listener NAME`` or ``metrics``. E.g. "cannot listen on
+    0.0.0.0:5061 (listener federation): Address already in use".
+    """
+    return f"cannot listen on {_host_port(host, port)} ({what}): {exc.strerror or exc}"
+
+
+def key_file_warnings(identity: Identity | None) -> list[str]:
+    """Private key (and passphrase) files that other users can read, or a group write."""
+    if identity is None:
+        return []
+    files = dict.fromkeys([identity.public_key, identity.internal_key, *identity.passphrase_files])
+    out = []
+    for path in files:
+        try:
+            mode = path.stat().st_mode & 0o777
+        except OSError:
+            continue  # already reported when it was read
+        # Group read is allowed (a Kubernetes fsGroup, a dedicated group);
+        # anyone else reading, or a group writing, is not.
+        if mode & 0o027:
+            out.append(
+                f"{path}: private key file is open to other users (mode {mode:04o}); "
+                "run chmod 600 (or 640 with a group only the edge is in)"
+            )
+    return out
 
 
 def load_config(path: Path) -> Config:
