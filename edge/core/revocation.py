@@ -136,7 +136,24 @@ class _Facts:
     problem: str | None  # why it is unusable whatever the certificate, time and signer
 
 
+# Facts by CRL fingerprint: a verifier is rebuilt per reload and per fetched CRL, and
+# walking a large CRL's entries each time would be waste. Facts are small; bounded.
+_FACTS_CACHE: dict[bytes, _Facts] = {}
+_FACTS_CACHE_SIZE = 1024
+
+
 def _facts(crl: x509.CertificateRevocationList) -> _Facts:
+    key = crl.fingerprint(_SHA256)
+    facts = _FACTS_CACHE.get(key)
+    if facts is None:
+        facts = _compute_facts(crl)
+        if len(_FACTS_CACHE) >= _FACTS_CACHE_SIZE:
+            _FACTS_CACHE.pop(next(iter(_FACTS_CACHE)), None)  # oldest first
+        _FACTS_CACHE[key] = facts
+    return facts
+
+
+def _compute_facts(crl: x509.CertificateRevocationList) -> _Facts:
     number: int | None = None
     delta_base: int | None = None
     idp: x509.IssuingDistributionPoint | None = None
@@ -276,6 +293,17 @@ class _Crl:
         )
         # Signature checks hash the whole CRL: their answer never changes, keep it.
         self._signers: dict[x509.Certificate, str | None] = {}
+        # cryptography looks serials up linearly; a set makes each handshake O(1).
+        self._serials: frozenset[int] | None = None
+
+    def entry(self, serial: int) -> x509.RevokedCertificate | None:
+        if self._serials is None:
+            try:
+                self._serials = frozenset(e.serial_number for e in self.crl)
+            except ValueError:
+                self._serials = frozenset()
+                return _revoked_entry(self.crl, serial)
+        return _revoked_entry(self.crl, serial) if serial in self._serials else None
 
     def signer_problem(self, signer: x509.Certificate) -> str | None:
         if signer not in self._signers:
@@ -445,12 +473,12 @@ class CrlSet:
                 return (Reason.CRL_UNAVAILABLE, f"delta CRL {bad.name} covers {who}: {why}")
             delta = applicable[-1]
         if delta is not None:
-            entry = _revoked_entry(delta.crl, cert.serial_number)
+            entry = delta.entry(cert.serial_number)
             if entry is not None:
                 if _is_remove(entry):
                     return None  # taken off the list since the base (e.g. a lifted hold)
                 return _revoked(cert, issuer, entry, delta.name)
-        entry = _revoked_entry(base.crl, cert.serial_number)
+        entry = base.entry(cert.serial_number)
         if entry is not None:
             return _revoked(cert, issuer, entry, base.name)
         return None
