@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from edge.core.config import RevocationSettings
+from edge.core.config import ConfigError, RevocationSettings, load_config
 from edge.core.policies import PolicySnapshot, load_policies
 from edge.core.revocation import CrlSet
 from edge.core.trust import PartnerTrust
@@ -473,3 +473,39 @@ async def test_short_lived_crls_cannot_make_the_edge_churn(tmp_path: Path) -> No
             assert h.applied == 1
             assert h.fetcher.rebuilds == 1
             nursery.cancel_scope.cancel()
+
+
+def test_revocation_keys_are_parsed_and_checked(tmp_path: Path) -> None:
+    from tests.test_config import GOOD  # a complete edge.toml; the keys under test come last
+
+    pki_dir = tmp_path / "certs"
+    pki_dir.mkdir()
+    enterprise = CA.root("Enterprise Root")
+    for stem, leaf in (
+        ("edge-public", enterprise.issue(dns=["edge.contoso.com"])),
+        ("edge-internal", enterprise.issue(dns=["edge.corp.example"])),
+    ):
+        leaf.write(pki_dir, stem)
+    (pki_dir / "enterprise-root.pem").write_bytes(enterprise.cert_pem())
+    (tmp_path / "federation_policies").mkdir()
+    config = tmp_path / "edge.toml"
+    config.write_text(GOOD)
+    assert load_config(config).revocation.allow_private_networks is False
+    assert load_config(config).revocation.min_rebuild_interval_s == 30.0
+    keys = "[revocation]\nallow_private_networks = true\nmin_rebuild_interval_s = 5\n"
+    config.write_text(GOOD + keys)
+    settings = load_config(config).revocation
+    assert settings.allow_private_networks is True and settings.min_rebuild_interval_s == 5.0
+    config.write_text(
+        GOOD + '[revocation]\nallow_private_networks = "yes"\nmin_rebuild_interval_s = 0\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config)
+    assert any(
+        "revocation.allow_private_networks: must be true or false" in p
+        for p in caught.value.problems
+    )
+    assert any(
+        "revocation.min_rebuild_interval_s: must be a number > 0" in p
+        for p in caught.value.problems
+    )
