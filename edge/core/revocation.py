@@ -451,7 +451,10 @@ class CrlSet:
                 c
                 for c in claiming
                 if c.facts.delta_base is not None
-                and (base.facts.number is None or (c.facts.number or -1) > base.facts.number)
+                and (
+                    base.facts.number is None
+                    or (c.facts.number is not None and c.facts.number > base.facts.number)
+                )
             ),
             key=lambda c: c.order,
         )
@@ -466,9 +469,14 @@ class CrlSet:
             ]
             if not applicable:
                 bad = newer[-1]
+                held = (
+                    f"number {base.facts.number}"
+                    if base.facts.number is not None
+                    else "without a CRLNumber"
+                )
                 why = problems[id(bad)] or (
                     f"it needs a base CRL numbered >= {bad.facts.delta_base}, and the newest "
-                    f"base here ({base.name}) is number {base.facts.number}"
+                    f"base here ({base.name}) is {held}"
                 )
                 return (Reason.CRL_UNAVAILABLE, f"delta CRL {bad.name} covers {who}: {why}")
             delta = applicable[-1]
