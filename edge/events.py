@@ -205,6 +205,18 @@ _ALL: tuple[Event, ...] = (
         kept_last_good="true when an earlier copy is still used",
     ),
     _e(
+        "crl_fetch_refused",
+        "warning",
+        "a fetched body was not accepted: not a usable CRL of that issuer, not newer than the "
+        "one held, a delta CRL, or a destination refused (private address, size, redirect); "
+        "the last good CRL is kept",
+        partner="the partner",
+        url="the distribution point",
+        why="why it was refused",
+        retry_in_s="seconds until the next attempt",
+        kept_last_good="true when an earlier copy is still used",
+    ),
+    _e(
         "crls_applied",
         "info",
         "fetched CRLs were merged into the partners' policies and live connections re-checked",

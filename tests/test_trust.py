@@ -461,7 +461,7 @@ def test_stale_crl_fails_closed_under_crl_if_present(tmp_path: Path) -> None:
     assert ok.accepted, ok.line
 
 
-def test_crl_signed_by_someone_else_is_ignored(tmp_path: Path) -> None:
+def test_crl_signed_by_someone_else_fails_closed(tmp_path: Path) -> None:
     root = CA.root("Signed Root")
     issuing = root.intermediate("Signed Issuing")
     leaf = issuing.issue(dns=["sip.signed.example"])
@@ -472,7 +472,11 @@ def test_crl_signed_by_someone_else_is_ignored(tmp_path: Path) -> None:
         tmp_path / "signed.example", "fake.crl", _crl_pem(impostor.crl([leaf.cert.serial_number]))
     )
     trust = PartnerTrust(load_policies(tmp_path))
-    assert trust.verify_client(leaf.chain).accepted
+    # Issue 15: an unusable CRL claiming the leaf is neither "revoked" (a forgery must
+    # not revoke) nor "not revoked" (it must not silently pass): crl_unavailable.
+    verdict = trust.verify_client(leaf.chain)
+    assert verdict.reason == "crl_unavailable"
+    assert "fake.crl" in verdict.detail and "signature does not verify" in verdict.detail
 
 
 def test_broken_partner_kept_from_previous_snapshot_still_verifies(tmp_path: Path) -> None:

@@ -184,7 +184,13 @@ class RevocationSettings:
     fetch: bool = False  # off: only the CRLs dropped into partner folders count
     cache_dir: Path | None = None  # fetched CRLs survive a restart here (default: ./crl-cache)
     refresh_interval_s: float = 3600.0  # refetch at least this often (and before next update)
-    timeout_s: float = 10.0  # one HTTP fetch, connect to last byte
+    timeout_s: float = 10.0  # one HTTP fetch, resolution to last byte: a total deadline
+    # Distribution points on private, loopback, link-local (etc.) addresses are refused:
+    # a partner's certificate must not make the edge probe our internal network.
+    allow_private_networks: bool = False
+    # At most one verifier rebuild and live re-check for fetched CRLs per this interval
+    # (and no refetch sooner): a CRL with a 2 s lifetime cannot make the edge churn.
+    min_rebuild_interval_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -943,10 +949,13 @@ class _Loader:
         if table is None:
             return defaults
         self.unknown_keys(table, _REVOCATION_KEYS, "revocation.")
-        fetch = table.get("fetch", False)
-        if not isinstance(fetch, bool):
-            self.problem("revocation.fetch", f"must be true or false, not {_shown(fetch)}")
-            fetch = False
+        flags: dict[str, bool] = {}
+        for key in ("fetch", "allow_private_networks"):
+            flag = table.get(key, False)
+            if isinstance(flag, bool):
+                flags[key] = flag
+            else:
+                self.problem(f"revocation.{key}", f"must be true or false, not {_shown(flag)}")
         cache_dir = defaults.cache_dir
         raw = table.get("cache_dir")
         if raw is not None:
@@ -955,14 +964,28 @@ class _Loader:
             else:
                 self.problem("revocation.cache_dir", f"must be a folder path, not {_shown(raw)}")
         numbers: dict[str, float] = {}
-        for key in ("refresh_interval_s", "timeout_s"):
+        for key in ("refresh_interval_s", "timeout_s", "min_rebuild_interval_s"):
             if key in table:
                 value = table[key]
-                if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+                if (
+                    isinstance(value, int | float)
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                    and value > 0
+                ):
                     numbers[key] = float(value)
                 else:
                     self.problem(f"revocation.{key}", f"must be a number > 0, not {_shown(value)}")
-        return RevocationSettings(fetch=fetch, cache_dir=cache_dir, **numbers)
+        return RevocationSettings(
+            fetch=flags.get("fetch", False),
+            cache_dir=cache_dir,
+            refresh_interval_s=numbers.get("refresh_interval_s", defaults.refresh_interval_s),
+            timeout_s=numbers.get("timeout_s", defaults.timeout_s),
+            allow_private_networks=flags.get("allow_private_networks", False),
+            min_rebuild_interval_s=numbers.get(
+                "min_rebuild_interval_s", defaults.min_rebuild_interval_s
+            ),
+        )
 
     def load(self) -> Config:
         try:

@@ -23,12 +23,16 @@ What counts as a problem (every problem names the file and what is wrong):
   `policy.toml` with an unknown key or a wrong type, a "root" that is not a CA
   certificate, private key material anywhere in the folder, a FIFO, socket,
   device, oversized file or outside symlink where a root, CRL or policy.toml
-  is expected, a CRL without nextUpdate or whose signature fails against a
-  root in the folder, no usable root at all;
+  is expected, a CRL file that does not parse, no usable root at all;
 - warnings (the partner still loads): a file with an extension we do not read
   (`root.pem.txt`: a typo we refuse to ignore silently), a sub-folder, a root
-  already expired or not valid yet, a CRL already past its nextUpdate,
-  `require-crl` with no CRL, a world-writable policies or partner folder.
+  already expired or not valid yet, `require-crl` with no CRL, a world-writable
+  policies or partner folder, and every CRL problem of
+  `edge.core.revocation.crl_problems`: an unusable CRL (no nextUpdate, unknown
+  critical extension, critical CRLNumber, indirect, signature or cRLSign
+  failing against a root in the folder), a stale or not yet valid CRL, a delta
+  without its base. Such a CRL never counts as "not revoked": the certificates
+  it covers are refused as `crl_unavailable`, the others still work.
 `edge check` reports both and exits 1 on either. Notices (an ignored backup
 copy or hidden entry) are printed but do not fail `edge check`.
 
@@ -62,9 +66,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from edge.core.config import parse_address
+from edge.core.revocation import crl_problems
 
 __all__ = [
     "CRL_SUFFIXES",
@@ -596,39 +600,14 @@ class _PartnerLoader:
             self.problem(path, f"not a readable CRL (PEM or DER): {exc}")
             return
         for crl in crls:
-            if crl.next_update_utc is None:
-                self.problem(
-                    path,
-                    f"CRL of {crl.issuer.rfc4514_string()} has no nextUpdate, so its "
-                    "freshness cannot be judged (RFC 5280 requires one)",
-                )
-                continue
             self.crls.append(crl)
             self.crl_files.append(path)
 
     def _check_crls(self, revocation: Revocation) -> None:
-        for crl, path in zip(self.crls, self.crl_files, strict=True):
-            issuer = crl.issuer.rfc4514_string()
-            # A CRL issued by a root in this folder can be checked now; one issued by an
-            # intermediate is checked when a chain through that intermediate arrives.
-            for root in self.roots:
-                if root.subject == crl.issuer and _crl_signed_by(crl, root.public_key()):
-                    break
-            else:
-                if any(root.subject == crl.issuer for root in self.roots):
-                    self.problem(
-                        path, f"CRL of {issuer}: signature does not verify with that root's key"
-                    )
-                    continue
-            assert crl.next_update_utc is not None
-            if crl.next_update_utc < self.now:
-                stamp = f"{crl.next_update_utc:%Y-%m-%d %H:%M}Z"
-                self.problem(
-                    path,
-                    f"CRL of {issuer} is stale (nextUpdate {stamp}); chains it covers are "
-                    "rejected as crl_unavailable until it is replaced",
-                    fatal=False,
-                )
+        # The rules (usable, scope, deltas) live in edge.core.revocation.
+        pairs = list(zip(self.crls, self.crl_files, strict=True))
+        for found in crl_problems(pairs, self.roots, self.now):
+            self.problem(found.path, found.message, fatal=found.fatal)
         if revocation is Revocation.REQUIRE_CRL and not self.crls:
             self.problem(
                 self.folder,
@@ -771,13 +750,6 @@ def _is_domain(name: str) -> bool:
 
 def _subject(cert: x509.Certificate) -> str:
     return cert.subject.rfc4514_string() or "(empty subject)"
-
-
-def _crl_signed_by(crl: x509.CertificateRevocationList, key: CertificatePublicKeyTypes) -> bool:
-    try:
-        return crl.is_signature_valid(key)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
 
 
 def load_policies(folder: Path, previous: PolicySnapshot | None = None) -> PolicySnapshot:

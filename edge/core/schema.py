@@ -308,7 +308,14 @@ KEYS: tuple[Key, ...] = (
         allowed="> 0",
         meaning="Refetch at least this often, and before each CRL's next update."),
     Key(_E, "revocation", "timeout_s", "number", default=10.0, apply="restart", allowed="> 0",
-        meaning="One fetch, connect to last byte."),
+        meaning="One fetch's total deadline, from name resolution to the last byte."),
+    Key(_E, "revocation", "allow_private_networks", "boolean", default=False, apply="restart",
+        meaning="Allow CRL fetches to private, loopback and link-local addresses (checked "
+        "after resolution). Off: a partner CA cannot make the edge fetch internal URLs."),
+    Key(_E, "revocation", "min_rebuild_interval_s", "number", default=30.0, apply="restart",
+        allowed="> 0",
+        meaning="Fetched CRLs rebuild the verifiers and re-check live connections at most once "
+        "per interval, and no CRL is refetched sooner."),
     # --- policy.toml (and single-file partners)
     Key(_P, "", "domains", "list of strings", apply="live",
         default_text="[folder name] (when it is a domain)",

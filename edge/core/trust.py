@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import ipaddress
-import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,8 +62,9 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 
-from edge.core.policies import PartnerPolicy, PolicySnapshot, Revocation
+from edge.core.policies import PartnerPolicy, PolicySnapshot
 from edge.core.reasons import Reason
+from edge.core.revocation import CrlSet
 
 __all__ = [
     "MAX_CHAIN_LENGTH",
@@ -380,24 +380,6 @@ def _names_match(names: Sequence[str], policy: PartnerPolicy) -> str | None:
 # --- revocation ----------------------------------------------------------------------
 
 
-def _crl_covers(crl: x509.CertificateRevocationList, cert: x509.Certificate) -> bool:
-    """False when an issuingDistributionPoint limits the CRL to other certificates."""
-    try:
-        idp = crl.extensions.get_extension_for_class(x509.IssuingDistributionPoint).value
-    except x509.ExtensionNotFound:
-        return True
-    try:
-        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        is_ca = False
-    if idp.only_contains_user_certs and is_ca:
-        return False
-    if idp.only_contains_ca_certs and not is_ca:
-        return False
-    # A CRL for some reasons only, or an indirect CRL, is not a complete answer.
-    return not (idp.only_some_reasons or idp.indirect_crl or idp.only_contains_attribute_certs)
-
-
 class _PartnerEntry:
     """One partner's prebuilt verification state."""
 
@@ -405,78 +387,24 @@ class _PartnerEntry:
         self.policy = policy
         self.store = _build_store(policy.roots, cache, None)
         self.root_labels = {root: _subject(root) for root in policy.roots}
-        self.crls_by_issuer: dict[x509.Name, list[tuple[x509.CertificateRevocationList, str]]]
-        self.crls_by_issuer = {}
-        for crl, path in zip(policy.crls, policy.crl_files, strict=True):
-            self.crls_by_issuer.setdefault(crl.issuer, []).append((crl, path.name))
-        # CRL signature checks are expensive and their answer never changes.
-        self.signature_ok: dict[tuple[int, x509.Certificate], bool] = {}
+        # Prepared once per policy: CRL signature checks are expensive and never change.
+        self.crls = CrlSet(
+            policy.crls, [p.name for p in policy.crl_files], extra_signers=policy.roots
+        )
 
     def store_at(self, at: _dt.datetime | None, cache: _X509Cache) -> crypto.X509Store:
         # A store's time is a property of the store; asking about another moment
         # (`edge verify --at`) gets a private store rather than mutating the shared one.
         return self.store if at is None else _build_store(self.policy.roots, cache, at)
 
-    def _signed(self, crl: x509.CertificateRevocationList, issuer: x509.Certificate) -> bool:
-        key = (id(crl), issuer)
-        ok = self.signature_ok.get(key)
-        if ok is None:
-            try:
-                ok = crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                ok = False
-            self.signature_ok[key] = ok
-        return ok
-
     def revocation_problem(
         self, path: tuple[x509.Certificate, ...], at: _dt.datetime
     ) -> tuple[Reason, str] | None:
         """Check each non-anchor certificate of the verified path against this
-        partner's CRLs. A CRL counts only if it was issued by the certificate's issuer
-        (name and signature) and covers it. Stale CRLs fail closed in both modes:
-        a revocation list the operator provided but let lapse is "doubt"."""
-        mode = self.policy.revocation
-        if mode is Revocation.OFF:
-            return None
-        for cert, issuer in itertools.pairwise(path):
-            candidates = [
-                (crl, name)
-                for crl, name in self.crls_by_issuer.get(cert.issuer, ())
-                if _crl_covers(crl, cert) and self._signed(crl, issuer)
-            ]
-            if not candidates:
-                if mode is Revocation.REQUIRE_CRL:
-                    return (
-                        Reason.CRL_UNAVAILABLE,
-                        f"no CRL from {_subject(issuer)} (issuer of {_subject(cert)}) in "
-                        f"partner {self.policy.id}'s folder, and its policy is require-crl",
-                    )
-                continue
-            current = [
-                (crl, name)
-                for crl, name in candidates
-                if crl.last_update_utc <= at
-                and crl.next_update_utc is not None
-                and at <= crl.next_update_utc
-            ]
-            if not current:
-                newest = max(candidates, key=lambda c: c[0].last_update_utc)
-                nxt = newest[0].next_update_utc
-                when = _stamp(nxt) if nxt is not None else "never"
-                return (
-                    Reason.CRL_UNAVAILABLE,
-                    f"CRL {newest[1]} of {_subject(issuer)} is not current at {_stamp(at)} "
-                    f"(thisUpdate {_stamp(newest[0].last_update_utc)}, nextUpdate {when})",
-                )
-            crl, name = max(current, key=lambda c: c[0].last_update_utc)
-            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-            if entry is not None:
-                return (
-                    Reason.REVOKED,
-                    f"{_subject(cert)} (serial {cert.serial_number:x}) revoked on "
-                    f"{_stamp(entry.revocation_date_utc)} by CRL {name} of {_subject(issuer)}",
-                )
-        return None
+        partner's CRLs, as `edge.core.revocation` defines it (RFC 5280 6.3: issuer
+        and signer, time, critical extensions, scope, newest per scope, deltas).
+        A CRL that claims a certificate but cannot be used fails closed."""
+        return self.crls.check(path, self.policy.revocation, at)
 
 
 class PartnerTrust:
