@@ -57,3 +57,14 @@ class Reason(enum.StrEnum):
     # A live connection's chain, re-checked after a policy reload, now identifies
     # a different partner than the one it was admitted as (a folder renamed).
     PARTNER_CHANGED = "partner_changed"
+    # SIP listeners: a request's From or P-Asserted-Identity names a domain
+    # outside the sender's (a partner's domains inbound, `[sip] domains` outbound).
+    SIP_DOMAIN_MISMATCH = "sip_domain_mismatch"
+    # SIP listeners: the stream cannot be framed or read as SIP (bad start line,
+    # header without a name, no or two Content-Length, bare CR/LF).
+    SIP_MALFORMED = "sip_malformed"
+    # SIP listeners: a message over `[sip] max_message_bytes` or `max_headers`.
+    SIP_TOO_LARGE = "sip_too_large"
+    # Outbound: the destination (SNI, or a SIP Request-URI host) is inside no
+    # enabled partner's domains.
+    UNKNOWN_DESTINATION = "unknown_destination"
