@@ -30,6 +30,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
+from edge.core.policies import normalize_domain
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -43,6 +45,7 @@ __all__ = [
     "Pool",
     "PrivateKey",
     "RevocationSettings",
+    "SipSettings",
     "default_config_path",
     "load_config",
     "parse_address",
@@ -94,6 +97,8 @@ class Listener:
     mode: Literal["mtls", "tls"]
     policies: Path | None  # partner policies folder; required for mtls, None for tls
     pool: str
+    # "stream": opaque bytes; "sip": SIP messages, framed and guarded (DESIGN.md "SIP listeners")
+    protocol: Literal["stream", "sip"] = "stream"
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,15 @@ class PolicySettings:
 
 
 @dataclass(frozen=True)
+class SipSettings:
+    """`[sip]`: bounds of `protocol = "sip"` listeners and our own SIP domains."""
+
+    max_message_bytes: int = 65535  # head and body of one message
+    max_headers: int = 200  # header fields in one message
+    domains: tuple[str, ...] = ()  # normalized; what the pool may send From (outbound SIP)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     identity: Identity
@@ -183,6 +197,7 @@ class Config:
     policies: PolicySettings = PolicySettings()
     dns: Dns = Dns()
     revocation: RevocationSettings = RevocationSettings()
+    sip: SipSettings = SipSettings()
 
 
 def default_config_path() -> Path:
@@ -225,9 +240,10 @@ _TOP_KEYS = (
     "policies",
     "dns",
     "revocation",
+    "sip",
 )
 _IDENTITY_KEYS = ("public_cert", "public_key", "internal_cert", "internal_key", "internal_roots")
-_LISTENER_KEYS = ("name", "address", "mode", "policies", "pool")
+_LISTENER_KEYS = ("name", "address", "mode", "policies", "pool", "protocol")
 _POOL_KEYS = (
     "name",
     "members",
@@ -264,6 +280,7 @@ class _Loader:
         self.path = path
         self.base = path.parent
         self.problems: list[str] = []
+        self.sip_outbound: list[str] = []  # outbound SIP listeners: [sip] domains required
 
     def problem(self, key: str, message: str) -> None:
         self.problems.append(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
@@ -538,7 +555,8 @@ class _Loader:
                     f"{where}policies",
                     'only mtls listeners use partner policies; remove it or set mode = "mtls"',
                 )
-            if name and address and mode and pool and (mode == "tls" or policies):
+            protocol = self.listener_protocol(table, where)
+            if name and address and mode and pool and protocol and (mode == "tls" or policies):
                 result.append(
                     Listener(
                         name=name,
@@ -547,6 +565,7 @@ class _Loader:
                         mode="mtls" if mode == "mtls" else "tls",
                         policies=policies,
                         pool=pool,
+                        protocol=protocol,
                     )
                 )
         return tuple(result)
@@ -778,6 +797,50 @@ class _Loader:
                     self.problem(f"revocation.{key}", f"must be a number > 0, not {_shown(value)}")
         return RevocationSettings(fetch=fetch, cache_dir=cache_dir, **numbers)
 
+    # --- SIP listeners (DESIGN.md "SIP listeners") ---------------------------------------
+
+    def listener_protocol(
+        self, table: Mapping[str, Any], where: str
+    ) -> Literal["stream", "sip"] | None:
+        protocol = table.get("protocol", "stream")
+        if protocol not in ("stream", "sip"):
+            self.problem(f"{where}protocol", f'must be "stream" or "sip", not {_shown(protocol)}')
+            return None
+        mode = table.get("mode", "mtls")
+        if protocol == "sip" and mode == "tls":
+            self.problem(
+                f"{where}protocol",
+                '"sip" checks each request against the partner\'s domains, so it needs '
+                'mode = "mtls" (or "outbound"); a "tls" listener has no partner',
+            )
+            return None
+        if protocol == "sip" and mode == "outbound":
+            self.sip_outbound.append(where.rstrip("."))
+        return "sip" if protocol == "sip" else "stream"
+
+    def sip_settings(self, data: Mapping[str, Any]) -> SipSettings:
+        table = self.table(data, "sip", required=False) or {}
+        self.unknown_keys(table, ("max_message_bytes", "max_headers", "domains"), "sip.")
+        size = self.bounded_int(table, "max_message_bytes", "sip.", 65535, 1024, 16 * 1024 * 1024)
+        headers = self.bounded_int(table, "max_headers", "sip.", 200, 10, 10000)
+        domains: list[str] = []
+        raw = table.get("domains", [])
+        if not isinstance(raw, list) or not all(isinstance(d, str) for d in raw):
+            self.problem("sip.domains", f"must be a list of domain names, not {_shown(raw)}")
+            raw = []
+        for item in raw:
+            try:
+                domains.append(normalize_domain(item))
+            except ValueError as exc:
+                self.problem("sip.domains", str(exc))
+        if self.sip_outbound and not table.get("domains"):
+            self.problem(
+                "sip.domains",
+                f"missing or empty: outbound SIP listener {', '.join(self.sip_outbound)} checks "
+                'that the pool speaks only for our domains; add domains = ["contoso.com"]',
+            )
+        return SipSettings(size, headers, tuple(dict.fromkeys(domains)))
+
     def load(self) -> Config:
         try:
             with self.path.open("rb") as f:
@@ -797,6 +860,7 @@ class _Loader:
         policy_settings = self.policy_settings(data)
         dns = self.dns(data)
         revocation = self.revocation_settings(data)
+        sip = self.sip_settings(data)
         if self.problems or identity is None:
             if not self.problems:  # defensive: never start on a half-built identity
                 self.problem("identity", "could not be loaded")
@@ -811,6 +875,7 @@ class _Loader:
             policies=policy_settings,
             dns=dns,
             revocation=revocation,
+            sip=sip,
         )
 
 
