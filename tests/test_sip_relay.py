@@ -13,6 +13,7 @@ import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trio
@@ -20,7 +21,7 @@ import trio
 from edge.core.reasons import Reason
 from edge.core.sip import NEED_DATA, FramingError, KeepAlive, Message, SipFramer
 from edge.sip_relay import SipMessageResult, SipRejection, SipRelayEnd, relay_sip
-from edge.tls import TLSStream
+from edge.tls import TLSStream, server_context
 from tests.conftest import TLSPKI
 from tests.test_tls import receive_exactly, tls_pair
 
@@ -323,3 +324,121 @@ async def test_clean_close_reports_who_closed_first(tls_pki: TLSPKI) -> None:
 
 
 needs_sipsak = pytest.mark.skipif(shutil.which("sipsak") is None, reason="sipsak not installed")
+
+
+# --- a real SIP user agent -----------------------------------------------------------------
+#
+# Debian's sipsak 0.9.8.1 (GnuTLS build) cannot present a client certificate
+# (the binary has no call that loads one), so the partner leg here is one-way
+# TLS; the pool leg stays MTLS. sipsak also checks the server certificate
+# against "host:port", which no certificate can match, hence
+# --tls-ignore-cert-failure (the test is about the relay, not sipsak's check).
+# Its TLS receive path reports "select returned error" after reading our
+# answer, so the assertions are on what the pool and the edge saw.
+
+SIPSAK_REQUEST = (
+    "OPTIONS sip:bob@127.0.0.1 SIP/2.0\r\n"
+    "Via: SIP/2.0/TLS 127.0.0.1;branch=z9hG4bK-sipsak1\r\n"
+    "Max-Forwards: 70\r\n"
+    "From: <sip:alice@{host}>;tag=abc1\r\n"
+    "To: <sip:bob@contoso.com>\r\n"
+    "Call-ID: sipsak-1@fabrikam.com\r\n"
+    "CSeq: 1 OPTIONS\r\n"
+    "Content-Length: 0\r\n\r\n"
+)
+
+
+async def run_sipsak(
+    tls_pki: TLSPKI, tmp_path: Path, from_host: str
+) -> tuple[list[Message], list[SipRejection]]:
+    request_file = tmp_path / "request.sip"
+    request_file.write_bytes(SIPSAK_REQUEST.format(host=from_host).encode())
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    pool, edge_pool_side = await tls_pair(tls_pki)
+    rejections: list[SipRejection] = []
+    at_pool: list[Message] = []
+
+    async def edge() -> None:
+        tcp = await listeners[0].accept()
+        ctx = server_context(tls_pki.server.chain, tls_pki.server.key, require_client_cert=False)
+        partner = TLSStream(tcp, ctx, server_side=True)
+        try:
+            await partner.do_handshake()
+            await relay_sip(
+                partner,
+                edge_pool_side,
+                partner_domains=PARTNER_DOMAINS,
+                idle_timeout_s=5,
+                on_rejected=rejections.append,
+            )
+        finally:
+            await partner.aclose()
+            await edge_pool_side.aclose()
+
+    async def pool_side() -> None:
+        framer = SipFramer()
+        for _ in range(100):
+            try:
+                chunk = await pool.receive_some()
+            except trio.BrokenResourceError:
+                return
+            if not chunk:
+                return
+            framer.feed(chunk)
+            event = framer.next_event()
+            if isinstance(event, Message):
+                at_pool.append(event)
+                keep = [
+                    f"{name}: {value}"
+                    for name, value in event.headers
+                    if name in ("via", "from", "to", "call-id", "cseq")
+                ]
+                answer = "\r\n".join(["SIP/2.0 200 OK", *keep, "Content-Length: 0"]) + "\r\n\r\n"
+                await pool.send_all(answer.encode())
+
+    sipsak = [
+        "sipsak",
+        "--transport=tls",
+        "--tls-ca-cert",
+        str(tls_pki.root_file),
+        "--tls-ignore-cert-failure",
+        "-f",
+        str(request_file),
+        "-s",
+        f"sip:bob@127.0.0.1:{port}",
+    ]
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(edge)
+            nursery.start_soon(pool_side)
+            with trio.move_on_after(10):
+                await trio.run_process(
+                    sipsak, capture_stdout=True, capture_stderr=True, check=False
+                )
+    for listener in listeners:
+        await listener.aclose()
+    await pool.aclose()
+    return at_pool, rejections
+
+
+@needs_sipsak
+async def test_sipsak_request_is_relayed_byte_for_byte(tls_pki: TLSPKI, tmp_path: Path) -> None:
+    at_pool, rejections = await run_sipsak(tls_pki, tmp_path, "fabrikam.com")
+    assert rejections == []
+    (request,) = at_pool
+    sent = SIPSAK_REQUEST.format(host="fabrikam.com").encode()
+    first, rest = sent.split(b"\r\n", 1)
+    # sipsak puts its own Via on top; every other byte is the file's, unchanged.
+    assert request.raw.startswith(first + b"\r\nVia: SIP/2.0/TLS ")
+    assert request.raw.endswith(b"\r\n" + rest)
+    assert len(request.headers.get_all("via")) == 2
+
+
+@needs_sipsak
+async def test_sipsak_forged_from_never_reaches_the_pool(tls_pki: TLSPKI, tmp_path: Path) -> None:
+    at_pool, rejections = await run_sipsak(tls_pki, tmp_path, "contoso.com")
+    assert at_pool == []
+    assert [(r.reason, r.method, r.offending_domain, r.answered) for r in rejections] == [
+        ("sip_domain_mismatch", "OPTIONS", "contoso.com", 403)
+    ]
