@@ -577,3 +577,21 @@ def test_safe_text_is_short_and_printable() -> None:
     assert "\n" not in text and '"' not in text.replace('\\"', "")
     assert len(text) < 400 and text.endswith("...(cut)")
     assert safe_text(b"\xff\xfe") == "\\ufffd\\ufffd"
+
+
+def test_non_ascii_heads_are_read_case_insensitively() -> None:
+    data = sip(
+        "MESSAGE sip:bob@fabrikam.com SIP/2.0",
+        "Via: SIP/2.0/TLS a;branch=z9hG4bK1",
+        'FROM: "J\u00fcrgen \u0130" <sip:j@Contoso.com>;tag=1',
+        "t: <sip:bob@fabrikam.com>",
+        "i: c1",
+        "CSeq: 1 MESSAGE",
+    )
+    (msg,) = events(data)
+    assert isinstance(msg, Message)
+    assert msg.headers.get("f") == '"J\u00fcrgen \u0130" <sip:j@Contoso.com>;tag=1'
+    assert msg.headers.get("content-length") == "0"
+    assert check_request(msg, ("contoso.com",)) is None
+    answer = build_response(msg, 403, Reason.SIP_DOMAIN_MISMATCH)
+    assert answer is not None and '"J\u00fcrgen \u0130"'.encode() in answer

@@ -121,6 +121,10 @@ _DIGITS = re.compile(r"[0-9]+")
 _HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
 _PORT = re.compile(r"[0-9]{1,5}")
 _UNSAFE_IN_HEADER = re.compile(r"[\x00\r\n]")
+# A whole header block: fields (token, optional whitespace, colon, value) with
+# their continuation lines, every line ending CRLF. Bare CR/LF are excluded
+# before this runs, so `[^\r\n]` is "any character of the line".
+_BLOCK = re.compile(r"(?:[A-Za-z0-9.!%*_+`'~-]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*")
 
 
 # --- events ---------------------------------------------------------------------------
@@ -142,33 +146,60 @@ class Headers:
     """Header fields in arrival order: (lowercase full name, unfolded value).
 
     Lookups accept any case and compact forms (`get("f")` is `get("From")`).
+    Built over the validated header block (every line `name: value` or a
+    continuation, each ending CRLF) and parsed lazily: a lookup is one regex
+    search over the block, and the full list is built only when iterated, so
+    a relayed message costs no per-header Python work.
     """
 
-    __slots__ = ("_fields",)
+    __slots__ = ("_block", "_fields", "_lower")
 
-    def __init__(self, fields: tuple[tuple[str, str], ...]) -> None:
-        self._fields = fields
+    def __init__(self, block: str) -> None:
+        self._block = block
+        self._fields: tuple[tuple[str, str], ...] | None = None
+        self._lower: str | None = None  # "\n" + block, lowercased; "" if not ASCII
+
+    @classmethod
+    def from_fields(cls, fields: list[tuple[str, str]]) -> Headers:
+        return cls("".join(f"{name}: {value}\r\n" for name, value in fields))
+
+    def _all(self) -> tuple[tuple[str, str], ...]:
+        if self._fields is None:
+            self._fields = tuple(
+                (canonical_name(m.group(1)), _unfold(m.group(2)))
+                for m in _FIELD.finditer(self._block)
+            )
+        return self._fields
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        return iter(self._fields)
+        return iter(self._all())
 
     def __len__(self) -> int:
-        return len(self._fields)
+        return len(self._all())
 
     def __repr__(self) -> str:
-        return f"Headers({len(self._fields)} fields)"
+        return f"Headers({len(self)} fields)"
+
+    def _matches(self, name: str) -> Iterator[re.Match[str]]:
+        if self._lower is None:
+            block = "\n" + self._block
+            # Case-sensitive search of the lowercased block (same offsets for
+            # ASCII), then values cut from the original: much faster than
+            # IGNORECASE with an anchor alternative at every position.
+            self._lower = block.lower() if block.isascii() else ""
+        if self._lower:
+            return _lookup(name).finditer(self._lower)
+        return _lookup(name, ignore_case=True).finditer("\n" + self._block)
 
     def get_all(self, name: str) -> list[str]:
         """Every field named `name`, in order, one string per header line."""
-        key = canonical_name(name)
-        return [value for field, value in self._fields if field == key]
+        block = self._block
+        return [_unfold(block[m.start(1) - 1 : m.end(1) - 1]) for m in self._matches(name)]
 
     def get(self, name: str) -> str | None:
         """The first field named `name`, or None."""
-        key = canonical_name(name)
-        for field, value in self._fields:
-            if field == key:
-                return value
+        for m in self._matches(name):
+            return _unfold(self._block[m.start(1) - 1 : m.end(1) - 1])
         return None
 
     def values(self, name: str) -> list[str]:
@@ -177,6 +208,34 @@ class Headers:
         for value in self.get_all(name):
             out.extend(split_values(value))
         return out
+
+
+# One field of a validated block: name, then the value with its continuations.
+_FIELD = re.compile(r"([^:\r\n \t]+)[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)\r\n")
+_FOLD = re.compile(r"[ \t]*\r\n[ \t]+")
+_LOOKUPS: dict[tuple[str, bool], re.Pattern[str]] = {}
+
+
+def _unfold(value: str) -> str:
+    # Folding: the line break and the whitespace around it become one space.
+    return _FOLD.sub(" ", value).rstrip(" \t") if "\r\n" in value else value.rstrip(" \t")
+
+
+def _lookup(name: str, *, ignore_case: bool = False) -> re.Pattern[str]:
+    """A regex finding the values of `name` (full or compact form) in "\\n" + block,
+    lowercased unless `ignore_case`."""
+    key = canonical_name(name)
+    pattern = _LOOKUPS.get((key, ignore_case))
+    if pattern is None:
+        names = [key] + [short for short, full in COMPACT_FORMS.items() if full == key]
+        alternatives = "|".join(re.escape(n) for n in names)
+        pattern = re.compile(
+            rf"\n(?:{alternatives})[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)",
+            re.IGNORECASE if ignore_case else 0,
+        )
+        if len(_LOOKUPS) < 256:  # names come from our code, but stay bounded anyway
+            _LOOKUPS[(key, ignore_case)] = pattern
+    return pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,21 +467,44 @@ def _parse_head(
 ) -> tuple[Head, int] | _HeadProblem:
     """Parse a head (no final CRLFCRLF). Returns the head and its Content-Length.
 
-    `lenient` (best effort for an answer) skips bad header lines instead of failing.
+    The fast path checks the whole header block with one regex and counts
+    fields by counting line starts; only a bad block (or `lenient`, the best
+    effort for an answer) walks the lines to say what is wrong and keep what
+    can be read.
     """
-    lines = text.split("\r\n")
-    start = _parse_start_line(lines[0])
+    first, sep, rest = text.partition("\r\n")
+    start = _parse_start_line(first)
     if start is None:
         return _HeadProblem(Reason.SIP_MALFORMED, "the start line is not SIP/2.0", None)
     method, uri, status, phrase = start
+    block = rest + "\r\n" if sep else ""
+    if lenient or not _BLOCK.fullmatch(block):
+        return _parse_head_slowly(first, start, block, max_headers, lenient=lenient)
+    count = block.count("\r\n") - block.count("\r\n ") - block.count("\r\n\t")
+    head = Head(first, method, uri, status, phrase, Headers(block))
+    if count > max_headers:
+        return _HeadProblem(
+            Reason.SIP_TOO_LARGE, f"more than max_headers={max_headers} header fields", head
+        )
+    return _content_length(head)
+
+
+def _parse_head_slowly(
+    first: str,
+    start: tuple[str | None, str | None, int | None, str | None],
+    block: str,
+    max_headers: int,
+    *,
+    lenient: bool,
+) -> tuple[Head, int] | _HeadProblem:
+    method, uri, status, phrase = start
     fields: list[list[str]] = []
     problem: tuple[Reason, str] | None = None
-    for line in lines[1:]:
+    for line in block.split("\r\n")[:-1]:
         if line[:1] in (" ", "\t"):
             if not fields:
                 problem = problem or (Reason.SIP_MALFORMED, "a continuation line with no header")
                 continue
-            # Folding: the line break and leading whitespace become one space.
             fields[-1][1] = fields[-1][1] + " " + line.strip(" \t")
             continue
         name, colon, value = line.partition(":")
@@ -436,12 +518,16 @@ def _parse_head(
                 f"more than max_headers={max_headers} header fields",
             )
             break
-        fields.append([canonical_name(name), value.strip(" \t")])
-    headers = Headers(tuple((f[0], f[1]) for f in fields))
-    head = Head(lines[0], method, uri, status, phrase, headers)
+        fields.append([name, value.strip(" \t")])
+    headers = Headers.from_fields([(f[0], f[1]) for f in fields])
+    head = Head(first, method, uri, status, phrase, headers)
     if problem is not None and not lenient:
         return _HeadProblem(problem[0], problem[1], head)
-    lengths = headers.get_all("content-length")
+    return _content_length(head)
+
+
+def _content_length(head: Head) -> tuple[Head, int] | _HeadProblem:
+    lengths = head.headers.get_all("content-length")
     if not lengths:
         return _HeadProblem(Reason.SIP_MALFORMED, "no Content-Length (required on a stream)", head)
     if len(lengths) > 1:
