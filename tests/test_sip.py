@@ -352,7 +352,7 @@ def summary(result: list[Event]) -> list[bytes]:
     return out
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(parts=stream(), cuts=st.lists(st.integers(0, 10_000), max_size=30))
 def test_any_split_gives_the_same_messages(parts: list[bytes], cuts: list[int]) -> None:
     data = b"".join(parts)
@@ -364,7 +364,7 @@ def test_any_split_gives_the_same_messages(parts: list[bytes], cuts: list[int]) 
     assert summary(events(split(data, cuts))) == whole
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     parts=stream(),
     cuts=st.lists(st.integers(0, 10_000), max_size=10),

@@ -71,8 +71,10 @@ def test_requests_fan_out_by_request_uri_and_answers_come_back() -> None:
         OpenPartner("adatum", "adatum.com"),
     ]
     assert r.connections == {"fabrikam": False, "adatum": False}
-    assert r.partner_opened("fabrikam") == [SendToPartner("fabrikam", to_f)]
-    assert r.partner_opened("adatum") == [SendToPartner("adatum", to_a)]
+    actions = r.partner_opened("fabrikam")
+    assert sends(actions) == [SendToPartner("fabrikam", to_f)]
+    assert reports(actions) == [("outbound", "fabrikam", "relayed")]
+    assert sends(r.partner_opened("adatum")) == [SendToPartner("adatum", to_a)]
     ok_f, ok_a = sip(status=200, call_id="cf"), sip(status=200, call_id="ca")
     assert sends(r.partner_data("fabrikam", ok_f[:10])) == []
     actions = r.partner_data("fabrikam", ok_f[10:])

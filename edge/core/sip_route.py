@@ -319,6 +319,8 @@ class SipRouter:
         out = _Out()
         for message in conn.queue:
             out.send(partner, message.raw)
+            method, call_id = _describe(message.head)
+            out.add(Report("outbound", partner, "relayed", method, call_id))
         conn.queue.clear()
         conn.queued_bytes = 0
         return out.done()
