@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from edge.core import schema
+from edge.core.domains import normalize_domain
 from edge.core.readiness import ReadyRequires
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "PrivateKey",
     "ReadyRequires",
     "RevocationSettings",
+    "SipSettings",
     "bind_error",
     "default_config_path",
     "key_file_warnings",
@@ -113,6 +115,8 @@ class Listener:
     pool: str  # the pool partners reach; "" on an outbound listener (it uses `pools`)
     # Outbound only: the pools whose members' topology hosts may use this listener.
     pools: tuple[str, ...] = ()
+    # "stream": opaque bytes; "sip": SIP messages, framed and guarded (docs/architecture.md)
+    protocol: Literal["stream", "sip"] = "stream"
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,15 @@ class PolicySettings:
 
 
 @dataclass(frozen=True)
+class SipSettings:
+    """`[sip]`: bounds of `protocol = "sip"` listeners and our own SIP domains."""
+
+    max_message_bytes: int = 65535  # head and body of one message
+    max_headers: int = 200  # header fields in one message
+    domains: tuple[str, ...] = ()  # normalized; what the pool may send From (outbound SIP)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     identity: Identity
@@ -216,6 +229,7 @@ class Config:
     # Not errors, but worth a person's look (a private key readable by others):
     # `edge check` prints them; `edge run` logs each as `config_warning`.
     warnings: tuple[str, ...] = ()
+    sip: SipSettings = SipSettings()
 
 
 def default_config_path() -> Path:
@@ -259,6 +273,7 @@ _MEMBER_KEYS = schema.key_names("pools.members")
 _DNS_KEYS = schema.key_names("dns")
 _POLICY_SETTINGS_KEYS = schema.key_names("policies")
 _REVOCATION_KEYS = schema.key_names("revocation")
+_SIP_KEYS = schema.key_names("sip")
 # Bounds that keep a typo from becoming an outage or a busy loop.
 _MAX_WEIGHT = 1000
 _MIN_HEALTH_INTERVAL_S = 0.1
@@ -273,6 +288,7 @@ class _Loader:
         self.path = path
         self.base = path.parent
         self.problems: list[str] = []
+        self.sip_outbound: list[str] = []  # outbound SIP listeners: [sip] domains required
 
     def problem(self, key: str, message: str) -> None:
         self.problems.append(f"{self.path}: {key}: {message}" if key else f"{self.path}: {message}")
@@ -644,12 +660,14 @@ class _Loader:
                     f"{where}policies",
                     'only mtls listeners use partner policies; remove it or set mode = "mtls"',
                 )
+            protocol = self.listener_protocol(table, where)
             if (
                 name
                 and address
                 and mode
                 and (pool or pools)
                 and pool is not None
+                and protocol
                 and (mode == "tls" or policies)
             ):
                 result.append(
@@ -661,6 +679,7 @@ class _Loader:
                         policies=policies,
                         pool=pool,
                         pools=pools,
+                        protocol=protocol,
                     )
                 )
         return tuple(result)
@@ -987,6 +1006,50 @@ class _Loader:
             ),
         )
 
+    # --- SIP listeners (docs/architecture.md, "SIP listeners") ------------------------
+
+    def listener_protocol(
+        self, table: Mapping[str, Any], where: str
+    ) -> Literal["stream", "sip"] | None:
+        protocol = table.get("protocol", "stream")
+        if protocol not in ("stream", "sip"):
+            self.problem(f"{where}protocol", f'must be "stream" or "sip", not {_shown(protocol)}')
+            return None
+        mode = table.get("mode", "mtls")
+        if protocol == "sip" and mode == "tls":
+            self.problem(
+                f"{where}protocol",
+                '"sip" checks each request against the partner\'s domains, so it needs '
+                'mode = "mtls" (or "outbound"); a "tls" listener has no partner',
+            )
+            return None
+        if protocol == "sip" and mode == "outbound":
+            self.sip_outbound.append(where.rstrip("."))
+        return "sip" if protocol == "sip" else "stream"
+
+    def sip_settings(self, data: Mapping[str, Any]) -> SipSettings:
+        table = self.table(data, "sip", required=False) or {}
+        self.unknown_keys(table, _SIP_KEYS, "sip.")
+        size = self.bounded_int(table, "max_message_bytes", "sip.", 65535, 1024, 16 * 1024 * 1024)
+        headers = self.bounded_int(table, "max_headers", "sip.", 200, 10, 10000)
+        domains: list[str] = []
+        raw = table.get("domains", [])
+        if not isinstance(raw, list) or not all(isinstance(d, str) for d in raw):
+            self.problem("sip.domains", f"must be a list of domain names, not {_shown(raw)}")
+            raw = []
+        for item in raw:
+            try:
+                domains.append(normalize_domain(item))
+            except ValueError as exc:
+                self.problem("sip.domains", str(exc))
+        if self.sip_outbound and not table.get("domains"):
+            self.problem(
+                "sip.domains",
+                f"missing or empty: outbound SIP listener {', '.join(self.sip_outbound)} checks "
+                'that the pool speaks only for our domains; add domains = ["contoso.com"]',
+            )
+        return SipSettings(size, headers, tuple(dict.fromkeys(domains)))
+
     def load(self) -> Config:
         try:
             with self.path.open("rb") as f:
@@ -1010,6 +1073,7 @@ class _Loader:
         revocation = self.revocation_settings(data)
         if identity is not None:
             self.outbound_identity(identity, listeners)
+        sip = self.sip_settings(data)
         if self.problems or identity is None:
             if not self.problems:  # defensive: never start on a half-built identity
                 self.problem("identity", "could not be loaded")
@@ -1025,6 +1089,7 @@ class _Loader:
             dns=dns,
             revocation=revocation,
             warnings=tuple(key_file_warnings(identity)),
+            sip=sip,
         )
 
 

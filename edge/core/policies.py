@@ -68,6 +68,7 @@ from pathlib import Path
 from cryptography import x509
 
 from edge.core.config import parse_address
+from edge.core.domains import normalize_domain
 from edge.core.revocation import crl_problems
 
 __all__ = [
@@ -101,7 +102,6 @@ _POLICY_KEYS = ("domains", "enabled", "pool", "max_connections", "revocation", "
 # A single-file partner (`ID.toml` at the top of the policies folder) adds these.
 _SINGLE_FILE_KEYS = ("roots", "crls")
 SINGLE_FILE_SUFFIX = ".toml"
-_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 # Certificates and CRLs; a large public CA's CRL stays well under this. Anything
 # bigger is not ours, and reading it would stall a reload.
@@ -299,30 +299,6 @@ _WORLD_WRITABLE = (
     "world-writable: anyone on this host can add or change trust here; "
     "chmod o-w (owned by root or the edge's admin user)"
 )
-
-
-def normalize_domain(raw: str) -> str:
-    """Lowercase, no trailing dot, IDNA A-labels. Raises ValueError saying why."""
-    name = raw.strip().rstrip(".").lower()
-    if not name:
-        raise ValueError(f"domain {raw!r} is empty")
-    if name.startswith("*."):
-        raise ValueError(
-            f"domain {raw!r} has a wildcard: write {name[2:]!r}, which already covers "
-            "every name under it"
-        )
-    if not name.isascii():
-        try:
-            name = name.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise ValueError(f"domain {raw!r} is not a valid internationalized name") from exc
-    labels = name.split(".")
-    if any(not _LABEL.match(label) for label in labels):
-        raise ValueError(f"domain {raw!r} is not a valid DNS name")
-    if len(labels) < 2:
-        # A one-label domain ("com") would let a partner vouch for a whole TLD.
-        raise ValueError(f"domain {raw!r} has a single label; write the partner's own domain")
-    return name
 
 
 class _PartnerLoader:

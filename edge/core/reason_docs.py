@@ -24,6 +24,7 @@ __all__ = [
     "OUTBOUND",
     "PLACES",
     "RELOAD",
+    "SIP",
     "UPSTREAM",
     "UPSTREAM_ATTEMPT_REASONS",
     "ReasonDoc",
@@ -44,7 +45,11 @@ HANDSHAKE = "handshake"
 UPSTREAM = "upstream"
 RELOAD = "reload"
 OUTBOUND = "outbound"
+SIP = "sip"
 PLACES: Mapping[str, str] = {
+    SIP: "a SIP message refused on a SIP listener: the `sip_rejected` log event, "
+    "`edge_sip_messages_total{result}`, and `connection_closed` `end` for the codes that "
+    "close the connection",
     OUTBOUND: "a pool member's connection through an outbound listener refused or ended: "
     "`connection_rejected` / `connection_closed` with `direction` = `outbound`, "
     "`edge_handshakes_total{listener=<the outbound listener>, result}`",
@@ -168,6 +173,27 @@ DESCRIPTIONS: Mapping[Reason, ReasonDoc] = {
         "it was admitted as.",
         (RELOAD,),
         "Expected after renaming a partner folder; the partner reconnects under its new id.",
+    ),
+    Reason.SIP_DOMAIN_MISMATCH: ReasonDoc(
+        "On a SIP listener, a request's From (or P-Asserted-Identity) host lies outside the "
+        "sender's domains (a partner's inbound, `[sip] domains` outbound); the edge answered "
+        "403 itself and the request never reached the other side.",
+        (SIP,),
+        "If the partner is legitimate, add the domain to its `domains` in policy.toml; "
+        "otherwise this is a partner trying to speak for someone else: tell its admins.",
+    ),
+    Reason.SIP_MALFORMED: ReasonDoc(
+        "On a SIP listener, the stream could not be read as SIP (bad start line, header "
+        "without a name, missing or duplicated Content-Length, bare CR or LF); answered 400 "
+        "where possible, then the connection was closed.",
+        (SIP,),
+        "A broken or hostile peer; the `sip_rejected` log line says what was wrong.",
+    ),
+    Reason.SIP_TOO_LARGE: ReasonDoc(
+        "On a SIP listener, a message exceeded `[sip] max_message_bytes` or `max_headers`; "
+        "answered 413/513 where possible, then the connection was closed.",
+        (SIP,),
+        "Raise the `[sip]` bounds only if a legitimate peer needs it.",
     ),
     Reason.NOT_IN_TOPOLOGY: ReasonDoc(
         "A client of an outbound listener presented an enterprise certificate that names no "

@@ -67,3 +67,11 @@ class Reason(enum.StrEnum):
     # Outbound: the partner's edge presented a certificate its policy does not accept
     # (the core's reason code is in the detail).
     PARTNER_UNTRUSTED = "partner_untrusted"
+    # SIP listeners: a request's From or P-Asserted-Identity names a domain
+    # outside the sender's (a partner's domains inbound, `[sip] domains` outbound).
+    SIP_DOMAIN_MISMATCH = "sip_domain_mismatch"
+    # SIP listeners: the stream cannot be framed or read as SIP (bad start line,
+    # header without a name, no or two Content-Length, bare CR/LF).
+    SIP_MALFORMED = "sip_malformed"
+    # SIP listeners: a message over `[sip] max_message_bytes` or `max_headers`.
+    SIP_TOO_LARGE = "sip_too_large"

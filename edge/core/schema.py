@@ -106,6 +106,8 @@ TABLES: tuple[Table, ...] = (
        "Where the edge sends its DNS queries for pool members and SRV discovery."),
     _t(EDGE_TOML, "revocation", "[revocation]", False, "restart",
        "Fetching partners' CRLs from the distribution points named in their certificates."),
+    _t(EDGE_TOML, "sip", "[sip]", False, "restart",
+       "Bounds and our own domains for listeners with protocol = \"sip\"."),
     _t(POLICY_TOML, "", "policy.toml", False, "live",
        "A partner's settings, in `PARTNER/policy.toml` or at the top of a single-file "
        "partner `PARTNER.toml`. Every key is optional."),
@@ -197,6 +199,11 @@ KEYS: tuple[Key, ...] = (
         allowed="names of [[pools]] entries",
         meaning="Outbound listeners: the pools whose listed members (their topology `host` on "
         "the member's certificate) may use this listener; anyone else is `not_in_topology`."),
+    Key(_E, "listeners", "protocol", "string", default="stream", apply="restart",
+        allowed='"stream", "sip" (sip: mtls or outbound listeners only)',
+        meaning="stream relays opaque bytes; sip frames every SIP message and lets a partner "
+        "speak only for its own domains (a forged From or P-Asserted-Identity is answered "
+        "403 by the edge and never reaches the pool)."),
     # --- [[pools]]
     Key(_E, "pools", "name", "string", required=True, apply="restart", example="frontend",
         allowed="unique among pools",
@@ -316,6 +323,19 @@ KEYS: tuple[Key, ...] = (
         allowed="> 0",
         meaning="Fetched CRLs rebuild the verifiers and re-check live connections at most once "
         "per interval, and no CRL is refetched sooner."),
+    # --- [sip]
+    Key(_E, "sip", "max_message_bytes", "integer", default=65535, apply="restart",
+        allowed="1024 to 16777216",
+        meaning="Largest SIP message (head and body); larger is answered 413/513 and the "
+        "connection closed (`sip_too_large`)."),
+    Key(_E, "sip", "max_headers", "integer", default=200, apply="restart",
+        allowed="10 to 10000",
+        meaning="Most header lines in one SIP message; more is answered 513 (`sip_too_large`)."),
+    Key(_E, "sip", "domains", "list of strings", default=[], apply="restart",
+        default_text="none (required when an outbound listener has protocol = \"sip\")",
+        allowed="domain names of at least two labels",
+        meaning="Our own SIP domains: requests from the pool through an outbound SIP listener "
+        "must come From (and P-Asserted-Identity) inside them."),
     # --- policy.toml (and single-file partners)
     Key(_P, "", "domains", "list of strings", apply="live",
         default_text="[folder name] (when it is a domain)",

@@ -1,0 +1,559 @@
+"""Outbound SIP fan-out, sans-I/O: one pool connection, one connection per partner.
+
+Owns: the routing decisions of an outbound `protocol = "sip"` listener
+(docs/architecture.md "SIP listeners", issue 21): which partner each request from the
+pool goes to (its Request-URI host inside a partner's domains), when a
+partner connection must be opened or closed, what waits while one opens,
+where bytes from a partner go back (the pool connection that owns it), and
+which requests the edge answers itself (403 `sip_domain_mismatch`, 404
+`unknown_destination`, 503 naming why a partner cannot be used).
+
+Must never: do I/O, resolve or verify anything (the shell opens, verifies and
+reports back with `partner_opened` / `partner_failed`), rewrite a relayed
+message, queue without bound, or route a message it could not frame.
+
+Theory of operation
+-------------------
+One `SipRouter` per pool connection. The shell feeds it events (bytes from
+the pool, bytes from partner P, P opened / failed / closed / trust withdrawn,
+the pool closed) and performs the actions each call returns, in order:
+`OpenPartner`, `SendToPartner`, `SendToPool`, `ClosePartner`, `ClosePool`,
+plus `Report` (one per message, for `edge_sip_messages_total` and the
+`sip_rejected` log). Adjacent sends to one connection are merged into one
+action, so a read holding several messages becomes one write.
+
+Routing, and what cannot be routed:
+- A request from the pool must pass the guard for our own `[sip] domains`,
+  then goes to the partner whose domains hold its Request-URI host (the
+  longest matching domain wins; two partners with the same domain: neither).
+  A request whose Request-URI names no partner (an in-dialog request sent to
+  a Contact address) follows its Call-ID, if a request with that Call-ID was
+  already routed to or received from a partner. Otherwise: 404
+  `unknown_destination`. ACKs are never answered, only dropped.
+- Requests for a partner whose connection is opening wait in a bounded queue
+  (`max_queued_messages`, `max_queued_bytes`; over it: 503 `over_limit`). If
+  the open fails, each waiting request gets 503 naming the shell's reason
+  (`partner_unreachable`, `partner_untrusted`...).
+- Whatever a partner sends back (responses, in-dialog requests, RFC 5923
+  requests over the connection we opened) goes to the pool byte for byte;
+  its requests pass the same guard for that partner's domains as on an
+  inbound listener. A response from the pool goes to the partner that sent a
+  request with its Call-ID; Call-IDs are remembered first-come (a partner
+  cannot take over another's dialog by reusing its Call-ID) in a bounded LRU.
+- Keep-alives end at the edge: a CRLFCRLF ping on either connection is
+  answered with a CRLF pong on that connection, never forwarded (the hops
+  behind it are different connections).
+- Trust withdrawn: the partner's connection is closed, waiting requests get
+  503 with the shell's reason, and later requests for its domains get the
+  same 503 until `set_partners` lists the partner again.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from edge.core.reasons import Reason
+from edge.core.sip import (
+    DEFAULT_MAX_HEADERS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    FramingError,
+    Head,
+    KeepAlive,
+    Message,
+    NeedData,
+    SipFramer,
+    build_response,
+    check_request,
+    safe_text,
+    uri_domain,
+)
+
+__all__ = [
+    "Action",
+    "ClosePartner",
+    "ClosePool",
+    "OpenPartner",
+    "Report",
+    "SendToPartner",
+    "SendToPool",
+    "SipRouter",
+]
+
+UNKNOWN = "unknown"  # the partner label when a message belongs to no partner
+
+
+@dataclass(frozen=True, slots=True)
+class OpenPartner:
+    """Open (discover, dial, verify) a connection to `partner`; `host` chose it."""
+
+    partner: str
+    host: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendToPartner:
+    partner: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class SendToPool:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ClosePartner:
+    partner: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClosePool:
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """One message's fate. Strings are sanitized (`safe_text`); `partner` is a
+    configured id or "unknown". `result` is "relayed" or a reason code;
+    `answered` the status the edge sent back itself, if any."""
+
+    direction: Literal["inbound", "outbound"]  # inbound: partner -> pool
+    partner: str
+    result: str
+    method: str = ""
+    call_id: str = ""
+    offending_domain: str = ""
+    answered: int | None = None
+    detail: str = ""
+
+    @property
+    def rejected(self) -> bool:
+        return self.result != "relayed"
+
+
+Action = OpenPartner | SendToPartner | SendToPool | ClosePartner | ClosePool | Report
+
+
+@dataclass
+class _Partner:
+    framer: SipFramer
+    open: bool = False
+    queue: list[Message] = field(default_factory=list)
+    queued_bytes: int = 0
+    crlfs: int = 0  # CRLFs seen in the current keep-alive run
+
+
+@dataclass
+class _Send:
+    key: str | None  # None: the pool; else a partner id
+    parts: list[bytes]
+
+
+class _Out:
+    """Actions in order, merging adjacent sends to the same connection."""
+
+    def __init__(self) -> None:
+        self.items: list[Action | _Send] = []
+
+    def send(self, key: str | None, data: bytes) -> None:
+        last = self.items[-1] if self.items else None
+        if isinstance(last, _Send) and last.key == key:
+            last.parts.append(data)
+        else:
+            self.items.append(_Send(key, [data]))
+
+    def add(self, action: Action) -> None:
+        if isinstance(action, Report) and self.items and isinstance(self.items[-1], _Send):
+            # Reports carry no bytes: keep the send open for merging by
+            # putting the report before it (the shell reports before sending).
+            self.items.insert(len(self.items) - 1, action)
+            return
+        self.items.append(action)
+
+    def done(self) -> list[Action]:
+        out: list[Action] = []
+        for item in self.items:
+            if isinstance(item, _Send):
+                data = item.parts[0] if len(item.parts) == 1 else b"".join(item.parts)
+                out.append(SendToPool(data) if item.key is None else SendToPartner(item.key, data))
+            else:
+                out.append(item)
+        return out
+
+
+def _describe(head: Head | None) -> tuple[str, str]:
+    if head is None:
+        return "", ""
+    return safe_text(head.method or "", 32), safe_text(head.headers.get("call-id") or "")
+
+
+class SipRouter:
+    """The fan-out of one pool connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        our_domains: Collection[str],
+        partners: Mapping[str, Collection[str]],
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+        max_queued_messages: int = 64,
+        max_queued_bytes: int = 256 * 1024,
+        max_call_ids: int = 4096,
+        guard_partners: bool = True,
+    ) -> None:
+        self.our_domains = tuple(our_domains)
+        self.max_message_bytes = max_message_bytes
+        self.max_headers = max_headers
+        self.max_queued_messages = max_queued_messages
+        self.max_queued_bytes = max_queued_bytes
+        self.max_call_ids = max_call_ids
+        self.guard_partners = guard_partners
+        self._partners: dict[str, tuple[str, ...]] = {}
+        self._withdrawn: dict[str, tuple[tuple[str, ...], str]] = {}  # id -> (domains, reason)
+        self._conns: dict[str, _Partner] = {}
+        self._call_ids: OrderedDict[str, str] = OrderedDict()  # Call-ID -> partner
+        self._pool = SipFramer(max_message_bytes=max_message_bytes, max_headers=max_headers)
+        self._pool_crlfs = 0
+        self.closed = False
+        self.set_partners(partners)
+
+    # --- configuration -----------------------------------------------------------------
+
+    def set_partners(self, partners: Mapping[str, Collection[str]]) -> None:
+        """The enabled partners and their domains (after a policy reload too).
+
+        A partner no longer listed keeps its live connection until the shell
+        calls `trust_withdrawn` (the shell decides, from the live re-check).
+        """
+        self._partners = {pid: tuple(domains) for pid, domains in partners.items()}
+        for pid in list(self._withdrawn):
+            if pid in self._partners:
+                del self._withdrawn[pid]
+
+    @property
+    def connections(self) -> dict[str, bool]:
+        """Partner connections this router holds: id -> open (False: opening)."""
+        return {pid: conn.open for pid, conn in self._conns.items()}
+
+    # --- events from the shell ---------------------------------------------------------
+
+    def pool_data(self, data: bytes | bytearray | memoryview) -> list[Action]:
+        out = _Out()
+        if self.closed:
+            return []
+        self._pool.feed(data)
+        for _ in range(self._pool.buffered + 1):
+            event = self._pool.next_event()
+            if isinstance(event, NeedData):
+                break
+            if isinstance(event, KeepAlive):
+                self._pool_crlfs = self._keepalive(out, None, event, self._pool_crlfs)
+                continue
+            self._pool_crlfs = 0
+            if isinstance(event, FramingError):
+                self._framing_error(out, None, UNKNOWN, event)
+                for pid in list(self._conns):
+                    self._drop_partner(out, pid, event.reason.value, answer=False)
+                out.add(ClosePool(event.reason.value, event.detail))
+                self.closed = True
+                break
+            assert isinstance(event, Message)
+            if event.is_request:
+                self._pool_request(out, event)
+            else:
+                self._pool_response(out, event)
+        return out.done()
+
+    def pool_closed(self) -> list[Action]:
+        """The pool connection ended: every partner connection it owns closes."""
+        out = _Out()
+        for pid in list(self._conns):
+            self._drop_partner(out, pid, "pool_closed", answer=False)
+        self.closed = True
+        return out.done()
+
+    def partner_data(self, partner: str, data: bytes | bytearray | memoryview) -> list[Action]:
+        conn = self._conns.get(partner)
+        if conn is None or not conn.open or self.closed:
+            return []  # a late read after we closed it: nothing to route
+        out = _Out()
+        conn.framer.feed(data)
+        for _ in range(conn.framer.buffered + 1):
+            event = conn.framer.next_event()
+            if isinstance(event, NeedData):
+                break
+            if isinstance(event, KeepAlive):
+                conn.crlfs = self._keepalive(out, partner, event, conn.crlfs)
+                continue
+            conn.crlfs = 0
+            if isinstance(event, FramingError):
+                self._framing_error(out, partner, partner, event)
+                self._drop_partner(out, partner, event.reason.value, answer=False)
+                break
+            assert isinstance(event, Message)
+            method, call_id = _describe(event.head)
+            if event.is_request:
+                domains = self._partners.get(partner)
+                if self.guard_partners:
+                    # A partner no longer listed proves no domain: fail closed.
+                    verdict = check_request(event, domains or ())
+                    if verdict is not None:
+                        self._reject(out, "inbound", partner, event, verdict, reply_to=partner)
+                        continue
+                self._remember(event, partner)
+            out.send(None, event.raw)
+            out.add(Report("inbound", partner, "relayed", method, call_id))
+        return out.done()
+
+    def partner_opened(self, partner: str) -> list[Action]:
+        conn = self._conns.get(partner)
+        if conn is None or conn.open:
+            return []
+        conn.open = True
+        out = _Out()
+        for message in conn.queue:
+            out.send(partner, message.raw)
+            method, call_id = _describe(message.head)
+            out.add(Report("outbound", partner, "relayed", method, call_id))
+        conn.queue.clear()
+        conn.queued_bytes = 0
+        return out.done()
+
+    def partner_failed(self, partner: str, reason: str, detail: str = "") -> list[Action]:
+        """Opening failed (`partner_unreachable`, `partner_untrusted`...): 503 each waiter."""
+        out = _Out()
+        if partner in self._conns:
+            self._drop_partner(out, partner, reason, answer=True, close=False, detail=detail)
+        return out.done()
+
+    def partner_closed(self, partner: str) -> list[Action]:
+        """The partner connection ended; the next request to it opens a new one."""
+        out = _Out()
+        if partner in self._conns:
+            self._drop_partner(
+                out, partner, "partner_unreachable", answer=True, close=False, detail="closed"
+            )
+        return out.done()
+
+    def trust_withdrawn(self, partner: str, reason: str) -> list[Action]:
+        """The partner's trust is gone (removed, disabled, re-check failed): close its
+        connection and answer its requests 503 `reason` from now on."""
+        domains = self._partners.pop(partner, None)
+        if domains is None and partner in self._withdrawn:
+            domains = self._withdrawn[partner][0]
+        self._withdrawn[partner] = (domains or (), reason)
+        out = _Out()
+        if partner in self._conns:
+            self._drop_partner(out, partner, reason, answer=True)
+        return out.done()
+
+    # --- routing -------------------------------------------------------------------------
+
+    def _pool_request(self, out: _Out, message: Message) -> None:
+        head = message.head
+        verdict = check_request(message, self.our_domains)
+        if verdict is not None:
+            self._reject(out, "outbound", UNKNOWN, message, verdict, reply_to=None)
+            return
+        host = uri_domain(head.request_uri or "")[1]
+        partner = self._match(host, {p: d for p, d in self._partners.items()})
+        if partner is None:
+            withdrawn = self._match(host, {p: d for p, (d, _) in self._withdrawn.items()})
+            if withdrawn is not None:
+                self._unavailable(out, withdrawn, message, self._withdrawn[withdrawn][1])
+                return
+            call_id = head.headers.get("call-id")
+            partner = self._call_ids.get(call_id) if call_id is not None else None
+            if partner is not None and partner in self._withdrawn:
+                self._unavailable(out, partner, message, self._withdrawn[partner][1])
+                return
+            if partner is not None and partner not in self._partners:
+                partner = None
+        if partner is None:
+            self._answer(
+                out,
+                "outbound",
+                UNKNOWN,
+                message,
+                Reason.UNKNOWN_DESTINATION.value,
+                404,
+                None,
+                offending=host or "",
+            )
+            return
+        self._remember(message, partner)
+        conn = self._conns.get(partner)
+        method, call_id = _describe(head)
+        if conn is None:
+            conn = self._conns[partner] = _Partner(
+                SipFramer(max_message_bytes=self.max_message_bytes, max_headers=self.max_headers)
+            )
+            out.add(OpenPartner(partner, host or ""))
+        if conn.open:
+            out.send(partner, message.raw)
+            out.add(Report("outbound", partner, "relayed", method, call_id))
+            return
+        if (
+            len(conn.queue) >= self.max_queued_messages
+            or conn.queued_bytes + len(message.raw) > self.max_queued_bytes
+        ):
+            self._unavailable(out, partner, message, Reason.OVER_LIMIT.value, "queue full")
+            return
+        conn.queue.append(message)
+        conn.queued_bytes += len(message.raw)
+        # Reported when it leaves the queue (relayed, or answered 503).
+
+    def _pool_response(self, out: _Out, message: Message) -> None:
+        call_id = message.headers.get("call-id")
+        partner = self._call_ids.get(call_id) if call_id is not None else None
+        conn = self._conns.get(partner) if partner is not None else None
+        _, shown = _describe(message.head)
+        if partner is None or conn is None or not conn.open:
+            out.add(
+                Report(
+                    "outbound",
+                    partner or UNKNOWN,
+                    Reason.UNKNOWN_DESTINATION.value,
+                    "",
+                    shown,
+                    detail="a response for no open partner connection; dropped",
+                )
+            )
+            return
+        out.send(partner, message.raw)
+        out.add(Report("outbound", partner, "relayed", "", shown))
+
+    def _match(self, host: str | None, table: Mapping[str, Collection[str]]) -> str | None:
+        if host is None or host.startswith("["):
+            return None
+        best: tuple[int, str] | None = None
+        tie = False
+        for pid, domains in table.items():
+            for domain in domains:
+                if host == domain or host.endswith("." + domain):
+                    if best is None or len(domain) > best[0]:
+                        best, tie = (len(domain), pid), False
+                    elif len(domain) == best[0] and pid != best[1]:
+                        tie = True
+        if best is None or tie:
+            return None
+        return best[1]
+
+    def _remember(self, message: Message, partner: str) -> None:
+        call_id = message.headers.get("call-id")
+        if call_id is None:
+            return
+        owner = self._call_ids.get(call_id)
+        if owner is None:
+            self._call_ids[call_id] = partner
+            while len(self._call_ids) > self.max_call_ids:
+                self._call_ids.popitem(last=False)
+        elif owner == partner:
+            self._call_ids.move_to_end(call_id)
+
+    # --- answers and closes ----------------------------------------------------------------
+
+    def _keepalive(self, out: _Out, key: str | None, event: KeepAlive, crlfs: int) -> int:
+        crlfs += len(event.raw) // 2
+        while crlfs >= 2:
+            out.send(key, b"\r\n")  # RFC 5626 pong
+            crlfs -= 2
+        return crlfs
+
+    def _answer(
+        self,
+        out: _Out,
+        direction: Literal["inbound", "outbound"],
+        partner: str,
+        message: Message,
+        reason: str,
+        status: int,
+        reply_to: str | None,
+        *,
+        offending: str = "",
+        detail: str = "",
+    ) -> None:
+        answer = build_response(message, status, reason)
+        if answer is not None:
+            out.send(reply_to, answer)
+        method, call_id = _describe(message.head)
+        out.add(
+            Report(
+                direction,
+                partner,
+                reason,
+                method,
+                call_id,
+                safe_text(offending),
+                status if answer is not None else None,
+                detail,
+            )
+        )
+
+    def _reject(
+        self,
+        out: _Out,
+        direction: Literal["inbound", "outbound"],
+        partner: str,
+        message: Message,
+        verdict: tuple[Reason, str],
+        *,
+        reply_to: str | None,
+    ) -> None:
+        reason, offending = verdict
+        status = 403 if reason is Reason.SIP_DOMAIN_MISMATCH else 400
+        self._answer(
+            out, direction, partner, message, reason.value, status, reply_to, offending=offending
+        )
+
+    def _unavailable(
+        self, out: _Out, partner: str, message: Message, reason: str, detail: str = ""
+    ) -> None:
+        self._answer(out, "outbound", partner, message, reason, 503, None, detail=detail)
+
+    def _framing_error(
+        self, out: _Out, reply_to: str | None, partner: str, error: FramingError
+    ) -> None:
+        answer = (
+            build_response(error.head, error.status_code, error.reason.value)
+            if error.head is not None
+            else None
+        )
+        if answer is not None:
+            out.send(reply_to, answer)
+        method, call_id = _describe(error.head)
+        out.add(
+            Report(
+                "outbound" if reply_to is None else "inbound",
+                partner,
+                error.reason.value,
+                method,
+                call_id,
+                "",
+                error.status_code if answer is not None else None,
+                error.detail,
+            )
+        )
+
+    def _drop_partner(
+        self,
+        out: _Out,
+        partner: str,
+        reason: str,
+        *,
+        answer: bool,
+        close: bool = True,
+        detail: str = "",
+    ) -> None:
+        conn = self._conns.pop(partner)
+        if answer:
+            for message in conn.queue:
+                self._unavailable(out, partner, message, reason, detail)
+        if close:
+            out.add(ClosePartner(partner, reason))
