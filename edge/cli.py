@@ -32,6 +32,7 @@ from edge.core.policies import (
     PolicySnapshot,
     load_policies,
 )
+from edge.core.snapshot import build_snapshot, policy_folders
 from edge.core.trust import PartnerTrust, ServerTrust, Verdict
 
 __all__ = ["console_main", "main"]
@@ -165,7 +166,7 @@ def _cert_line(cert: x509.Certificate, source: str, now: _dt.datetime) -> tuple[
     return f"{cert.subject.rfc4514_string()} ({source}) expires {_day(end)}{note}", problem
 
 
-def _print_snapshot(snapshot: PolicySnapshot, pool_names: set[str] | None) -> int:
+def _print_snapshot(snapshot: PolicySnapshot) -> int:
     """Print one policies folder; return the number of problems (errors + warnings)."""
     counts = snapshot.state_counts()
     total = len(set(snapshot.partners) | snapshot.broken)
@@ -187,26 +188,18 @@ def _print_snapshot(snapshot: PolicySnapshot, pool_names: set[str] | None) -> in
             state = "enabled" if policy.enabled else "disabled"
         print(f"partner {pid}: {state}")
         if policy is not None:
-            problems += _print_policy(policy, pool_names, now)
+            _print_policy(policy, now)
         for problem in snapshot.problems_of(pid):
             print(f"  {'error' if problem.fatal else 'warning'}: {problem}")
             problems += 1
     return problems
 
 
-def _print_policy(policy: PartnerPolicy, pool_names: set[str] | None, now: _dt.datetime) -> int:
-    problems = 0
+def _print_policy(policy: PartnerPolicy, now: _dt.datetime) -> None:
     print(f"  domains: {', '.join(policy.domains)}")
     limit = policy.max_connections if policy.max_connections is not None else "global limit"
     pool = policy.pool or "(the listener's)"
     print(f"  pool: {pool}; max_connections: {limit}; revocation: {policy.revocation}")
-    if policy.pool is not None and pool_names is not None and policy.pool not in pool_names:
-        known = ", ".join(sorted(pool_names)) or "none"
-        print(
-            f"  error: {policy.folder}/policy.toml: pool: no pool named {policy.pool!r} in the "
-            f"configuration (pools: {known})"
-        )
-        problems += 1
     for root, path in zip(policy.roots, policy.root_files, strict=True):
         line, _ = _cert_line(root, path.name, now)
         print(f"  root {line}")  # an expired root is already a warning from the loader
@@ -219,7 +212,6 @@ def _print_policy(policy: PartnerPolicy, pool_names: set[str] | None, now: _dt.d
             f"  crl {crl.issuer.rfc4514_string()} ({path.name}) next update {when}, "
             f"{revoked} revoked{stale}"
         )
-    return problems
 
 
 def _print_config(config: Config) -> int:
@@ -262,9 +254,10 @@ def _print_config(config: Config) -> int:
 
 
 def _check(config_arg: Path | None, policies_arg: Path | None) -> int:
+    """Load like `edge run` does (edge.core.snapshot.build_snapshot) and print it."""
     problems = 0
     folders: list[Path] = []
-    pool_names: set[str] | None = None
+    config: Config | None = None
     if config_arg is not None or policies_arg is None:
         path = config_arg if config_arg is not None else default_config_path()
         try:
@@ -276,20 +269,26 @@ def _check(config_arg: Path | None, policies_arg: Path | None) -> int:
             problems += len(exc.problems)
         else:
             problems += _print_config(config)
-            pool_names = set(config.pools)
-            for listener in config.listeners:
-                if listener.policies is not None and listener.policies not in folders:
-                    folders.append(listener.policies)
+            folders.extend(policy_folders(config))
     if policies_arg is not None and policies_arg not in folders:
         folders.append(policies_arg)
+    loaded: dict[Path, PolicySnapshot] = {}
     for folder in folders:
         try:
-            snapshot = load_policies(folder)
+            loaded[folder] = load_policies(folder)
         except PolicyFolderError as exc:
             print(f"error: {exc}")
             problems += 1
-            continue
-        problems += _print_snapshot(snapshot, pool_names)
+    checked = dict(loaded)
+    if config is not None:
+        # The same cross-checks `edge run` applies: what is broken here is broken there.
+        snapshot = build_snapshot(config, loaded)
+        for line in snapshot.problems:
+            print(f"  error: {line}")
+            problems += 1
+        checked.update((f, t.policies) for f, t in snapshot.folders.items())
+    for folder in loaded:
+        problems += _print_snapshot(checked[folder])
     if problems:
         print(f"{problems} problem(s) found")
         return EXIT_REJECTED
@@ -356,6 +355,9 @@ def _snapshot_for_verify(args: argparse.Namespace) -> tuple[PolicySnapshot | Non
         snapshot = load_policies(folder)
     except PolicyFolderError as exc:
         raise _UsageError(str(exc)) from None
+    if config is not None:
+        # Cross-checked as `edge run` does (a partner with an unknown pool is broken).
+        snapshot = build_snapshot(config, {folder: snapshot}).folders[folder].policies
     return snapshot, config
 
 
@@ -398,10 +400,12 @@ def _verify(args: argparse.Namespace) -> int:
         if args.partner is not None:
             assert snapshot is not None
             roots: Sequence[x509.Certificate] = _only_partner(snapshot, args.partner).roots
+            server_trust = ServerTrust(roots)
         else:
             assert config is not None
-            roots = config.identity.internal_root_certs
-        verdict = ServerTrust(roots).verify_server(chain, args.name, at=at)
+            # The very decision the gateway's upstream dial takes (edge.pools).
+            server_trust = build_snapshot(config, {}).server_trust
+        verdict = server_trust.verify_server(chain, args.name, at=at)
 
     if args.json:
         print(json.dumps({"purpose": purpose, **verdict.as_dict()}, sort_keys=True))

@@ -37,7 +37,6 @@ import dataclasses
 import errno
 import math
 import time
-import types
 from collections import Counter as _Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ from edge.core.limits import SourceLimits
 from edge.core.policies import PartnerPolicy, PolicyFolderError, PolicySnapshot, load_policies
 from edge.core.proxy_protocol import ProxyInfo
 from edge.core.reasons import Reason
-from edge.core.trust import PartnerTrust
+from edge.core.snapshot import Snapshot, build_snapshot, carry_running, diff, policy_folders
 from edge.crlfetch import CrlFetcher
 from edge.logs import EventLog, LogFormat
 from edge.metrics import UNKNOWN_PARTNER, Metrics, serve_metrics
@@ -79,15 +78,6 @@ _NO_PEER_CERT = "peer did not return a certificate"
 
 class StartupError(Exception):
     """The gateway cannot start (bind failure, unreadable policies folder)."""
-
-
-@dataclass(frozen=True)
-class _Trust:
-    """One policies folder: its snapshot and the verifier built from it."""
-
-    snapshot: PolicySnapshot  # what the verifier uses: base plus fetched CRLs
-    verifier: PartnerTrust
-    base: PolicySnapshot  # exactly what the folder holds (reload keeps last good from it)
 
 
 @dataclass
@@ -156,10 +146,11 @@ class Gateway:
     """A running gateway for one configuration."""
 
     def __init__(self, config: Config, log: EventLog, metrics: Metrics) -> None:
-        self.config = config
         self.log = log
         self.metrics = metrics
-        self._trust: dict[Path, _Trust] = {}
+        # The one current snapshot (edge.core.snapshot): replaced, never mutated,
+        # by load_policies and every reload. Until load_policies: no partner.
+        self.snapshot: Snapshot = build_snapshot(config, {})
         self._server_contexts: dict[str, SSL.Context] = {}
         ident = config.identity
         # The pool is ours: the edge -> pool leg resumes TLS sessions per member
@@ -172,7 +163,7 @@ class Gateway:
         )
         # Pool members, their health and DNS (edge.pools); the context is read
         # at each dial, so a reloaded internal identity is used at once.
-        self._pools = PoolSet(config, lambda: self._client_context, metrics, log)
+        self._pools = PoolSet(lambda: self.snapshot, lambda: self._client_context, metrics, log)
         self._active_total = 0
         self._active_by_partner: _Counter[str] = _Counter()
         self._idle = trio.Event()
@@ -193,6 +184,10 @@ class Gateway:
         self.bound: dict[str, list[str]] = {}
         self.ready = False
 
+    @property
+    def config(self) -> Config:
+        return self.snapshot.config
+
     # ------------------------------------------------------------------
     # Set-up
 
@@ -202,26 +197,25 @@ class Gateway:
         Broken partners are reported and left out; the gateway runs with the
         partners that load (DESIGN.md). A missing folder is fatal.
         """
-        for listener in self.config.listeners:
-            if listener.mode != "mtls" or listener.policies is None:
-                continue
-            if listener.policies not in self._trust:
-                try:
-                    snapshot = load_policies(listener.policies)
-                except PolicyFolderError as exc:
-                    raise StartupError(str(exc)) from exc
-                for problem in snapshot.problems:
-                    self.log.event(
-                        "partner_problem",
-                        partner=problem.partner,
-                        file=str(problem.path),
-                        problem=problem.message,
-                    )
-                effective = self._with_fetched_crls(snapshot)
-                self._trust[listener.policies] = _Trust(
-                    effective, PartnerTrust(effective), snapshot
-                )
-                self._policy_prints[listener.policies] = fingerprint([listener.policies])
+        config = self.config
+        loaded: dict[Path, PolicySnapshot] = {}
+        for folder in policy_folders(config):
+            try:
+                loaded[folder] = load_policies(folder)
+            except PolicyFolderError as exc:
+                raise StartupError(str(exc)) from exc
+            self._policy_prints[folder] = fingerprint([folder])
+        snapshot = build_snapshot(config, loaded, self._fetched_crls())
+        if snapshot.problems:
+            raise StartupError("; ".join(snapshot.problems))
+        for problem in snapshot.partner_problems:
+            self.log.event(
+                "partner_problem",
+                partner=problem.partner,
+                file=str(problem.path),
+                problem=problem.message,
+            )
+        self.snapshot = snapshot
         self._config_print = fingerprint(files=_config_files(self.config))
         self._build_server_contexts()
         self._export_static_metrics()
@@ -230,11 +224,11 @@ class Gateway:
         ident = self.config.identity
         for listener in self.config.listeners:
             if listener.mode == "mtls":
-                assert listener.policies is not None
-                snapshot = self._trust[listener.policies].snapshot
+                trust = self.snapshot.folder_of(listener)
+                assert trust is not None
                 roots = [
                     root
-                    for policy in snapshot.partners.values()
+                    for policy in trust.policies.partners.values()
                     if policy.enabled
                     for root in policy.roots
                 ]
@@ -285,8 +279,8 @@ class Gateway:
             for cert in certs:
                 keep_soonest(expiry, (role, "", cert.subject.rfc4514_string()), _expiry(cert))
         states = self._partner_summary()
-        for trust in self._trust.values():
-            snap = trust.snapshot
+        for trust in self.snapshot.folders.values():
+            snap = trust.policies
             for pid, policy in snap.partners.items():
                 for root in policy.roots:
                     subject = root.subject.rfc4514_string()
@@ -305,8 +299,8 @@ class Gateway:
     def partner_label(self, listener: Listener, partner: str | None) -> str:
         if partner is None or listener.policies is None:
             return UNKNOWN_PARTNER
-        trust = self._trust.get(listener.policies)
-        if trust is None or partner not in trust.snapshot.partners:
+        trust = self.snapshot.folder_of(listener)
+        if trust is None or partner not in trust.policies.partners:
             return UNKNOWN_PARTNER
         return partner
 
@@ -347,7 +341,7 @@ class Gateway:
         )
         if forced or config_print != self._config_print:
             await self._reload_config(config_print)
-        for folder in list(self._trust):
+        for folder in list(self.snapshot.folders):
             folder_print = await trio.to_thread.run_sync(fingerprint, [folder])
             if forced or folder_print != self._policy_prints.get(folder):
                 await self._reload_policies(folder, folder_print)
@@ -356,7 +350,7 @@ class Gateway:
             await self._recheck_live(None)
 
     async def _reload_policies(self, folder: Path, folder_print: Fingerprint) -> None:
-        previous = self._trust[folder].base
+        previous = self.snapshot.folders[folder].loaded
         try:
             snapshot = await trio.to_thread.run_sync(load_policies, folder, previous)
         except PolicyFolderError as exc:
@@ -366,26 +360,24 @@ class Gateway:
             self._policy_prints[folder] = folder_print
             return
         self._policy_prints[folder] = folder_print
-        effective = self._with_fetched_crls(snapshot)
-        verifier = await trio.to_thread.run_sync(PartnerTrust, effective)
-        self._trust[folder] = _Trust(effective, verifier, snapshot)  # the swap
-        self._build_server_contexts()
-        self.export_reload_metrics()
-        old_ids, new_ids = set(previous.partners), set(snapshot.partners)
+        old = self.snapshot.folders[folder].policies
+        new = await self._rebuild({folder: snapshot})
+        checked = new.folders[folder].policies
+        old_ids, new_ids = set(old.partners), set(checked.partners)
         changed = sorted(
             pid
             for pid in old_ids & new_ids
-            if not _same_policy(previous.partners[pid], snapshot.partners[pid])
+            if not _same_policy(old.partners[pid], checked.partners[pid])
         )
-        for problem in snapshot.problems:
+        for problem in checked.problems:
             self.log.event(
                 "partner_problem",
                 partner=problem.partner,
                 file=str(problem.path),
                 problem=problem.message,
-                kept_last_good=problem.partner in snapshot.partners,
+                kept_last_good=problem.partner in checked.partners,
             )
-        result = "error" if snapshot.broken else "ok"
+        result = "error" if checked.broken else "ok"
         self.metrics.policy_reloads.labels(result).inc()
         self.log.event(
             "policies_reloaded",
@@ -394,36 +386,39 @@ class Gateway:
             added=sorted(new_ids - old_ids),
             removed=sorted(old_ids - new_ids),
             changed=changed,
-            broken=sorted(snapshot.broken),
-            partners=snapshot.state_counts(),
+            broken=sorted(checked.broken),
+            partners=checked.state_counts(),
         )
         await self._recheck_live(folder)
 
-    def _with_fetched_crls(self, base: PolicySnapshot) -> PolicySnapshot:
-        """``base`` with the CRLs fetched from distribution points added."""
-        fetched = self._crl_fetcher.crls() if self._crl_fetcher is not None else {}
-        if not any(pid in base.partners for pid in fetched):
-            return base
-        partners = dict(base.partners)
-        for pid, crls in fetched.items():
-            policy = partners.get(pid)
-            if policy is not None:
-                partners[pid] = dataclasses.replace(
-                    policy,
-                    crls=policy.crls + tuple(crl for crl, _ in crls),
-                    crl_files=policy.crl_files + tuple(path for _, path in crls),
-                )
-        return dataclasses.replace(base, partners=types.MappingProxyType(partners))
+    def _fetched_crls(self) -> dict[str, list[tuple[x509.CertificateRevocationList, Path]]]:
+        return self._crl_fetcher.crls() if self._crl_fetcher is not None else {}
+
+    async def _rebuild(
+        self, loaded: dict[Path, PolicySnapshot], config: Config | None = None
+    ) -> Snapshot:
+        """Build the next snapshot off to the side (a worker thread), swap it in.
+
+        ``loaded``: the folders read again (the others keep what they hold);
+        ``config``: a reloaded configuration. Returns the new snapshot.
+        """
+        current = self.snapshot
+        inputs = {f: t.loaded for f, t in current.folders.items()}
+        inputs.update(loaded)
+        fetched = self._fetched_crls()
+        new = await trio.to_thread.run_sync(
+            lambda: build_snapshot(config or current.config, inputs, fetched, current)
+        )
+        self.snapshot = new  # the swap: one assignment
+        self._build_server_contexts()
+        self.export_reload_metrics()
+        return new
 
     async def _apply_fetched_crls(self) -> None:
-        """New CRLs arrived: rebuild each verifier from its base, re-check live."""
-        for folder, trust in list(self._trust.items()):
-            effective = self._with_fetched_crls(trust.base)
-            verifier = await trio.to_thread.run_sync(PartnerTrust, effective)
-            self._trust[folder] = _Trust(effective, verifier, trust.base)
-            await self._recheck_live(folder)
-        self.export_reload_metrics()
-        fetched = self._crl_fetcher.crls() if self._crl_fetcher is not None else {}
+        """New CRLs arrived: a new snapshot with them, re-check live connections."""
+        await self._rebuild({})
+        await self._recheck_live(None)
+        fetched = self._fetched_crls()
         self.log.event(
             "crls_applied", partners={pid: len(crls) for pid, crls in sorted(fetched.items())}
         )
@@ -443,51 +438,34 @@ class Gateway:
                 kept="the configuration and certificates loaded before",
             )
             return
-        old = self.config
-        needs_restart = []
-        if new.listeners != old.listeners:
-            needs_restart.append("listeners")
-        if new.metrics != old.metrics:
-            needs_restart.append("metrics")
-        if new.pools != old.pools:
-            needs_restart.append("pools")
-        applied = [
-            name
-            for name, changed in (
-                ("identity", new.identity != old.identity),
-                ("limits", new.limits != old.limits),
-                ("policies", new.policies != old.policies),
+        current = self.snapshot
+        old = current.config
+        # Every field compared (edge.core.snapshot.diff); what needs a restart
+        # keeps its running value in the new snapshot (carry_running).
+        change = diff(current, dataclasses.replace(current, config=new))
+        if new.identity != old.identity or "identity" in change.applied:
+            ident = new.identity
+            # A new context: sessions of the old one are not resumed.
+            self._client_context = make_client_context(
+                ident.internal_root_certs,
+                ident.internal_chain,
+                ident.internal_private_key,
+                resume_sessions=True,
             )
-            if changed
-        ]
-        ident = new.identity
-        client = make_client_context(
-            ident.internal_root_certs,
-            ident.internal_chain,
-            ident.internal_private_key,
-            resume_sessions=True,  # a new context: sessions of the old one are not resumed
-        )
-        self.config = Config(
-            path=old.path,
-            identity=new.identity,
-            listeners=old.listeners,
-            pools=old.pools,
-            metrics=old.metrics,
-            limits=new.limits,
-            policies=new.policies,
-        )
-        self._client_context = client
-        if new.limits != old.limits:
+        await self._rebuild({}, carry_running(old, new))
+        if "limits" in change.applied:
             # A new table for new connections; live ones release into the
             # table that admitted them, which goes when they have ended.
             self._sources = _source_limits(new.limits)
-        self._build_server_contexts()
         self._config_print = config_print
-        self.export_reload_metrics()
         self.metrics.policy_reloads.labels("ok").inc()
         self.log.event(
-            "config_reloaded", config=str(path), applied=applied, needs_restart=needs_restart
+            "config_reloaded",
+            config=str(path),
+            applied=list(change.applied),
+            needs_restart=list(change.needs_restart),
         )
+        await self._recheck_live(None)
 
     async def _recheck_live(self, folder: Path | None) -> None:
         """Re-authorize live connections (of ``folder``, or all); close the failures."""
@@ -500,7 +478,10 @@ class Gateway:
             conn = live.conn
             if conn.end is not None:
                 continue
-            verdict = self._trust[listener.policies].verifier.verify_client(conn.chain)
+            trust = self.snapshot.folder_of(listener)
+            if trust is None:
+                continue
+            verdict = trust.verifier.verify_client(conn.chain)
             if not verdict.accepted:
                 assert verdict.reason is not None
                 self._withdraw(live, verdict.reason.value, verdict.detail)
@@ -534,8 +515,8 @@ class Gateway:
         """When the next re-check is due even if no file changes (trio clock)."""
         wall = time.time()
         soonest = math.inf
-        for trust in self._trust.values():
-            for policy in trust.snapshot.partners.values():
+        for trust in self.snapshot.folders.values():
+            for policy in trust.policies.partners.values():
                 for crl in policy.crls:
                     if crl.next_update_utc is not None:
                         t = crl.next_update_utc.timestamp()
@@ -642,10 +623,7 @@ class Gateway:
     def _partner_summary(self) -> dict[str, int]:
         """Partners by state over every policies folder (a partner that is broken
         but still served by its last good policy counts as broken)."""
-        counts: _Counter[str] = _Counter()
-        for trust in self._trust.values():
-            counts.update(trust.snapshot.state_counts())
-        return dict(counts)
+        return self.snapshot.partner_summary()
 
     async def _accept_loop(
         self, listener: Listener, sock: trio.SocketListener, nursery: trio.Nursery
@@ -832,8 +810,9 @@ class Gateway:
             except ValueError as exc:  # DER that OpenSSL took but cryptography will not
                 raise _Rejected(Reason.INVALID_CHAIN, f"unparsable certificate: {exc}") from exc
             conn.chain = tuple(chain)
-            assert listener.policies is not None
-            verdict = self._trust[listener.policies].verifier.verify_client(chain)
+            trust = self.snapshot.folder_of(listener)
+            assert trust is not None
+            verdict = trust.verifier.verify_client(chain)
         if scope.cancelled_caught:
             raise _Rejected(
                 Reason.HANDSHAKE_TIMEOUT,
@@ -854,8 +833,8 @@ class Gateway:
             raise _Rejected(verdict.reason, verdict.detail)
         assert verdict.partner is not None
         conn.partner = verdict.partner
-        assert listener.policies is not None
-        policy = self._trust[listener.policies].snapshot.partners[verdict.partner]
+        assert trust is not None  # the folder whose verifier gave this verdict
+        policy = trust.policies.partners[verdict.partner]
         limit = limits.max_connections_per_partner
         if policy.max_connections is not None:
             limit = min(limit, policy.max_connections)

@@ -83,9 +83,10 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter
 
-from edge.core.config import Balance, Config, Dns, Pool
+from edge.core.config import Balance, Dns, Pool
 from edge.core.proxy_protocol import ProxyInfo, encode_local, encode_v2
 from edge.core.reasons import Reason
+from edge.core.snapshot import Snapshot
 from edge.logs import EventLog
 from edge.metrics import Metrics
 from edge.tls import HostnameMismatchError, TLSError, TLSStream
@@ -321,19 +322,23 @@ class PoolSet:
 
     def __init__(
         self,
-        config: Config,
+        snapshot: Callable[[], Snapshot],
         client_context: Callable[[], SSL.Context],
         metrics: Metrics,
         log: EventLog,
     ) -> None:
-        self._config = config
+        # The gateway's current snapshot, read at each use (never a copy taken
+        # here): a reloaded handshake_timeout_s or [dns] applies to the next dial.
+        self._snapshot = snapshot
         self._client_context = client_context
         self._metrics = metrics
         self._log = log
         self._dns_failures = _dns_failures(metrics.registry)
         self._resolver: dns.asyncresolver.Resolver | None = None
+        self._resolver_settings: Dns | None = None
         self._pools: dict[str, _PoolState] = {}
-        for pool in config.pools.values():
+        # The pools themselves are bound at start ([[pools]] changes need a restart).
+        for pool in snapshot().config.pools.values():
             state = _PoolState(pool)
             for m in pool.members:
                 dial = m.address or m.host
@@ -503,8 +508,15 @@ class PoolSet:
     async def _dial(
         self, pool: Pool, member: _Member, info: ProxyInfo | None, *, traffic: bool
     ) -> TLSStream:
-        """TCP, PROXY header if the pool wants one, MTLS; raises _DialFailed."""
-        timeout = self._config.limits.handshake_timeout_s
+        """TCP, PROXY header if the pool wants one, MTLS; raises _DialFailed.
+
+        OpenSSL builds and checks the chain during the handshake, but the
+        decision is the core's: ``ServerTrust.verify_server`` (the one
+        ``edge verify --purpose server`` runs) on the chain the member
+        presented, before the stream is handed out and any byte relayed.
+        """
+        snapshot = self._snapshot()
+        timeout = snapshot.config.limits.handshake_timeout_s
         if not traffic:
             timeout = min(timeout, max(pool.health_interval_s, 1.0))
         tcp: trio.SocketStream | None = None
@@ -517,7 +529,12 @@ class PoolSet:
                     tcp, self._client_context(), server_side=False, server_hostname=member.host
                 )
                 await stream.do_handshake()
+            verdict = snapshot.server_trust.verify_server(stream.peer_chain, member.host)
+            if verdict.accepted:
                 return stream
+            failure = _DialFailed(
+                Reason.UPSTREAM_UNTRUSTED.value, f"{verdict.reason}: {verdict.detail}"
+            )
         except HostnameMismatchError as exc:
             failure = _DialFailed(Reason.UPSTREAM_UNTRUSTED.value, str(exc))
         except TLSError as exc:
@@ -546,8 +563,10 @@ class PoolSet:
     # DNS
 
     def _get_resolver(self) -> dns.asyncresolver.Resolver:
-        if self._resolver is None:
-            self._resolver = _make_resolver(self._config.dns)
+        settings = self._snapshot().config.dns
+        if self._resolver is None or settings != self._resolver_settings:
+            self._resolver = _make_resolver(settings)
+            self._resolver_settings = settings
         return self._resolver
 
     async def _discover(self, state: _PoolState) -> None:

@@ -28,6 +28,7 @@ from proxyprotocol.v2 import ProxyProtocolV2
 
 from edge.core.config import load_config
 from edge.core.proxy_protocol import PP2_TYPE_EDGE_PARTNER
+from edge.core.snapshot import build_snapshot
 from edge.logs import EventLog
 from edge.metrics import Metrics
 from edge.pools import (
@@ -330,7 +331,8 @@ def _poolset(config: Path) -> tuple[PoolSet, Metrics, list[dict[str, Any]]]:
     events: list[dict[str, Any]] = []
     metrics = Metrics(CollectorRegistry())
     log = EventLog("json", stream=io.StringIO(), sink=events.append)
-    return PoolSet(cfg, lambda: ctx, metrics, log), metrics, events
+    snapshot = build_snapshot(cfg, {})
+    return PoolSet(lambda: snapshot, lambda: ctx, metrics, log), metrics, events
 
 
 async def _roundtrip(pools: PoolSet, pool: str, payload: bytes = b"ping") -> str:

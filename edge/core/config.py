@@ -38,7 +38,7 @@ __all__ = [
     "Limits",
     "Listener",
     "Member",
-    "Metrics",
+    "MetricsSettings",
     "PolicySettings",
     "Pool",
     "PrivateKey",
@@ -133,7 +133,9 @@ class Dns:
 
 
 @dataclass(frozen=True)
-class Metrics:
+class MetricsSettings:
+    """`[metrics]`: where the Prometheus endpoint listens."""
+
     host: str
     port: int
 
@@ -178,7 +180,7 @@ class Config:
     identity: Identity
     listeners: tuple[Listener, ...]
     pools: Mapping[str, Pool]  # read-only
-    metrics: Metrics | None
+    metrics: MetricsSettings | None
     limits: Limits
     policies: PolicySettings = PolicySettings()
     dns: Dns = Dns()
@@ -707,13 +709,13 @@ class _Loader:
             servers.append((host, port))
         return Dns(tuple(servers))
 
-    def metrics(self, data: Mapping[str, Any]) -> Metrics | None:
+    def metrics(self, data: Mapping[str, Any]) -> MetricsSettings | None:
         table = self.table(data, "metrics", required=False)
         if table is None:
             return None
         self.unknown_keys(table, _METRICS_KEYS, "metrics.")
         address = self.address(table, "metrics.")
-        return Metrics(*address) if address is not None else None
+        return MetricsSettings(*address) if address is not None else None
 
     def limits(self, data: Mapping[str, Any]) -> Limits:
         table = self.table(data, "limits", required=False)
