@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import sys
 import types
 from collections.abc import Sequence
@@ -126,10 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return _verify(args)
         if args.command == "run":
-            from edge.gateway import run_command  # the trio shell, only when running
-
             config_path = args.config if args.config is not None else default_config_path()
-            return run_command(config_path, args.log_format, args.workers)
+            return _run(config_path, args.log_format, args.workers)
         if args.command == "demo":
             from edge.demo import demo_command
 
@@ -139,6 +138,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks
     return EXIT_USAGE
+
+
+def _run(config_path: Path, log_format: Literal["json", "text"], workers: int | None) -> int:
+    """`edge run`: one gateway in this process, or a supervisor of ``workers``.
+
+    The trio shell is imported only here, so check and verify start without it.
+    """
+    from edge import workers as _workers
+
+    listen = os.environ.get(_workers.WORKER_LISTEN_ENV)
+    if listen is None:
+        count = _workers.cpu_count() if workers is None else workers
+        if count > 1:
+            return _workers.supervise_command(config_path, log_format, count)
+    from edge.run import run_command
+
+    if listen is None:
+        return run_command(config_path, log_format)
+    # A worker of a supervisor: it binds where it is told and never supervises.
+    where = {name: (str(h), int(p)) for name, (h, p) in json.loads(listen).items()}
+    return run_command(config_path, "json", worker_listen=where)
 
 
 def console_main() -> None:

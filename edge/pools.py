@@ -16,38 +16,10 @@ and dial has a deadline, every retry is counted).
 General theory of operation
 ===========================
 
-Two layers, as in the rest of the gateway. The *decisions* are pure
-functions at the top of this module, testable without a socket:
-
-* ``observe(health, ok, ...)`` is the health state machine: a member leaves
-  the rotation after ``unhealthy_after`` consecutive failures and comes back
-  after ``healthy_after`` consecutive successes. Active checks and real
-  traffic feed the same machine (a failed connect or handshake for a partner
-  is as much evidence as a failed check).
-* ``choose(candidates, balance, exclude)`` picks a member from immutable
-  ``Candidate`` views. Eligible: in rotation, has an address, under its
-  ``max_connections``, not already tried for this connection. Among those, the
-  lowest SRV priority wins (static members all have priority 0), and weight-0
-  SRV targets only serve when no positive-weight target of that priority can.
-  Every pick advances the chosen member's *virtual pass* by ``1 / weight``
-  (stride scheduling): ``round_robin`` takes the smallest pass, a smooth
-  weighted round robin whose shares match the weights exactly over any
-  window. ``least_connections`` takes the smallest
-  ``pass + LOAD_FACTOR * active / weight``:
-  in an idle pool (short connections) that is the same weighted round robin;
-  when connections pile up on a member (slow, or holding long sessions) its
-  score rises and new connections go elsewhere until its load per weight
-  matches the others'. Plain ``active / weight`` (nginx) or HAProxy's
-  ``(active + 1) / weight`` do not hold the weights at low concurrency: the
-  first favours any idle light member, the second sends everything to the
-  heaviest member of an idle pool. A member that joins (SRV answer) or comes
-  back into rotation starts at the rotation's lowest pass, so it is not
-  flooded to "catch up". ``LOAD_FACTOR`` = 2 is the trade: a member that
-  holds every connection it gets receives a third of its fair share of new
-  ones, while random connection lifetimes keep the weights within about 5%
-  (tests/test_pools.py simulates both; 8 would steer harder and drift 8%).
-
-The *shell* (``PoolSet``) holds the mutable per-member state and does the
+Two layers, as in the rest of the gateway. The *decisions* are pure and live
+in ``edge.core.balance`` (the health machine ``observe``, the balancer
+``choose``/``advance`` and ``refresh_delay``; the theory of the balancer is
+there). This module is the shell: ``PoolSet`` holds the mutable per-member state and does the
 I/O on trio: one task per pool refreshes DNS when the shortest TTL expires
 (keeping the last good answer on failure, logging ``dns_error`` and counting
 ``edge_dns_failures_total``), one task per pool checks every member each
@@ -69,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,7 +55,8 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter
 
-from edge.core.config import Balance, Dns, Pool
+from edge.core.balance import Candidate, Health, advance, choose, observe, refresh_delay
+from edge.core.config import Dns, Pool
 from edge.core.proxy_protocol import ProxyInfo, encode_local, encode_v2
 from edge.core.reasons import Reason
 from edge.core.snapshot import Snapshot
@@ -92,28 +65,17 @@ from edge.metrics import Metrics
 from edge.tls import HostnameMismatchError, TLSError, TLSStream
 
 __all__ = [
-    "LOAD_FACTOR",
     "MAX_ATTEMPTS",
-    "Candidate",
-    "Health",
     "Lease",
     "PoolSet",
     "UpstreamUnavailable",
-    "advance",
-    "choose",
-    "observe",
     "proxy_info",
 ]
 
 # Most members one partner connection may try before it is refused.
 MAX_ATTEMPTS = 8
-# How much a member's open connections (per weight) count against it, in picks.
-LOAD_FACTOR = 2.0
-# DNS: one query's whole budget; the shortest and longest wait between refreshes
-# (a TTL of 0 must not become a busy loop; a day-long TTL must not hide a change).
+# DNS: one query's whole budget.
 _DNS_LIFETIME_S = 5.0
-_MIN_REFRESH_S = 1.0
-_MAX_REFRESH_S = 300.0
 # After a failed lookup: first retry, doubling up to the longest.
 _RETRY_MIN_S = 1.0
 _RETRY_MAX_S = 30.0
@@ -123,95 +85,6 @@ _NEGATIVE_TTL_S = 30.0
 _MAX_SRV_TARGETS = 64
 # Longest a health check spends closing its connection politely.
 _CHECK_CLOSE_S = 1.0
-
-
-# ======================================================================
-# Core: pure decisions over immutable values (no trio, no sockets)
-
-
-@dataclass(frozen=True)
-class Health:
-    """A member's place in the rotation and the streak that may change it."""
-
-    up: bool = True
-    successes: int = 0  # consecutive, capped at healthy_after
-    failures: int = 0  # consecutive, capped at unhealthy_after
-
-
-def observe(health: Health, ok: bool, *, unhealthy_after: int, healthy_after: int) -> Health:
-    """The state after one more check (active or from real traffic)."""
-    if ok:
-        successes = min(health.successes + 1, healthy_after)
-        return Health(up=health.up or successes >= healthy_after, successes=successes, failures=0)
-    failures = min(health.failures + 1, unhealthy_after)
-    return Health(up=health.up and failures < unhealthy_after, successes=0, failures=failures)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """What the balancer knows about one member at the moment of a choice."""
-
-    key: Hashable
-    weight: int  # >= 1 for listed members; SRV weights may be 0
-    active: int = 0
-    up: bool = True
-    routable: bool = True  # has an address to dial
-    priority: int = 0  # SRV priority: lower is preferred
-    max_connections: int | None = None
-    passes: float = 0.0  # virtual pass (see the module docstring)
-
-
-def choose(
-    candidates: Sequence[Candidate],
-    balance: Balance,
-    exclude: Iterable[Hashable] = (),
-    *,
-    down: bool = False,
-) -> Candidate | None:
-    """The member for the next connection, or None when none is eligible.
-
-    ``down=True`` chooses among the members *out* of rotation instead (the
-    last resort before ``no_upstream``). Ties go to the earlier candidate, so
-    the result is deterministic.
-    """
-    excluded = set(exclude)
-    eligible = [
-        (index, c)
-        for index, c in enumerate(candidates)
-        if c.routable
-        and c.up != down
-        and c.key not in excluded
-        and (c.max_connections is None or c.active < c.max_connections)
-    ]
-    if not eligible:
-        return None
-    best_priority = min(c.priority for _, c in eligible)
-    tier = [(i, c) for i, c in eligible if c.priority == best_priority]
-    if any(c.weight > 0 for _, c in tier):
-        tier = [(i, c) for i, c in tier if c.weight > 0]
-
-    def key(item: tuple[int, Candidate]) -> tuple[float, int]:
-        index, c = item
-        if balance == "least_connections":
-            return (c.passes + LOAD_FACTOR * c.active / max(c.weight, 1), index)
-        return (c.passes, index)
-
-    return min(tier, key=key)[1]
-
-
-def advance(candidate: Candidate) -> float:
-    """The chosen member's next virtual pass."""
-    return candidate.passes + 1.0 / max(candidate.weight, 1)
-
-
-def refresh_delay(ttls: Iterable[float]) -> float:
-    """Seconds until the next DNS refresh: the shortest TTL, clamped."""
-    shortest = min(ttls, default=_MAX_REFRESH_S)
-    return min(max(shortest, _MIN_REFRESH_S), _MAX_REFRESH_S)
-
-
-# ======================================================================
-# Shell: state, DNS, health checks and dialling on trio
 
 
 class UpstreamUnavailable(Exception):
@@ -520,6 +393,7 @@ class PoolSet:
         if not traffic:
             timeout = min(timeout, max(pool.health_interval_s, 1.0))
         tcp: trio.SocketStream | None = None
+        stream: TLSStream | None = None
         try:
             with trio.fail_after(timeout):
                 tcp = await _open_tcp(member.addresses, member.port)
@@ -538,13 +412,19 @@ class PoolSet:
         except HostnameMismatchError as exc:
             failure = _DialFailed(Reason.UPSTREAM_UNTRUSTED.value, str(exc))
         except TLSError as exc:
-            text = str(exc)
-            if "certificate verify failed" in text:
+            # Classified by the core's decision on what the member sent, not by
+            # OpenSSL's message: a chain ServerTrust rejects is untrusted.
+            verdict = None
+            sent = _sent_chain(stream)
+            if sent:
+                verdict = snapshot.server_trust.verify_server(sent, member.host)
+            if verdict is not None and not verdict.accepted:
                 failure = _DialFailed(
-                    Reason.UPSTREAM_UNTRUSTED.value, f"certificate not trusted: {text}"
+                    Reason.UPSTREAM_UNTRUSTED.value,
+                    f"certificate not trusted: {verdict.reason}: {verdict.detail}",
                 )
             else:
-                failure = _DialFailed("upstream_tls_error", text)
+                failure = _DialFailed("upstream_tls_error", str(exc))
         except trio.TooSlowError:
             failure = _DialFailed("upstream_timeout", f"no connection within {timeout:g}s")
         except (OSError, trio.BrokenResourceError) as exc:
@@ -766,6 +646,16 @@ async def _open_tcp(addresses: Sequence[str], port: int) -> trio.SocketStream:
             last = exc
     assert last is not None
     raise last
+
+
+def _sent_chain(stream: TLSStream | None) -> list[x509.Certificate]:
+    """The certificates a member sent before its handshake failed (may be none)."""
+    if stream is None:
+        return []
+    try:
+        return list(stream.connection.get_peer_cert_chain(as_cryptography=True) or [])
+    except (SSL.Error, ValueError):
+        return []
 
 
 def _is_ip(text: str) -> bool:

@@ -1,6 +1,6 @@
 """Pools: the balancer and health machine as pure functions, then the real thing.
 
-The first half runs the sans-I/O decisions of ``edge.pools`` in microseconds.
+The first half runs the sans-I/O decisions of ``edge.core.balance`` in microseconds.
 The second half runs real members (MTLS on 127.0.0.1), a real DNS server
 (dnspython's message parsing and rendering on a loopback UDP port, serving
 records the test changes while the edge runs) and, end to end, ``edge run``
@@ -26,21 +26,13 @@ from prometheus_client import CollectorRegistry
 from proxyprotocol.result import ProxyResult, ProxyResultIPv4
 from proxyprotocol.v2 import ProxyProtocolV2
 
+from edge.core.balance import Candidate, Health, advance, choose, observe, refresh_delay
 from edge.core.config import load_config
 from edge.core.proxy_protocol import PP2_TYPE_EDGE_PARTNER
 from edge.core.snapshot import build_snapshot
 from edge.logs import EventLog
 from edge.metrics import Metrics
-from edge.pools import (
-    Candidate,
-    Health,
-    PoolSet,
-    UpstreamUnavailable,
-    advance,
-    choose,
-    observe,
-    refresh_delay,
-)
+from edge.pools import PoolSet, UpstreamUnavailable
 from edge.tls import TLSStream, client_context, server_context
 from tests.gateway_harness import EDGE_NAME, Pki, partner_stream, start_edge, write_federation
 
