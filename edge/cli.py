@@ -27,6 +27,7 @@ from typing import Literal, cast
 from cryptography import x509
 
 from edge.core.config import Config, ConfigError, default_config_path, load_config
+from edge.core.pem import load_certificates
 from edge.core.policies import (
     PartnerPolicy,
     PolicyFolderError,
@@ -325,10 +326,7 @@ def _read_chain(path: Path) -> tuple[x509.Certificate, ...]:
     except OSError as exc:
         raise _UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            certs = tuple(x509.load_pem_x509_certificates(data))
-        else:
-            certs = (x509.load_der_x509_certificate(data),)
+        certs = load_certificates(data)
     except ValueError:
         raise _UsageError(f"{path}: no readable certificate (expected PEM or DER)") from None
     return certs

@@ -39,7 +39,6 @@ given back by the ``Lease`` the caller holds for the life of the relay.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +55,7 @@ from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter
 
 from edge.core.balance import Candidate, Health, advance, choose, observe, refresh_delay
-from edge.core.config import Dns, Pool
+from edge.core.config import Dns, Pool, is_ip_address
 from edge.core.proxy_protocol import ProxyInfo, encode_local, encode_v2
 from edge.core.reasons import Reason
 from edge.core.snapshot import Snapshot
@@ -165,7 +164,7 @@ class _PoolState:
 
     def needs_dns(self) -> bool:
         return self.pool.dns_srv is not None or any(
-            not _is_ip(m.dial) for m in self.members.values()
+            not is_ip_address(m.dial) for m in self.members.values()
         )
 
     def lowest_pass(self) -> float:
@@ -221,7 +220,7 @@ class PoolSet:
                     dial=dial,
                     weight=m.weight,
                     max_connections=m.max_connections,
-                    addresses=(dial,) if _is_ip(dial) else (),
+                    addresses=(dial,) if is_ip_address(dial) else (),
                 )
                 state.members[member.key] = member
                 self._export(state, member)
@@ -481,7 +480,7 @@ class PoolSet:
                 ttls.append(ttl)
                 self._apply_srv(state, records)
         for member in list(state.members.values()):
-            if _is_ip(member.dial):
+            if is_ip_address(member.dial):
                 continue
             try:
                 addresses, ttl = await self._lookup_addresses(member.dial)
@@ -656,11 +655,3 @@ def _sent_chain(stream: TLSStream | None) -> list[x509.Certificate]:
         return list(stream.connection.get_peer_cert_chain(as_cryptography=True) or [])
     except (SSL.Error, ValueError):
         return []
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True

@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from edge.demo import EchoMember, write_identity
+from edge.demo import EchoMember, edge_toml, write_identity
 from edge.pki import CA, Leaf
 from edge.tls import TLSStream, client_context
 
@@ -81,32 +81,13 @@ def write_federation(
         d.mkdir(parents=True, exist_ok=True)
         (d / "root.pem").write_bytes(roots[pid].cert_pem())
         (d / "policy.toml").write_text(text)
-    member_lines = ",\n  ".join(
-        f'{{ host = "{h}", address = "127.0.0.1", port = {p} }}' for h, p in members
-    )
     config = folder / "edge.toml"
     config.write_text(
-        f"""{identity}
-[[listeners]]
-name = "federation"
-address = "127.0.0.1:0"
-mode = "mtls"
-policies = "federation_policies"
-pool = "frontend"
-
-[[pools]]
-name = "frontend"
-members = [
-  {member_lines},
-]
-
-[metrics]
-address = "127.0.0.1:0"
-
-[limits]
-{limits or "handshake_timeout_s = 5"}
-{extra}
-"""
+        edge_toml(
+            identity,
+            members,
+            tables=f"[limits]\n{limits or 'handshake_timeout_s = 5'}\n{extra}\n",
+        )
     )
     return config
 

@@ -27,8 +27,9 @@ from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+
+from edge.core.pem import load_certificates, load_private_key
 
 __all__ = [
     "Config",
@@ -44,6 +45,7 @@ __all__ = [
     "PrivateKey",
     "RevocationSettings",
     "default_config_path",
+    "is_ip_address",
     "load_config",
     "parse_address",
 ]
@@ -329,10 +331,7 @@ class _Loader:
 
     def certificates(self, key: str, path: Path, data: bytes) -> tuple[x509.Certificate, ...]:
         try:
-            if data.lstrip().startswith(b"-----BEGIN"):
-                certs = tuple(x509.load_pem_x509_certificates(data))
-            else:
-                certs = (x509.load_der_x509_certificate(data),)
+            certs = load_certificates(data)
         except ValueError:
             self.problem(key, f"{path}: no readable certificate (expected PEM or DER)")
             return ()
@@ -362,10 +361,7 @@ class _Loader:
             return path, None
         # Parser messages are not echoed: never risk quoting key bytes to an operator.
         try:
-            if data.lstrip().startswith(b"-----BEGIN"):
-                loaded = serialization.load_pem_private_key(data, password=None)
-            else:
-                loaded = serialization.load_der_private_key(data, password=None)
+            loaded = load_private_key(data)
         except TypeError:
             self.problem(key, f"{path}: the key is encrypted; give an unencrypted PKCS#8 key")
             return path, None
@@ -699,12 +695,14 @@ class _Loader:
         for text in raw:
             try:
                 host, port = parse_address(text, allow_any_port=False)
-                ipaddress.ip_address(host)
             except ValueError as exc:
                 detail = str(exc) if ":" in text else f"{text!r} is not ip:port (e.g. 10.0.0.2:53)"
-                if "does not appear to be" in detail:
-                    detail = f"{text!r}: a name server is an IP address, not a name"
                 self.problem("dns.nameservers", detail)
+                continue
+            if not is_ip_address(host):
+                self.problem(
+                    "dns.nameservers", f"{text!r}: a name server is an IP address, not a name"
+                )
                 continue
             servers.append((host, port))
         return Dns(tuple(servers))
@@ -830,12 +828,17 @@ def _shown(value: object) -> str:
     return f"{kind} {text}" if len(text) <= 40 else kind
 
 
-def _is_host(text: str) -> bool:
+def is_ip_address(text: str) -> bool:
+    """An IPv4 or IPv6 literal (without brackets or port)? The one IP check."""
     try:
         ipaddress.ip_address(text)
     except ValueError:
-        return bool(_HOSTNAME.match(text))
+        return False
     return True
+
+
+def _is_host(text: str) -> bool:
+    return is_ip_address(text) or bool(_HOSTNAME.match(text))
 
 
 def load_config(path: Path) -> Config:
