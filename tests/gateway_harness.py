@@ -151,8 +151,10 @@ async def _reap(process: trio.Process) -> None:
             process.kill()
 
 
-async def stop_edge(edge: EdgeProcess, timeout: float = 15) -> int:
+async def stop_edge(edge: EdgeProcess | InProcessEdge, timeout: float = 15) -> int:
     """SIGTERM, then the exit status (the gateway drains first)."""
+    if isinstance(edge, InProcessEdge):
+        return await edge.stop(timeout)
     edge.terminate()
     with trio.fail_after(timeout):
         return await edge.process.wait()
@@ -306,6 +308,12 @@ class InProcessEdge:
             lambda e: e.get("event") == name and str(e.get("peer", "")).endswith(suffix),
             timeout,
         )
+
+    async def stop(self, timeout: float = 15) -> int:
+        """What SIGTERM does in `edge run`: drain, stop; 0 once stopped."""
+        self.gateway.request_shutdown("SIGTERM")
+        await self.wait_for(lambda e: e.get("event") == "gateway_stopped", timeout)
+        return 0
 
 
 async def start_gateway(nursery: trio.Nursery, config: Path) -> InProcessEdge:
