@@ -19,15 +19,18 @@ General theory of operation
 Two layers, as in the rest of the gateway. The *decisions* are pure and live
 in ``edge.core.balance`` (the health machine ``observe``, the balancer
 ``choose``/``advance`` and ``refresh_delay``; the theory of the balancer is
-there). This module is the shell: ``PoolSet`` holds the mutable per-member state and does the
-I/O on trio: one task per pool refreshes DNS when the shortest TTL expires
-(keeping the last good answer on failure, logging ``dns_error`` and counting
+there); the DNS queries themselves are ``edge.dnslookup``. This module is the
+shell: ``PoolSet`` holds the mutable per-member state and does the I/O on
+trio: one task per pool refreshes DNS when the shortest TTL expires (keeping
+the last good answer on failure, logging ``dns_error`` and counting
 ``edge_dns_failures_total``), one task per pool checks every member each
 ``health_interval_s`` with a full MTLS handshake (and a PROXY v2 LOCAL header
 when the pool speaks PROXY), and ``connect`` dials members one after another
-until one verifies, at most ``MAX_ATTEMPTS`` per partner connection. When no
-member in rotation is left, ``connect`` still tries the members that are out
-of rotation (a check may be a few seconds stale; refusing a partner while a
+until one verifies, at most ``MAX_ATTEMPTS`` per partner connection. Every
+dial reads the current snapshot (``handshake_timeout_s``, ``[dns]``, the
+``ServerTrust`` that decides on the member's chain). When no member in
+rotation is left, ``connect`` still tries the members that are out of
+rotation (a check may be a few seconds stale; refusing a partner while a
 member works is worse than one failed dial), so ``no_upstream`` means every
 member was tried in this very connection and failed.
 
@@ -44,10 +47,6 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.resolver
 import trio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -55,10 +54,11 @@ from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter
 
 from edge.core.balance import Candidate, Health, advance, choose, observe, refresh_delay
-from edge.core.config import Dns, Pool, is_ip_address
+from edge.core.config import Pool, is_ip_address
 from edge.core.proxy_protocol import ProxyInfo, encode_local, encode_v2
 from edge.core.reasons import Reason
 from edge.core.snapshot import Snapshot
+from edge.dnslookup import DnsLookups, LookupFailed
 from edge.logs import EventLog
 from edge.metrics import Metrics
 from edge.tls import HostnameMismatchError, TLSError, TLSStream
@@ -73,15 +73,9 @@ __all__ = [
 
 # Most members one partner connection may try before it is refused.
 MAX_ATTEMPTS = 8
-# DNS: one query's whole budget.
-_DNS_LIFETIME_S = 5.0
 # After a failed lookup: first retry, doubling up to the longest.
 _RETRY_MIN_S = 1.0
 _RETRY_MAX_S = 30.0
-# A NOERROR answer with no record of one type carries no TTL we keep.
-_NEGATIVE_TTL_S = 30.0
-# An SRV answer bigger than this is a mistake or an attack; the rest is ignored.
-_MAX_SRV_TARGETS = 64
 # Longest a health check spends closing its connection politely.
 _CHECK_CLOSE_S = 1.0
 
@@ -100,10 +94,6 @@ class _DialFailed(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
-
-
-class _LookupFailed(Exception):
-    pass
 
 
 @dataclass(eq=False)
@@ -206,8 +196,7 @@ class PoolSet:
         self._metrics = metrics
         self._log = log
         self._dns_failures = _dns_failures(metrics.registry)
-        self._resolver: dns.asyncresolver.Resolver | None = None
-        self._resolver_settings: Dns | None = None
+        self._dns = DnsLookups(lambda: snapshot().config.dns)
         self._pools: dict[str, _PoolState] = {}
         # The pools themselves are bound at start ([[pools]] changes need a restart).
         for pool in snapshot().config.pools.values():
@@ -441,13 +430,6 @@ class PoolSet:
     # ------------------------------------------------------------------
     # DNS
 
-    def _get_resolver(self) -> dns.asyncresolver.Resolver:
-        settings = self._snapshot().config.dns
-        if self._resolver is None or settings != self._resolver_settings:
-            self._resolver = _make_resolver(settings)
-            self._resolver_settings = settings
-        return self._resolver
-
     async def _discover(self, state: _PoolState) -> None:
         """Refresh the pool's DNS answers when the shortest TTL runs out."""
         retry = _RETRY_MIN_S
@@ -472,8 +454,8 @@ class PoolSet:
         failed = False
         if pool.dns_srv is not None:
             try:
-                records, ttl = await self._lookup_srv(pool.dns_srv)
-            except _LookupFailed as exc:
+                records, ttl = await self._dns.srv(pool.dns_srv)
+            except LookupFailed as exc:
                 self._dns_error(pool.name, pool.dns_srv, str(exc))
                 failed = True
             else:
@@ -483,8 +465,8 @@ class PoolSet:
             if is_ip_address(member.dial):
                 continue
             try:
-                addresses, ttl = await self._lookup_addresses(member.dial)
-            except _LookupFailed as exc:
+                addresses, ttl = await self._dns.addresses(member.dial)
+            except LookupFailed as exc:
                 # The last good answer stays: a DNS outage must not empty a pool.
                 self._dns_error(pool.name, member.dial, str(exc))
                 failed = True
@@ -519,65 +501,6 @@ class PoolSet:
             if not any(m.host == gone.host for m in state.members.values()):
                 with contextlib.suppress(KeyError):
                     self._metrics.pool_member_up.remove(state.pool.name, gone.host)
-
-    async def _lookup_srv(self, name: str) -> tuple[list[tuple[int, int, int, str]], float]:
-        answer = await self._query(name, "SRV")
-        if answer is None or answer.rrset is None:
-            raise _LookupFailed(f"no SRV record for {name}")
-        records: list[tuple[int, int, int, str]] = []
-        for rdata in list(answer.rrset)[:_MAX_SRV_TARGETS]:
-            target = rdata.target.to_text(omit_final_dot=True)
-            if target in ("", "."):  # RFC 2782: "service decidedly not available"
-                continue
-            records.append((int(rdata.priority), int(rdata.weight), int(rdata.port), target))
-        return records, float(answer.rrset.ttl)
-
-    async def _lookup_addresses(self, name: str) -> tuple[tuple[str, ...], float]:
-        results: dict[str, dns.resolver.Answer | None] = {}
-
-        async def one(rdtype: str) -> None:
-            try:
-                results[rdtype] = await self._query(name, rdtype)
-            except _LookupFailed as exc:
-                results[rdtype] = None
-                errors.append(str(exc))
-
-        errors: list[str] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(one, "A")
-            nursery.start_soon(one, "AAAA")
-        addresses: list[str] = []
-        ttls: list[float] = []
-        for rdtype in ("A", "AAAA"):  # IPv4 first: most DMZ networks route it
-            answer = results.get(rdtype)
-            if answer is None:
-                continue
-            if answer.rrset is None:
-                ttls.append(_NEGATIVE_TTL_S)
-                continue
-            ttls.append(float(answer.rrset.ttl))
-            addresses.extend(rdata.address for rdata in answer.rrset)
-        if not addresses:
-            raise _LookupFailed("; ".join(errors) or f"no A or AAAA record for {name}")
-        return tuple(addresses), min(ttls)
-
-    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
-        """One lookup; None for "the name exists but has no such record"."""
-        try:
-            resolver = self._get_resolver()
-            return await resolver.resolve(
-                name,
-                rdtype,
-                lifetime=_DNS_LIFETIME_S,
-                raise_on_no_answer=False,
-                search=False,
-            )
-        except dns.resolver.NXDOMAIN:
-            raise _LookupFailed(f"{name}: no such name (NXDOMAIN)") from None
-        except dns.resolver.LifetimeTimeout:
-            raise _LookupFailed(f"{name} {rdtype}: no answer within {_DNS_LIFETIME_S:g}s") from None
-        except dns.exception.DNSException as exc:
-            raise _LookupFailed(f"{name} {rdtype}: {exc}") from None
 
 
 def proxy_info(
@@ -615,22 +538,6 @@ def proxy_info(
         client_cert=bool(chain),
         cert_verified=bool(chain) and partner is not None,
     )
-
-
-def _make_resolver(settings: Dns) -> dns.asyncresolver.Resolver:
-    """The configured name servers, else the system's (raises _LookupFailed)."""
-    try:
-        if not settings.nameservers:
-            resolver = dns.asyncresolver.Resolver()
-        else:
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(host, port) for host, port in settings.nameservers
-            ]
-    except dns.exception.DNSException as exc:
-        raise _LookupFailed(f"no DNS resolver configured: {exc}") from None
-    resolver.cache = None  # TTLs are honoured here, per pool
-    return resolver
 
 
 async def _open_tcp(addresses: Sequence[str], port: int) -> trio.SocketStream:
