@@ -369,63 +369,7 @@ class PoolSet:
     async def _dial(
         self, pool: Pool, member: _Member, info: ProxyInfo | None, *, traffic: bool
     ) -> TLSStream:
-        """TCP, PROXY header if the pool wants one, MTLS; raises _DialFailed.
-
-        OpenSSL builds and checks the chain during the handshake, but the
-        decision is the core's: ``ServerTrust.verify_server`` (the one
-        ``edge verify --purpose server`` runs) on the chain the member
-        presented, before the stream is handed out and any byte relayed.
-        """
-        snapshot = self._snapshot()
-        timeout = snapshot.config.limits.handshake_timeout_s
-        if not traffic:
-            timeout = min(timeout, max(pool.health_interval_s, 1.0))
-        tcp: trio.SocketStream | None = None
-        stream: TLSStream | None = None
-        try:
-            with trio.fail_after(timeout):
-                tcp = await _open_tcp(member.addresses, member.port)
-                if pool.proxy_protocol == "v2":
-                    await tcp.send_all(encode_v2(info) if info is not None else encode_local())
-                stream = TLSStream(
-                    tcp, self._client_context(), server_side=False, server_hostname=member.host
-                )
-                await stream.do_handshake()
-            verdict = snapshot.server_trust.verify_server(stream.peer_chain, member.host)
-            if verdict.accepted:
-                return stream
-            failure = _DialFailed(
-                Reason.UPSTREAM_UNTRUSTED.value, f"{verdict.reason}: {verdict.detail}"
-            )
-        except HostnameMismatchError as exc:
-            failure = _DialFailed(Reason.UPSTREAM_UNTRUSTED.value, str(exc))
-        except TLSError as exc:
-            # Classified by the core's decision on what the member sent, not by
-            # OpenSSL's message: a chain ServerTrust rejects is untrusted.
-            verdict = None
-            sent = _sent_chain(stream)
-            if sent:
-                verdict = snapshot.server_trust.verify_server(sent, member.host)
-            if verdict is not None and not verdict.accepted:
-                failure = _DialFailed(
-                    Reason.UPSTREAM_UNTRUSTED.value,
-                    f"certificate not trusted: {verdict.reason}: {verdict.detail}",
-                )
-            else:
-                failure = _DialFailed("upstream_tls_error", str(exc))
-        except trio.TooSlowError:
-            failure = _DialFailed("upstream_timeout", f"no connection within {timeout:g}s")
-        except (OSError, trio.BrokenResourceError) as exc:
-            failure = _DialFailed(
-                "connect_failed", str(getattr(exc, "strerror", None) or exc or "refused")
-            )
-        except BaseException:
-            if tcp is not None:
-                await trio.aclose_forcefully(tcp)
-            raise
-        if tcp is not None:
-            await trio.aclose_forcefully(tcp)
-        raise failure
+        return await _dial(self._snapshot(), self._client_context(), pool, member, info, traffic)
 
     # ------------------------------------------------------------------
     # DNS
@@ -501,6 +445,70 @@ class PoolSet:
             if not any(m.host == gone.host for m in state.members.values()):
                 with contextlib.suppress(KeyError):
                     self._metrics.pool_member_up.remove(state.pool.name, gone.host)
+
+
+async def _dial(
+    snapshot: Snapshot,
+    context: SSL.Context,
+    pool: Pool,
+    member: _Member,
+    info: ProxyInfo | None,
+    traffic: bool,
+) -> TLSStream:
+    """TCP, PROXY header if the pool wants one, MTLS; raises _DialFailed.
+
+    OpenSSL builds and checks the chain during the handshake, but the
+    decision is the core's: ``ServerTrust.verify_server`` (the one
+    ``edge verify --purpose server`` runs) on the chain the member
+    presented, before the stream is handed out and any byte relayed.
+    """
+    timeout = snapshot.config.limits.handshake_timeout_s
+    if not traffic:
+        timeout = min(timeout, max(pool.health_interval_s, 1.0))
+    tcp: trio.SocketStream | None = None
+    stream: TLSStream | None = None
+    try:
+        with trio.fail_after(timeout):
+            tcp = await _open_tcp(member.addresses, member.port)
+            if pool.proxy_protocol == "v2":
+                await tcp.send_all(encode_v2(info) if info is not None else encode_local())
+            stream = TLSStream(tcp, context, server_side=False, server_hostname=member.host)
+            await stream.do_handshake()
+        verdict = snapshot.server_trust.verify_server(stream.peer_chain, member.host)
+        if verdict.accepted:
+            return stream
+        failure = _DialFailed(
+            Reason.UPSTREAM_UNTRUSTED.value, f"{verdict.reason}: {verdict.detail}"
+        )
+    except HostnameMismatchError as exc:
+        failure = _DialFailed(Reason.UPSTREAM_UNTRUSTED.value, str(exc))
+    except TLSError as exc:
+        # Classified by the core's decision on what the member sent, not by
+        # OpenSSL's message: a chain ServerTrust rejects is untrusted.
+        verdict = None
+        sent = _sent_chain(stream)
+        if sent:
+            verdict = snapshot.server_trust.verify_server(sent, member.host)
+        if verdict is not None and not verdict.accepted:
+            failure = _DialFailed(
+                Reason.UPSTREAM_UNTRUSTED.value,
+                f"certificate not trusted: {verdict.reason}: {verdict.detail}",
+            )
+        else:
+            failure = _DialFailed("upstream_tls_error", str(exc))
+    except trio.TooSlowError:
+        failure = _DialFailed("upstream_timeout", f"no connection within {timeout:g}s")
+    except (OSError, trio.BrokenResourceError) as exc:
+        failure = _DialFailed(
+            "connect_failed", str(getattr(exc, "strerror", None) or exc or "refused")
+        )
+    except BaseException:
+        if tcp is not None:
+            await trio.aclose_forcefully(tcp)
+        raise
+    if tcp is not None:
+        await trio.aclose_forcefully(tcp)
+    raise failure
 
 
 def proxy_info(
