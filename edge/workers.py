@@ -48,7 +48,7 @@ import trio
 
 from edge.core.config import Config
 from edge.core.policies import PolicyFolderError, load_policies
-from edge.core.snapshot import policy_folders
+from edge.core.snapshot import build_snapshot, policy_folders
 from edge.logs import EventLog, LogFormat
 
 __all__ = ["WORKER_ENV", "WORKER_LISTEN_ENV", "cpu_count", "supervise", "supervise_command"]
@@ -334,11 +334,19 @@ def supervise_command(config_path: Path, log_format: LogFormat, count: int) -> i
     config = load_or_report(config_path, log)
     if config is None:
         return 1
+    # Fail here, once, as each worker would, not in N restarting workers.
+    loaded = {}
+    problems: list[str] = []
     for folder in policy_folders(config):
         try:
-            load_policies(folder)  # fail here, once, not in N restarting workers
+            loaded[folder] = load_policies(folder)
         except PolicyFolderError as exc:
-            print(f"edge: {exc}", file=sys.stderr)
-            log.event("startup_failed", config=str(config_path), problems=[str(exc)])
-            return 1
+            problems.append(str(exc))
+    if not problems:
+        problems = list(build_snapshot(config, loaded).problems)
+    if problems:
+        for problem in problems:
+            print(f"edge: {problem}", file=sys.stderr)
+        log.event("startup_failed", config=str(config_path), problems=problems)
+        return 1
     return supervise(config, config_path, log, count)
