@@ -32,7 +32,7 @@ from pathlib import Path
 import trio
 from OpenSSL import SSL
 
-from edge.demo import EchoMember, write_identity
+from edge.demo import EchoMember, edge_toml, write_identity
 from edge.pki import CA
 from edge.tls import TLSStream, client_context
 
@@ -63,31 +63,21 @@ def _write_site(folder: Path, pki: Pki, ports: list[int], health_interval: float
     policy = folder / "federation_policies" / "partner.example"
     policy.mkdir(parents=True)
     (policy / "root.pem").write_bytes(pki.partner_ca.cert_pem())
-    members = ", ".join(
-        f'{{ host = "fe{i}.corp.bench", address = "127.0.0.1", port = {p} }}'
-        for i, p in enumerate(ports)
-    )
     config = folder / "edge.toml"
     config.write_text(
-        f"""{identity}
-[[listeners]]
-name = "federation"
-address = "127.0.0.1:0"
-mode = "mtls"
-policies = "federation_policies"
-pool = "frontend"
-
-[[pools]]
-name = "frontend"
-health_interval_s = {health_interval}
-members = [{members}]
-
-[limits]
-# One source (127.0.0.1) makes every connection: lift the per-source limits.
-max_connections_per_source = 100000
-new_connections_per_source_per_s = 1000000
-new_connections_per_source_burst = 1000000
-"""
+        edge_toml(
+            identity,
+            [(f"fe{i}.corp.bench", p) for i, p in enumerate(ports)],
+            pool_settings=f"health_interval_s = {health_interval}\n",
+            metrics=False,
+            tables=(
+                "[limits]\n"
+                "# One source (127.0.0.1) makes every connection: lift the per-source limits.\n"
+                "max_connections_per_source = 100000\n"
+                "new_connections_per_source_per_s = 1000000\n"
+                "new_connections_per_source_burst = 1000000\n"
+            ),
+        )
     )
     return config
 

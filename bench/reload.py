@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge.core.policies import load_policies
 from edge.core.trust import PartnerTrust
-from edge.demo import write_identity
+from edge.demo import edge_toml, write_identity
 from edge.pki import CA
 from edge.watch import fingerprint
 
@@ -66,20 +66,13 @@ def end_to_end(folder: Path, count: int, timeout_s: float = 60) -> float:
     identity = write_identity(base, pki.public, pki.internal, pki.enterprise)
     config = base / "edge.toml"
     config.write_text(
-        f"""{identity}
-[[listeners]]
-name = "federation"
-address = "127.0.0.1:0"
-policies = "{folder.name}"
-pool = "frontend"
-
-[[pools]]
-name = "frontend"
-members = [{{ host = "fe1.corp.test", address = "127.0.0.1", port = 9 }}]
-
-[policies]
-poll_interval_s = 3600
-"""
+        edge_toml(
+            identity,
+            [("fe1.corp.test", 9)],
+            policies=folder.name,
+            metrics=False,
+            tables="[policies]\npoll_interval_s = 3600\n",
+        )
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge.cli", "run", "--config", str(config)],

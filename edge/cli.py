@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -26,6 +27,7 @@ from cryptography import x509
 
 from edge.core.config import Config, ConfigError, default_config_path, load_config
 from edge.core.outbound import PartnerEdgeTrust, reach
+from edge.core.pem import load_certificates
 from edge.core.policies import (
     PartnerPolicy,
     PolicyFolderError,
@@ -33,7 +35,8 @@ from edge.core.policies import (
     load_policies,
     resolve_domain_conflicts,
 )
-from edge.core.trust import PartnerTrust, ServerTrust, Verdict
+from edge.core.snapshot import build_snapshot, policy_folders
+from edge.core.trust import PartnerTrust, Verdict
 
 __all__ = ["console_main", "main"]
 
@@ -136,10 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return _verify(args)
         if args.command == "run":
-            from edge.gateway import run_command  # the trio shell, only when running
-
             config_path = args.config if args.config is not None else default_config_path()
-            return run_command(config_path, args.log_format, args.workers)
+            return _run(config_path, args.log_format, args.workers)
         if args.command == "demo":
             from edge.demo import demo_command
 
@@ -149,6 +150,27 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks
     return EXIT_USAGE
+
+
+def _run(config_path: Path, log_format: Literal["json", "text"], workers: int | None) -> int:
+    """`edge run`: one gateway in this process, or a supervisor of ``workers``.
+
+    The trio shell is imported only here, so check and verify start without it.
+    """
+    from edge import workers as _workers
+
+    listen = os.environ.get(_workers.WORKER_LISTEN_ENV)
+    if listen is None:
+        count = _workers.cpu_count() if workers is None else workers
+        if count > 1:
+            return _workers.supervise_command(config_path, log_format, count)
+    from edge.run import run_command
+
+    if listen is None:
+        return run_command(config_path, log_format)
+    # A worker of a supervisor: it binds where it is told and never supervises.
+    where = {name: (str(h), int(p)) for name, (h, p) in json.loads(listen).items()}
+    return run_command(config_path, "json", worker_listen=where)
 
 
 def console_main() -> None:
@@ -176,7 +198,7 @@ def _cert_line(cert: x509.Certificate, source: str, now: _dt.datetime) -> tuple[
     return f"{cert.subject.rfc4514_string()} ({source}) expires {_day(end)}{note}", problem
 
 
-def _print_snapshot(snapshot: PolicySnapshot, pool_names: set[str] | None) -> int:
+def _print_snapshot(snapshot: PolicySnapshot) -> int:
     """Print one policies folder; return the number of problems (errors + warnings)."""
     counts = snapshot.state_counts()
     total = len(set(snapshot.partners) | snapshot.broken)
@@ -198,7 +220,7 @@ def _print_snapshot(snapshot: PolicySnapshot, pool_names: set[str] | None) -> in
             state = "enabled" if policy.enabled else "disabled"
         print(f"partner {pid}: {state}")
         if policy is not None:
-            problems += _print_policy(policy, pool_names, now)
+            _print_policy(policy, now)
         for problem in snapshot.problems_of(pid):
             print(f"  {'error' if problem.fatal else 'warning'}: {problem}")
             problems += 1
@@ -207,20 +229,12 @@ def _print_snapshot(snapshot: PolicySnapshot, pool_names: set[str] | None) -> in
     return problems
 
 
-def _print_policy(policy: PartnerPolicy, pool_names: set[str] | None, now: _dt.datetime) -> int:
-    problems = 0
+def _print_policy(policy: PartnerPolicy, now: _dt.datetime) -> None:
     print(f"  domains: {', '.join(policy.domains)}")
     limit = policy.max_connections if policy.max_connections is not None else "global limit"
     pool = policy.pool or "(the listener's)"
     print(f"  pool: {pool}; max_connections: {limit}; revocation: {policy.revocation}")
     print(f"  outbound: reached by {reach(policy).line}")
-    if policy.pool is not None and pool_names is not None and policy.pool not in pool_names:
-        known = ", ".join(sorted(pool_names)) or "none"
-        print(
-            f"  error: {policy.folder}/policy.toml: pool: no pool named {policy.pool!r} in the "
-            f"configuration (pools: {known})"
-        )
-        problems += 1
     for root, path in zip(policy.roots, policy.root_files, strict=True):
         line, _ = _cert_line(root, path.name, now)
         print(f"  root {line}")  # an expired root is already a warning from the loader
@@ -233,7 +247,6 @@ def _print_policy(policy: PartnerPolicy, pool_names: set[str] | None, now: _dt.d
             f"  crl {crl.issuer.rfc4514_string()} ({path.name}) next update {when}, "
             f"{revoked} revoked{stale}"
         )
-    return problems
 
 
 def _print_config(config: Config) -> int:
@@ -294,9 +307,10 @@ def _check_json(config_arg: Path | None, policies_arg: Path | None) -> int:
 
 
 def _check(config_arg: Path | None, policies_arg: Path | None) -> int:
+    """Load like `edge run` does (edge.core.snapshot.build_snapshot) and print it."""
     problems = 0
     folders: list[Path] = []
-    pool_names: set[str] | None = None
+    config: Config | None = None
     if config_arg is not None or policies_arg is None:
         path = config_arg if config_arg is not None else default_config_path()
         try:
@@ -308,20 +322,27 @@ def _check(config_arg: Path | None, policies_arg: Path | None) -> int:
             problems += len(exc.problems)
         else:
             problems += _print_config(config)
-            pool_names = set(config.pools)
-            for listener in config.listeners:
-                if listener.policies is not None and listener.policies not in folders:
-                    folders.append(listener.policies)
+            folders.extend(policy_folders(config))
     if policies_arg is not None and policies_arg not in folders:
         folders.append(policies_arg)
+    loaded: dict[Path, PolicySnapshot] = {}
     for folder in folders:
         try:
-            snapshot = resolve_domain_conflicts(load_policies(folder))
+            loaded[folder] = load_policies(folder)
         except PolicyFolderError as exc:
             print(f"error: {exc}")
             problems += 1
-            continue
-        problems += _print_snapshot(snapshot, pool_names)
+    # Without a configuration (--policies alone) the folder rules still apply.
+    checked = {folder: resolve_domain_conflicts(snap) for folder, snap in loaded.items()}
+    if config is not None:
+        # The same cross-checks `edge run` applies: what is broken here is broken there.
+        snapshot = build_snapshot(config, loaded)
+        for line in snapshot.problems:
+            print(f"  error: {line}")
+            problems += 1
+        checked.update((f, t.policies) for f, t in snapshot.folders.items())
+    for folder in loaded:
+        problems += _print_snapshot(checked[folder])
     if problems:
         print(f"{problems} problem(s) found")
         return EXIT_REJECTED
@@ -338,10 +359,7 @@ def _read_chain(path: Path) -> tuple[x509.Certificate, ...]:
     except OSError as exc:
         raise _UsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            certs = tuple(x509.load_pem_x509_certificates(data))
-        else:
-            certs = (x509.load_der_x509_certificate(data),)
+        certs = load_certificates(data)
     except ValueError:
         raise _UsageError(f"{path}: no readable certificate (expected PEM or DER)") from None
     return certs
@@ -388,6 +406,9 @@ def _snapshot_for_verify(args: argparse.Namespace) -> tuple[PolicySnapshot | Non
         snapshot = load_policies(folder)
     except PolicyFolderError as exc:
         raise _UsageError(str(exc)) from None
+    if config is not None:
+        # Cross-checked as `edge run` does (a partner with an unknown pool is broken).
+        snapshot = build_snapshot(config, {folder: snapshot}).folders[folder].policies
     return snapshot, config
 
 
@@ -434,8 +455,8 @@ def _verify(args: argparse.Namespace) -> int:
             verdict = PartnerEdgeTrust(snapshot).verify(args.partner, chain, args.name, at=at)
         else:
             assert config is not None
-            roots = config.identity.internal_root_certs
-            verdict = ServerTrust(roots).verify_server(chain, args.name, at=at)
+            # The very decision the gateway's upstream dial takes (edge.pools).
+            verdict = build_snapshot(config, {}).server_trust.verify_server(chain, args.name, at=at)
 
     if args.json:
         print(json.dumps({"purpose": purpose, **verdict.as_dict()}, sort_keys=True))

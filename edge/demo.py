@@ -154,6 +154,45 @@ internal_roots = ["certs/enterprise-root.pem"]
 """
 
 
+def edge_toml(
+    identity: str,
+    members: Sequence[tuple[str, int]],
+    *,
+    policies: str = "federation_policies",
+    pool_settings: str = "",
+    metrics: bool = True,
+    tables: str = "",
+    header: str = "",
+) -> str:
+    """The edge.toml of one mtls listener on a free loopback port and one pool.
+
+    The one writer of this file for the demo, the tests and the benchmarks.
+    ``members``: (host, port) dialled at 127.0.0.1; ``pool_settings``: extra
+    ``key = value`` lines of the pool; ``tables``: further tables, verbatim
+    (``[limits]``, ``[policies]``, ``[dns]``...).
+    """
+    member_lines = ",\n  ".join(
+        f'{{ host = "{h}", address = "127.0.0.1", port = {p} }}' for h, p in members
+    )
+    metrics_table = '[metrics]\naddress = "127.0.0.1:0"\n' if metrics else ""
+    return f"""{header}{identity}
+[[listeners]]
+name = "federation"
+address = "127.0.0.1:0"
+mode = "mtls"
+policies = "{policies}"
+pool = "frontend"
+
+[[pools]]
+name = "frontend"
+{pool_settings}members = [
+  {member_lines},
+]
+
+{metrics_table}
+{tables}"""
+
+
 def build_world(folder: Path, pool_ports: Sequence[int] | None = None) -> World:
     """Write the PKI, partner folders and edge.toml into ``folder``."""
     now = _dt.datetime.now(_dt.UTC)
@@ -179,35 +218,14 @@ def build_world(folder: Path, pool_ports: Sequence[int] | None = None) -> World:
         (d / "policy.toml").write_text(f"domains = {domains!r}\n".replace("'", '"'))
 
     ports = list(pool_ports) if pool_ports is not None else [0, 0]
-    members = ",\n  ".join(
-        f'{{ host = "{h}", address = "127.0.0.1", port = {p} }}'
-        for h, p in zip(POOL_HOSTS, ports, strict=True)
-    )
     config = folder / "edge.toml"
     config.write_text(
-        f"""# Written by `edge demo`: a throwaway federation on loopback.
-{identity}
-[[listeners]]
-name = "federation"
-address = "127.0.0.1:0"
-mode = "mtls"
-policies = "federation_policies"
-pool = "frontend"
-
-[[pools]]
-name = "frontend"
-members = [
-  {members},
-]
-
-[metrics]
-address = "127.0.0.1:0"
-
-[limits]
-handshake_timeout_s = 5
-idle_timeout_s = 60
-drain_timeout_s = 2
-"""
+        edge_toml(
+            identity,
+            list(zip(POOL_HOSTS, ports, strict=True)),
+            header="# Written by `edge demo`: a throwaway federation on loopback.\n",
+            tables="[limits]\nhandshake_timeout_s = 5\nidle_timeout_s = 60\ndrain_timeout_s = 2\n",
+        )
     )
     scenarios = [
         Scenario(

@@ -36,8 +36,8 @@ from edge.core.outbound import (
     srv_name,
 )
 from edge.core.policies import PartnerPolicy
+from edge.dnslookup import LookupFailed, make_resolver  # one resolver factory (see docstring)
 from edge.logs import EventLog
-from edge.pools import _LookupFailed, _make_resolver  # one resolver factory (see docstring)
 
 __all__ = ["Discovery", "DiscoveryFailed", "Target", "partner_targets"]
 
@@ -98,8 +98,8 @@ class Discovery:
     def _get_resolver(self) -> dns.asyncresolver.Resolver:
         if self._resolver is None:
             try:
-                self._resolver = _make_resolver(self._settings)
-            except _LookupFailed as exc:
+                self._resolver = make_resolver(self._settings)
+            except LookupFailed as exc:
                 raise DiscoveryFailed(str(exc)) from None
         return self._resolver
 

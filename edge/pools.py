@@ -16,46 +16,21 @@ and dial has a deadline, every retry is counted).
 General theory of operation
 ===========================
 
-Two layers, as in the rest of the gateway. The *decisions* are pure
-functions at the top of this module, testable without a socket:
-
-* ``observe(health, ok, ...)`` is the health state machine: a member leaves
-  the rotation after ``unhealthy_after`` consecutive failures and comes back
-  after ``healthy_after`` consecutive successes. Active checks and real
-  traffic feed the same machine (a failed connect or handshake for a partner
-  is as much evidence as a failed check).
-* ``choose(candidates, balance, exclude)`` picks a member from immutable
-  ``Candidate`` views. Eligible: in rotation, has an address, under its
-  ``max_connections``, not already tried for this connection. Among those, the
-  lowest SRV priority wins (static members all have priority 0), and weight-0
-  SRV targets only serve when no positive-weight target of that priority can.
-  Every pick advances the chosen member's *virtual pass* by ``1 / weight``
-  (stride scheduling): ``round_robin`` takes the smallest pass, a smooth
-  weighted round robin whose shares match the weights exactly over any
-  window. ``least_connections`` takes the smallest
-  ``pass + LOAD_FACTOR * active / weight``:
-  in an idle pool (short connections) that is the same weighted round robin;
-  when connections pile up on a member (slow, or holding long sessions) its
-  score rises and new connections go elsewhere until its load per weight
-  matches the others'. Plain ``active / weight`` (nginx) or HAProxy's
-  ``(active + 1) / weight`` do not hold the weights at low concurrency: the
-  first favours any idle light member, the second sends everything to the
-  heaviest member of an idle pool. A member that joins (SRV answer) or comes
-  back into rotation starts at the rotation's lowest pass, so it is not
-  flooded to "catch up". ``LOAD_FACTOR`` = 2 is the trade: a member that
-  holds every connection it gets receives a third of its fair share of new
-  ones, while random connection lifetimes keep the weights within about 5%
-  (tests/test_pools.py simulates both; 8 would steer harder and drift 8%).
-
-The *shell* (``PoolSet``) holds the mutable per-member state and does the
-I/O on trio: one task per pool refreshes DNS when the shortest TTL expires
-(keeping the last good answer on failure, logging ``dns_error`` and counting
+Two layers, as in the rest of the gateway. The *decisions* are pure and live
+in ``edge.core.balance`` (the health machine ``observe``, the balancer
+``choose``/``advance`` and ``refresh_delay``; the theory of the balancer is
+there); the DNS queries themselves are ``edge.dnslookup``. This module is the
+shell: ``PoolSet`` holds the mutable per-member state and does the I/O on
+trio: one task per pool refreshes DNS when the shortest TTL expires (keeping
+the last good answer on failure, logging ``dns_error`` and counting
 ``edge_dns_failures_total``), one task per pool checks every member each
 ``health_interval_s`` with a full MTLS handshake (and a PROXY v2 LOCAL header
 when the pool speaks PROXY), and ``connect`` dials members one after another
-until one verifies, at most ``MAX_ATTEMPTS`` per partner connection. When no
-member in rotation is left, ``connect`` still tries the members that are out
-of rotation (a check may be a few seconds stale; refusing a partner while a
+until one verifies, at most ``MAX_ATTEMPTS`` per partner connection. Every
+dial reads the current snapshot (``handshake_timeout_s``, ``[dns]``, the
+``ServerTrust`` that decides on the member's chain). When no member in
+rotation is left, ``connect`` still tries the members that are out of
+rotation (a check may be a few seconds stale; refusing a partner while a
 member works is worse than one failed dial), so ``no_upstream`` means every
 member was tried in this very connection and failed.
 
@@ -67,150 +42,42 @@ given back by the ``Lease`` the caller holds for the life of the relay.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import dns.asyncresolver
-import dns.exception
-import dns.nameserver
-import dns.resolver
 import trio
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from prometheus_client import CollectorRegistry, Counter
 
-from edge.core.config import Balance, Config, Dns, Pool
+from edge.core.balance import Candidate, Health, advance, choose, observe, refresh_delay
+from edge.core.config import Pool, is_ip_address
 from edge.core.proxy_protocol import ProxyInfo, encode_local, encode_v2
 from edge.core.reasons import Reason
+from edge.core.snapshot import Snapshot
+from edge.dnslookup import DnsLookups, LookupFailed
 from edge.logs import EventLog
 from edge.metrics import Metrics
 from edge.tls import HostnameMismatchError, TLSError, TLSStream
 
 __all__ = [
-    "LOAD_FACTOR",
     "MAX_ATTEMPTS",
-    "Candidate",
-    "Health",
     "Lease",
     "PoolSet",
     "UpstreamUnavailable",
-    "advance",
-    "choose",
-    "observe",
     "proxy_info",
 ]
 
 # Most members one partner connection may try before it is refused.
 MAX_ATTEMPTS = 8
-# How much a member's open connections (per weight) count against it, in picks.
-LOAD_FACTOR = 2.0
-# DNS: one query's whole budget; the shortest and longest wait between refreshes
-# (a TTL of 0 must not become a busy loop; a day-long TTL must not hide a change).
-_DNS_LIFETIME_S = 5.0
-_MIN_REFRESH_S = 1.0
-_MAX_REFRESH_S = 300.0
 # After a failed lookup: first retry, doubling up to the longest.
 _RETRY_MIN_S = 1.0
 _RETRY_MAX_S = 30.0
-# A NOERROR answer with no record of one type carries no TTL we keep.
-_NEGATIVE_TTL_S = 30.0
-# An SRV answer bigger than this is a mistake or an attack; the rest is ignored.
-_MAX_SRV_TARGETS = 64
 # Longest a health check spends closing its connection politely.
 _CHECK_CLOSE_S = 1.0
-
-
-# ======================================================================
-# Core: pure decisions over immutable values (no trio, no sockets)
-
-
-@dataclass(frozen=True)
-class Health:
-    """A member's place in the rotation and the streak that may change it."""
-
-    up: bool = True
-    successes: int = 0  # consecutive, capped at healthy_after
-    failures: int = 0  # consecutive, capped at unhealthy_after
-
-
-def observe(health: Health, ok: bool, *, unhealthy_after: int, healthy_after: int) -> Health:
-    """The state after one more check (active or from real traffic)."""
-    if ok:
-        successes = min(health.successes + 1, healthy_after)
-        return Health(up=health.up or successes >= healthy_after, successes=successes, failures=0)
-    failures = min(health.failures + 1, unhealthy_after)
-    return Health(up=health.up and failures < unhealthy_after, successes=0, failures=failures)
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """What the balancer knows about one member at the moment of a choice."""
-
-    key: Hashable
-    weight: int  # >= 1 for listed members; SRV weights may be 0
-    active: int = 0
-    up: bool = True
-    routable: bool = True  # has an address to dial
-    priority: int = 0  # SRV priority: lower is preferred
-    max_connections: int | None = None
-    passes: float = 0.0  # virtual pass (see the module docstring)
-
-
-def choose(
-    candidates: Sequence[Candidate],
-    balance: Balance,
-    exclude: Iterable[Hashable] = (),
-    *,
-    down: bool = False,
-) -> Candidate | None:
-    """The member for the next connection, or None when none is eligible.
-
-    ``down=True`` chooses among the members *out* of rotation instead (the
-    last resort before ``no_upstream``). Ties go to the earlier candidate, so
-    the result is deterministic.
-    """
-    excluded = set(exclude)
-    eligible = [
-        (index, c)
-        for index, c in enumerate(candidates)
-        if c.routable
-        and c.up != down
-        and c.key not in excluded
-        and (c.max_connections is None or c.active < c.max_connections)
-    ]
-    if not eligible:
-        return None
-    best_priority = min(c.priority for _, c in eligible)
-    tier = [(i, c) for i, c in eligible if c.priority == best_priority]
-    if any(c.weight > 0 for _, c in tier):
-        tier = [(i, c) for i, c in tier if c.weight > 0]
-
-    def key(item: tuple[int, Candidate]) -> tuple[float, int]:
-        index, c = item
-        if balance == "least_connections":
-            return (c.passes + LOAD_FACTOR * c.active / max(c.weight, 1), index)
-        return (c.passes, index)
-
-    return min(tier, key=key)[1]
-
-
-def advance(candidate: Candidate) -> float:
-    """The chosen member's next virtual pass."""
-    return candidate.passes + 1.0 / max(candidate.weight, 1)
-
-
-def refresh_delay(ttls: Iterable[float]) -> float:
-    """Seconds until the next DNS refresh: the shortest TTL, clamped."""
-    shortest = min(ttls, default=_MAX_REFRESH_S)
-    return min(max(shortest, _MIN_REFRESH_S), _MAX_REFRESH_S)
-
-
-# ======================================================================
-# Shell: state, DNS, health checks and dialling on trio
 
 
 class UpstreamUnavailable(Exception):
@@ -227,10 +94,6 @@ class _DialFailed(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
-
-
-class _LookupFailed(Exception):
-    pass
 
 
 @dataclass(eq=False)
@@ -291,7 +154,7 @@ class _PoolState:
 
     def needs_dns(self) -> bool:
         return self.pool.dns_srv is not None or any(
-            not _is_ip(m.dial) for m in self.members.values()
+            not is_ip_address(m.dial) for m in self.members.values()
         )
 
     def lowest_pass(self) -> float:
@@ -321,19 +184,22 @@ class PoolSet:
 
     def __init__(
         self,
-        config: Config,
+        snapshot: Callable[[], Snapshot],
         client_context: Callable[[], SSL.Context],
         metrics: Metrics,
         log: EventLog,
     ) -> None:
-        self._config = config
+        # The gateway's current snapshot, read at each use (never a copy taken
+        # here): a reloaded handshake_timeout_s or [dns] applies to the next dial.
+        self._snapshot = snapshot
         self._client_context = client_context
         self._metrics = metrics
         self._log = log
         self._dns_failures = _dns_failures(metrics.registry)
-        self._resolver: dns.asyncresolver.Resolver | None = None
+        self._dns = DnsLookups(lambda: snapshot().config.dns)
         self._pools: dict[str, _PoolState] = {}
-        for pool in config.pools.values():
+        # The pools themselves are bound at start ([[pools]] changes need a restart).
+        for pool in snapshot().config.pools.values():
             state = _PoolState(pool)
             for m in pool.members:
                 dial = m.address or m.host
@@ -343,7 +209,7 @@ class PoolSet:
                     dial=dial,
                     weight=m.weight,
                     max_connections=m.max_connections,
-                    addresses=(dial,) if _is_ip(dial) else (),
+                    addresses=(dial,) if is_ip_address(dial) else (),
                 )
                 state.members[member.key] = member
                 self._export(state, member)
@@ -503,52 +369,10 @@ class PoolSet:
     async def _dial(
         self, pool: Pool, member: _Member, info: ProxyInfo | None, *, traffic: bool
     ) -> TLSStream:
-        """TCP, PROXY header if the pool wants one, MTLS; raises _DialFailed."""
-        timeout = self._config.limits.handshake_timeout_s
-        if not traffic:
-            timeout = min(timeout, max(pool.health_interval_s, 1.0))
-        tcp: trio.SocketStream | None = None
-        try:
-            with trio.fail_after(timeout):
-                tcp = await _open_tcp(member.addresses, member.port)
-                if pool.proxy_protocol == "v2":
-                    await tcp.send_all(encode_v2(info) if info is not None else encode_local())
-                stream = TLSStream(
-                    tcp, self._client_context(), server_side=False, server_hostname=member.host
-                )
-                await stream.do_handshake()
-                return stream
-        except HostnameMismatchError as exc:
-            failure = _DialFailed(Reason.UPSTREAM_UNTRUSTED.value, str(exc))
-        except TLSError as exc:
-            text = str(exc)
-            if "certificate verify failed" in text:
-                failure = _DialFailed(
-                    Reason.UPSTREAM_UNTRUSTED.value, f"certificate not trusted: {text}"
-                )
-            else:
-                failure = _DialFailed("upstream_tls_error", text)
-        except trio.TooSlowError:
-            failure = _DialFailed("upstream_timeout", f"no connection within {timeout:g}s")
-        except (OSError, trio.BrokenResourceError) as exc:
-            failure = _DialFailed(
-                "connect_failed", str(getattr(exc, "strerror", None) or exc or "refused")
-            )
-        except BaseException:
-            if tcp is not None:
-                await trio.aclose_forcefully(tcp)
-            raise
-        if tcp is not None:
-            await trio.aclose_forcefully(tcp)
-        raise failure
+        return await _dial(self._snapshot(), self._client_context(), pool, member, info, traffic)
 
     # ------------------------------------------------------------------
     # DNS
-
-    def _get_resolver(self) -> dns.asyncresolver.Resolver:
-        if self._resolver is None:
-            self._resolver = _make_resolver(self._config.dns)
-        return self._resolver
 
     async def _discover(self, state: _PoolState) -> None:
         """Refresh the pool's DNS answers when the shortest TTL runs out."""
@@ -574,19 +398,19 @@ class PoolSet:
         failed = False
         if pool.dns_srv is not None:
             try:
-                records, ttl = await self._lookup_srv(pool.dns_srv)
-            except _LookupFailed as exc:
+                records, ttl = await self._dns.srv(pool.dns_srv)
+            except LookupFailed as exc:
                 self._dns_error(pool.name, pool.dns_srv, str(exc))
                 failed = True
             else:
                 ttls.append(ttl)
                 self._apply_srv(state, records)
         for member in list(state.members.values()):
-            if _is_ip(member.dial):
+            if is_ip_address(member.dial):
                 continue
             try:
-                addresses, ttl = await self._lookup_addresses(member.dial)
-            except _LookupFailed as exc:
+                addresses, ttl = await self._dns.addresses(member.dial)
+            except LookupFailed as exc:
                 # The last good answer stays: a DNS outage must not empty a pool.
                 self._dns_error(pool.name, member.dial, str(exc))
                 failed = True
@@ -622,64 +446,69 @@ class PoolSet:
                 with contextlib.suppress(KeyError):
                     self._metrics.pool_member_up.remove(state.pool.name, gone.host)
 
-    async def _lookup_srv(self, name: str) -> tuple[list[tuple[int, int, int, str]], float]:
-        answer = await self._query(name, "SRV")
-        if answer is None or answer.rrset is None:
-            raise _LookupFailed(f"no SRV record for {name}")
-        records: list[tuple[int, int, int, str]] = []
-        for rdata in list(answer.rrset)[:_MAX_SRV_TARGETS]:
-            target = rdata.target.to_text(omit_final_dot=True)
-            if target in ("", "."):  # RFC 2782: "service decidedly not available"
-                continue
-            records.append((int(rdata.priority), int(rdata.weight), int(rdata.port), target))
-        return records, float(answer.rrset.ttl)
 
-    async def _lookup_addresses(self, name: str) -> tuple[tuple[str, ...], float]:
-        results: dict[str, dns.resolver.Answer | None] = {}
+async def _dial(
+    snapshot: Snapshot,
+    context: SSL.Context,
+    pool: Pool,
+    member: _Member,
+    info: ProxyInfo | None,
+    traffic: bool,
+) -> TLSStream:
+    """TCP, PROXY header if the pool wants one, MTLS; raises _DialFailed.
 
-        async def one(rdtype: str) -> None:
-            try:
-                results[rdtype] = await self._query(name, rdtype)
-            except _LookupFailed as exc:
-                results[rdtype] = None
-                errors.append(str(exc))
-
-        errors: list[str] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(one, "A")
-            nursery.start_soon(one, "AAAA")
-        addresses: list[str] = []
-        ttls: list[float] = []
-        for rdtype in ("A", "AAAA"):  # IPv4 first: most DMZ networks route it
-            answer = results.get(rdtype)
-            if answer is None:
-                continue
-            if answer.rrset is None:
-                ttls.append(_NEGATIVE_TTL_S)
-                continue
-            ttls.append(float(answer.rrset.ttl))
-            addresses.extend(rdata.address for rdata in answer.rrset)
-        if not addresses:
-            raise _LookupFailed("; ".join(errors) or f"no A or AAAA record for {name}")
-        return tuple(addresses), min(ttls)
-
-    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
-        """One lookup; None for "the name exists but has no such record"."""
-        try:
-            resolver = self._get_resolver()
-            return await resolver.resolve(
-                name,
-                rdtype,
-                lifetime=_DNS_LIFETIME_S,
-                raise_on_no_answer=False,
-                search=False,
+    OpenSSL builds and checks the chain during the handshake, but the
+    decision is the core's: ``ServerTrust.verify_server`` (the one
+    ``edge verify --purpose server`` runs) on the chain the member
+    presented, before the stream is handed out and any byte relayed.
+    """
+    timeout = snapshot.config.limits.handshake_timeout_s
+    if not traffic:
+        timeout = min(timeout, max(pool.health_interval_s, 1.0))
+    tcp: trio.SocketStream | None = None
+    stream: TLSStream | None = None
+    try:
+        with trio.fail_after(timeout):
+            tcp = await _open_tcp(member.addresses, member.port)
+            if pool.proxy_protocol == "v2":
+                await tcp.send_all(encode_v2(info) if info is not None else encode_local())
+            stream = TLSStream(tcp, context, server_side=False, server_hostname=member.host)
+            await stream.do_handshake()
+        verdict = snapshot.server_trust.verify_server(stream.peer_chain, member.host)
+        if verdict.accepted:
+            return stream
+        failure = _DialFailed(
+            Reason.UPSTREAM_UNTRUSTED.value, f"{verdict.reason}: {verdict.detail}"
+        )
+    except HostnameMismatchError as exc:
+        failure = _DialFailed(Reason.UPSTREAM_UNTRUSTED.value, str(exc))
+    except TLSError as exc:
+        # Classified by the core's decision on what the member sent, not by
+        # OpenSSL's message: a chain ServerTrust rejects is untrusted.
+        verdict = None
+        sent = _sent_chain(stream)
+        if sent:
+            verdict = snapshot.server_trust.verify_server(sent, member.host)
+        if verdict is not None and not verdict.accepted:
+            failure = _DialFailed(
+                Reason.UPSTREAM_UNTRUSTED.value,
+                f"certificate not trusted: {verdict.reason}: {verdict.detail}",
             )
-        except dns.resolver.NXDOMAIN:
-            raise _LookupFailed(f"{name}: no such name (NXDOMAIN)") from None
-        except dns.resolver.LifetimeTimeout:
-            raise _LookupFailed(f"{name} {rdtype}: no answer within {_DNS_LIFETIME_S:g}s") from None
-        except dns.exception.DNSException as exc:
-            raise _LookupFailed(f"{name} {rdtype}: {exc}") from None
+        else:
+            failure = _DialFailed("upstream_tls_error", str(exc))
+    except trio.TooSlowError:
+        failure = _DialFailed("upstream_timeout", f"no connection within {timeout:g}s")
+    except (OSError, trio.BrokenResourceError) as exc:
+        failure = _DialFailed(
+            "connect_failed", str(getattr(exc, "strerror", None) or exc or "refused")
+        )
+    except BaseException:
+        if tcp is not None:
+            await trio.aclose_forcefully(tcp)
+        raise
+    if tcp is not None:
+        await trio.aclose_forcefully(tcp)
+    raise failure
 
 
 def proxy_info(
@@ -719,22 +548,6 @@ def proxy_info(
     )
 
 
-def _make_resolver(settings: Dns) -> dns.asyncresolver.Resolver:
-    """The configured name servers, else the system's (raises _LookupFailed)."""
-    try:
-        if not settings.nameservers:
-            resolver = dns.asyncresolver.Resolver()
-        else:
-            resolver = dns.asyncresolver.Resolver(configure=False)
-            resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(host, port) for host, port in settings.nameservers
-            ]
-    except dns.exception.DNSException as exc:
-        raise _LookupFailed(f"no DNS resolver configured: {exc}") from None
-    resolver.cache = None  # TTLs are honoured here, per pool
-    return resolver
-
-
 async def _open_tcp(addresses: Sequence[str], port: int) -> trio.SocketStream:
     """Connect to the first address that answers (in order); OSError if none."""
     if not addresses:
@@ -749,9 +562,11 @@ async def _open_tcp(addresses: Sequence[str], port: int) -> trio.SocketStream:
     raise last
 
 
-def _is_ip(text: str) -> bool:
+def _sent_chain(stream: TLSStream | None) -> list[x509.Certificate]:
+    """The certificates a member sent before its handshake failed (may be none)."""
+    if stream is None:
+        return []
     try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
+        return list(stream.connection.get_peer_cert_chain(as_cryptography=True) or [])
+    except (SSL.Error, ValueError):
+        return []

@@ -47,9 +47,11 @@ from typing import Any
 import trio
 
 from edge.core.config import Config
-from edge.logs import EventLog
+from edge.core.policies import PolicyFolderError, load_policies
+from edge.core.snapshot import build_snapshot, policy_folders
+from edge.logs import EventLog, LogFormat
 
-__all__ = ["WORKER_ENV", "WORKER_LISTEN_ENV", "cpu_count", "supervise"]
+__all__ = ["WORKER_ENV", "WORKER_LISTEN_ENV", "cpu_count", "supervise", "supervise_command"]
 
 # Set in a worker's environment: its number, and where each listener binds.
 WORKER_ENV = "EDGE_WORKER"
@@ -322,3 +324,29 @@ def supervise(config: Config, config_path: Path, log: EventLog, count: int) -> i
     finally:
         if not given:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def supervise_command(config_path: Path, log_format: LogFormat, count: int) -> int:
+    """`edge run --workers N` (N > 1): check once, then supervise; the exit status."""
+    from edge.run import load_or_report
+
+    log = EventLog(log_format)
+    config = load_or_report(config_path, log)
+    if config is None:
+        return 1
+    # Fail here, once, as each worker would, not in N restarting workers.
+    loaded = {}
+    problems: list[str] = []
+    for folder in policy_folders(config):
+        try:
+            loaded[folder] = load_policies(folder)
+        except PolicyFolderError as exc:
+            problems.append(str(exc))
+    if not problems:
+        problems = list(build_snapshot(config, loaded).problems)
+    if problems:
+        for problem in problems:
+            print(f"edge: {problem}", file=sys.stderr)
+        log.event("startup_failed", config=str(config_path), problems=problems)
+        return 1
+    return supervise(config, config_path, log, count)

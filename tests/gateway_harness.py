@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from edge.demo import EchoMember, write_identity
+from edge.demo import EchoMember, edge_toml, write_identity
 from edge.pki import CA, Leaf
 from edge.tls import TLSStream, client_context
 
@@ -81,32 +81,13 @@ def write_federation(
         d.mkdir(parents=True, exist_ok=True)
         (d / "root.pem").write_bytes(roots[pid].cert_pem())
         (d / "policy.toml").write_text(text)
-    member_lines = ",\n  ".join(
-        f'{{ host = "{h}", address = "127.0.0.1", port = {p} }}' for h, p in members
-    )
     config = folder / "edge.toml"
     config.write_text(
-        f"""{identity}
-[[listeners]]
-name = "federation"
-address = "127.0.0.1:0"
-mode = "mtls"
-policies = "federation_policies"
-pool = "frontend"
-
-[[pools]]
-name = "frontend"
-members = [
-  {member_lines},
-]
-
-[metrics]
-address = "127.0.0.1:0"
-
-[limits]
-{limits or "handshake_timeout_s = 5"}
-{extra}
-"""
+        edge_toml(
+            identity,
+            members,
+            tables=f"[limits]\n{limits or 'handshake_timeout_s = 5'}\n{extra}\n",
+        )
     )
     return config
 
@@ -170,8 +151,10 @@ async def _reap(process: trio.Process) -> None:
             process.kill()
 
 
-async def stop_edge(edge: EdgeProcess, timeout: float = 15) -> int:
+async def stop_edge(edge: EdgeProcess | InProcessEdge, timeout: float = 15) -> int:
     """SIGTERM, then the exit status (the gateway drains first)."""
+    if isinstance(edge, InProcessEdge):
+        return await edge.stop(timeout)
     edge.terminate()
     with trio.fail_after(timeout):
         return await edge.process.wait()
@@ -220,7 +203,9 @@ async def start_pool(
     return out
 
 
-async def partner_stream(edge: EdgeProcess, pki: Pki, leaf: Leaf | None) -> tuple[TLSStream, int]:
+async def partner_stream(
+    edge: EdgeProcess | InProcessEdge, pki: Pki, leaf: Leaf | None
+) -> tuple[TLSStream, int]:
     """A partner connection to the gateway, handshake done; and its local port."""
     ctx = client_context(
         [pki.edge_ca.cert], leaf.chain if leaf else None, leaf.key if leaf else None
@@ -264,7 +249,7 @@ async def http_get(address: str, path: str, timeout: float = 5) -> tuple[int, st
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-async def scrape(edge: EdgeProcess) -> Samples:
+async def scrape(edge: EdgeProcess | InProcessEdge) -> Samples:
     """Every sample of ``/metrics``: (sample name, labels) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -285,3 +270,69 @@ def sample(samples: Samples, name: str, **labels: str) -> float | None:
 def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
     """Every series of one sample name: labels -> value."""
     return {labels: v for (n, labels), v in samples.items() if n == name}
+
+
+# ----------------------------------------------------------------------
+# The gateway in this process: for admission, relay and reload logic, no
+# subprocess start-up (~1 s each) and direct access to the current snapshot.
+
+
+@dataclass
+class InProcessEdge:
+    """A ``Gateway`` run as a trio task of the test, its events collected."""
+
+    gateway: Any
+    events: list[dict[str, Any]] = field(default_factory=list)
+    changed: trio.Event = field(default_factory=trio.Event)
+    address: tuple[str, int] = ("127.0.0.1", 0)
+    metrics_address: str = ""
+
+    def sink(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10
+    ) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            while True:
+                for event in self.events:
+                    if predicate(event):
+                        return event
+                await self.changed.wait()
+
+    async def event_for_port(self, port: int, name: str, timeout: float = 10) -> dict[str, Any]:
+        suffix = f":{port}"
+        return await self.wait_for(
+            lambda e: e.get("event") == name and str(e.get("peer", "")).endswith(suffix),
+            timeout,
+        )
+
+    async def stop(self, timeout: float = 15) -> int:
+        """What SIGTERM does in `edge run`: drain, stop; 0 once stopped."""
+        self.gateway.request_shutdown("SIGTERM")
+        await self.wait_for(lambda e: e.get("event") == "gateway_stopped", timeout)
+        return 0
+
+
+async def start_gateway(nursery: trio.Nursery, config: Path) -> InProcessEdge:
+    """Load ``config`` and run its gateway in ``nursery`` (cancel the nursery to stop)."""
+    from prometheus_client import CollectorRegistry
+
+    from edge.core.config import load_config
+    from edge.gateway import Gateway
+    from edge.logs import EventLog
+    from edge.metrics import Metrics
+
+    edge = InProcessEdge(gateway=None)
+    log = EventLog("json", sink=edge.sink)
+    log.enabled = False  # events go to the list only
+    gateway = Gateway(load_config(config), log, Metrics(CollectorRegistry()))
+    edge.gateway = gateway
+    gateway.load_policies()
+    bound = await nursery.start(gateway.run)
+    host, _, port = bound["federation"][0].rpartition(":")
+    edge.address = (host.strip("[]"), int(port))
+    edge.metrics_address = bound.get("metrics", [""])[0]
+    return edge

@@ -240,3 +240,19 @@ def test_check_repository_example_folder() -> None:
 def test_check_usage_error() -> None:
     assert edge("check", "--bogus").returncode == 2
     assert edge().returncode == 2
+
+
+def test_check_and_run_report_an_address_clash_alike(tmp_path: Path, site: Site) -> None:
+    """Both go through build_snapshot: what check calls broken, run refuses to start on."""
+    base = tmp_path / "site"
+    shutil.copytree(site.base, base)
+    config = base / "edge.toml"
+    config.write_text(config.read_text() + '\n[metrics]\naddress = "0.0.0.0:5061"\n')
+    clash = "metrics address 0.0.0.0:5061 clashes with listener 'federation' on 127.0.0.1:5061"
+    check = edge("check", "--config", config)
+    assert check.returncode == 1
+    assert f"error: {config}: {clash}" in check.stdout
+    run = edge("run", "--config", config)
+    assert run.returncode == 1
+    assert clash in run.stderr
+    assert "Traceback" not in run.stderr

@@ -355,7 +355,6 @@ def test_reload_export_removes_vanished_partners(tmp_path: Path, pki: Pki) -> No
     (tmp_path / "federation_policies" / "litware.com" / "root.pem").unlink()
     (tmp_path / "federation_policies" / "litware.com" / "policy.toml").unlink()
     (tmp_path / "federation_policies" / "litware.com").rmdir()
-    gateway._trust.clear()
     gateway.load_policies()
     assert expiry_labels() == first - {litware}
     assert registry.get_sample_value("edge_partners", {"state": "enabled"}) == 1

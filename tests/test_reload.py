@@ -1,7 +1,9 @@
-"""Live trust changes through a running `edge run`: real files, real connections.
+"""Live trust changes through a running gateway: real files, real connections.
 
-The gateway polls every 0.2 s here (SIGHUP tests poll once an hour, so only
-the signal can explain the change). Every assertion on a closed or refused
+The gateway runs in the test's process (``start_gateway``); only the SIGHUP
+test runs `edge run` as a subprocess, for the signal itself. It polls every
+0.2 s here (reload-request tests poll once an hour, so only the request can
+explain the change). Every assertion on a closed or refused
 connection is on the exact reason the gateway logged for that connection.
 """
 
@@ -18,12 +20,14 @@ import trio
 
 from tests.gateway_harness import (
     EdgeProcess,
+    InProcessEdge,
     Pki,
     echo_roundtrip,
     partner_stream,
     sample,
     scrape,
     start_edge,
+    start_gateway,
     start_pool,
     stop_edge,
     write_federation,
@@ -32,6 +36,7 @@ from tests.gateway_harness import (
 FAST_POLL = "[policies]\npoll_interval_s = 0.2\n"
 NO_POLL = "[policies]\npoll_interval_s = 3600\n"
 POOL = ("fe1.corp.test",)
+Edge = EdgeProcess | InProcessEdge
 
 
 async def _start(
@@ -41,7 +46,7 @@ async def _start(
     *,
     extra: str = FAST_POLL,
     policies: dict[str, str] | None = None,
-) -> EdgeProcess:
+) -> InProcessEdge:
     pool = await start_pool(nursery, pki, POOL)
     config = write_federation(
         tmp_path,
@@ -50,14 +55,14 @@ async def _start(
         extra=extra,
         policies=policies or {"fabrikam.com": 'domains = ["fabrikam.com"]\n'},
     )
-    return await start_edge(nursery, config)
+    return await start_gateway(nursery, config)
 
 
-def _reloads(edge: EdgeProcess) -> list[dict[str, object]]:
+def _reloads(edge: Edge) -> list[dict[str, object]]:
     return [e for e in edge.events if e["event"] == "policies_reloaded"]
 
 
-async def _next_reload(edge: EdgeProcess, **match: object) -> dict[str, object]:
+async def _next_reload(edge: Edge, **match: object) -> dict[str, object]:
     seen = len(_reloads(edge))
     return await edge.wait_for(
         lambda e: (
@@ -68,7 +73,7 @@ async def _next_reload(edge: EdgeProcess, **match: object) -> dict[str, object]:
     )
 
 
-async def _refused_reason(edge: EdgeProcess, pki: Pki, leaf: object) -> str:
+async def _refused_reason(edge: Edge, pki: Pki, leaf: object) -> str:
     from edge.pki import Leaf
 
     assert isinstance(leaf, Leaf)
@@ -201,7 +206,15 @@ async def test_crl_dropped_in_closes_the_revoked_live_connection(tmp_path: Path,
 async def test_sighup_reloads_at_once(tmp_path: Path, pki: Pki) -> None:
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            edge = await _start(nursery, tmp_path, pki, extra=NO_POLL)
+            pool = await start_pool(nursery, pki, POOL)
+            config = write_federation(
+                tmp_path,
+                pki,
+                [(h, p) for h, p, _ in pool],
+                extra=NO_POLL,
+                policies={"fabrikam.com": 'domains = ["fabrikam.com"]\n'},
+            )
+            edge = await start_edge(nursery, config)
             leaf = pki.fabrikam.issue(dns=["sip.fabrikam.com"])
             live, live_port = await partner_stream(edge, pki, leaf)
             assert await echo_roundtrip(live, b"x") == b"x"
@@ -235,7 +248,7 @@ async def test_own_certificate_rotation_without_restart(tmp_path: Path, pki: Pki
             rotated = pki.edge_ca.issue(dns=[EDGE_NAME], eku=["server"])
             certs = tmp_path / "certs"
             (certs / "edge-public.pem").write_bytes(rotated.chain_pem())
-            edge.process.send_signal(signal.SIGHUP)
+            edge.gateway.request_reload()
             failed = await edge.wait_for(lambda e: e["event"] == "config_reload_failed")
             assert any("public_key" in p for p in failed["problems"]), failed
             still_old, _ = await partner_stream(edge, pki, leaf)
@@ -243,7 +256,7 @@ async def test_own_certificate_rotation_without_restart(tmp_path: Path, pki: Pki
             await still_old.aclose()
             # The matching key completes the rotation.
             rotated.write(certs, "edge-public")
-            edge.process.send_signal(signal.SIGHUP)
+            edge.gateway.request_reload()
             reloaded = await edge.wait_for(lambda e: e["event"] == "config_reloaded")
             assert reloaded["applied"] == ["identity"]
             after, _ = await partner_stream(edge, pki, leaf)
@@ -299,7 +312,7 @@ async def _kubelet_adds_litware(
             volume = KubeletVolume(tmp_path / "federation_policies")
             fabrikam = layout("fabrikam.com", pki.fabrikam.cert_pem())
             volume.publish(dict([fabrikam]))
-            edge = await start_edge(nursery, config)
+            edge = await start_gateway(nursery, config)
             litware_leaf = pki.litware.issue(dns=["sip.litware.com"])
             assert await _refused_reason(edge, pki, litware_leaf) == "unknown_ca"
             volume.publish(dict([fabrikam, layout("litware.com", pki.litware_root.cert_pem())]))

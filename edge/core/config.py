@@ -29,13 +29,13 @@ from typing import Any, Literal
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from edge.core import schema
 from edge.core.domains import normalize_domain
+from edge.core.pem import load_certificates, load_private_key
 from edge.core.readiness import ReadyRequires
 
 __all__ = [
@@ -46,7 +46,7 @@ __all__ = [
     "Limits",
     "Listener",
     "Member",
-    "Metrics",
+    "MetricsSettings",
     "PolicySettings",
     "Pool",
     "PrivateKey",
@@ -55,8 +55,8 @@ __all__ = [
     "SipSettings",
     "bind_error",
     "default_config_path",
+    "is_ip_address",
     "key_file_warnings",
-    "listen_conflicts",
     "load_config",
     "parse_address",
 ]
@@ -156,7 +156,9 @@ class Dns:
 
 
 @dataclass(frozen=True)
-class Metrics:
+class MetricsSettings:
+    """`[metrics]`: where the Prometheus endpoint listens."""
+
     host: str
     port: int
     # /readyz: "any_pool" (default) is ready while at least one pool has a member
@@ -221,7 +223,7 @@ class Config:
     identity: Identity
     listeners: tuple[Listener, ...]
     pools: Mapping[str, Pool]  # read-only
-    metrics: Metrics | None
+    metrics: MetricsSettings | None
     limits: Limits
     policies: PolicySettings = PolicySettings()
     dns: Dns = Dns()
@@ -352,10 +354,7 @@ class _Loader:
 
     def certificates(self, key: str, path: Path, data: bytes) -> tuple[x509.Certificate, ...]:
         try:
-            if data.lstrip().startswith(b"-----BEGIN"):
-                certs = tuple(x509.load_pem_x509_certificates(data))
-            else:
-                certs = (x509.load_der_x509_certificate(data),)
+            certs = load_certificates(data)
         except ValueError:
             self.problem(key, f"{path}: no readable certificate (expected PEM or DER)")
             return ()
@@ -425,12 +424,10 @@ class _Loader:
         path, data = self.file(key, raw)
         if data is None:
             return path, None
-        pem = data.lstrip().startswith(b"-----BEGIN")
-        load = serialization.load_pem_private_key if pem else serialization.load_der_private_key
         # Parser messages are not echoed: never risk quoting key bytes to an operator.
         try:
             try:
-                loaded: object = load(data, password=passphrase)
+                loaded: object = load_private_key(data, passphrase)
             except TypeError:
                 if passphrase is None:
                     self.problem(
@@ -439,7 +436,7 @@ class _Loader:
                         f"{key}_passphrase_file (or give an unencrypted PKCS#8 key)",
                     )
                     return path, None
-                loaded = load(data, password=None)  # a passphrase for a plain key: harmless
+                loaded = load_private_key(data)  # a passphrase for a plain key: harmless
         except (ValueError, UnsupportedAlgorithm):
             if passphrase is not None:
                 self.problem(
@@ -891,17 +888,19 @@ class _Loader:
         for text in raw:
             try:
                 host, port = parse_address(text, allow_any_port=False)
-                ipaddress.ip_address(host)
             except ValueError as exc:
                 detail = str(exc) if ":" in text else f"{text!r} is not ip:port (e.g. 10.0.0.2:53)"
-                if "does not appear to be" in detail:
-                    detail = f"{text!r}: a name server is an IP address, not a name"
                 self.problem("dns.nameservers", detail)
+                continue
+            if not is_ip_address(host):
+                self.problem(
+                    "dns.nameservers", f"{text!r}: a name server is an IP address, not a name"
+                )
                 continue
             servers.append((host, port))
         return Dns(tuple(servers))
 
-    def metrics(self, data: Mapping[str, Any]) -> Metrics | None:
+    def metrics(self, data: Mapping[str, Any]) -> MetricsSettings | None:
         table = self.table(data, "metrics", required=False)
         if table is None:
             return None
@@ -916,7 +915,7 @@ class _Loader:
             requires = "any_pool"
         if address is None:
             return None
-        return Metrics(
+        return MetricsSettings(
             *address, ready_requires="all_pools" if requires == "all_pools" else "any_pool"
         )
 
@@ -1065,8 +1064,6 @@ class _Loader:
         pools = self.pools(data)
         listeners = self.listeners(data, set(pools))
         metrics = self.metrics(data)
-        for conflict in listen_conflicts(listeners, metrics):
-            self.problem("metrics.address", conflict)
         limits = self.limits(data)
         policy_settings = self.policy_settings(data)
         dns = self.dns(data)
@@ -1107,50 +1104,13 @@ def _shown(value: object) -> str:
     return f"{kind} {text}" if len(text) <= 40 else kind
 
 
-def _is_host(text: str) -> bool:
+def is_ip_address(text: str) -> bool:
+    """An IPv4 or IPv6 literal (without brackets or port)? The one IP check."""
     try:
         ipaddress.ip_address(text)
     except ValueError:
-        return bool(_HOSTNAME.match(text))
+        return False
     return True
-
-
-_WILDCARDS = frozenset({"0.0.0.0", "::"})
-
-
-def listen_conflicts(listeners: tuple[Listener, ...], metrics: Metrics | None) -> list[str]:
-    """Why ``[metrics]`` cannot bind next to the listeners (empty: it can).
-
-    Same port and the same host, or a wildcard (0.0.0.0 / ::) on either side
-    that covers the other: the second bind would fail with "Address already
-    in use" at start. Port 0 asks for a free port and never clashes.
-    """
-    if metrics is None or metrics.port == 0:
-        return []
-    out = []
-    for listener in listeners:
-        if listener.port != metrics.port:
-            continue
-        hosts = {listener.host, metrics.host}
-        if len(hosts) == 1 or (hosts & _WILDCARDS and _same_family(*hosts)):
-            out.append(
-                f"{_host_port(metrics.host, metrics.port)} is also the address of listener "
-                f"{listener.name!r} ({_host_port(listener.host, listener.port)}); "
-                "give the metrics endpoint its own port"
-            )
-    return out
-
-
-def _same_family(*hosts: str) -> bool:
-    def family(host: str) -> int:
-        try:
-            return ipaddress.ip_address(host).version
-        except ValueError:
-            return 0  # a name: could be either
-
-    families = {family(h) for h in hosts} - {0}
-    # "::" also takes IPv4 on Linux unless IPV6_V6ONLY: treat a v6 wildcard as both.
-    return len(families) <= 1 or "::" in hosts
 
 
 def _host_port(host: str, port: int) -> str:
@@ -1185,6 +1145,10 @@ def key_file_warnings(identity: Identity | None) -> list[str]:
                 "run chmod 600 (or 640 with a group only the edge is in)"
             )
     return out
+
+
+def _is_host(text: str) -> bool:
+    return is_ip_address(text) or bool(_HOSTNAME.match(text))
 
 
 def load_config(path: Path) -> Config:

@@ -1,0 +1,152 @@
+"""The relay: bytes both ways between two streams until the exchange ends.
+
+Owns moving bytes between two already-admitted streams (a partner and a pool
+member today; the SIP and outbound listeners plug in here too): one bounded
+chunk in flight per direction, so a slow side slows the other through TCP
+back-pressure instead of growing memory; end of stream propagated as
+half-close; the idle timeout; and naming how the exchange ended.
+
+Must never: look at, log or keep a payload byte (it only counts them), decide
+who may talk to whom (admission did, before the relay started), or close the
+streams (the caller does, so it can bound and shield the close and still log).
+
+Interface::
+
+    outcome = await relay(a, b, idle_timeout_s=..., names=("partner", "pool"),
+                          on_bytes_from_a=..., on_bytes_from_b=..., control=...)
+
+``outcome.end`` is one of ``<name>_closed`` (that side ended first and the
+other followed), ``closed``, ``<name>_truncated`` (TCP closed without
+close_notify), ``<name>_error``, ``idle_timeout``, or whatever ``end`` a
+``RelayControl.stop`` gave (``trust_withdrawn``). Cancellation from outside
+(the drain deadline) propagates as trio's ``Cancelled``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from edge.tls import TLSTruncatedError
+
+__all__ = ["RELAY_CHUNK", "RelayControl", "RelayOutcome", "relay"]
+
+# One chunk in flight per direction: the relay's memory bound.
+RELAY_CHUNK = 128 * 1024
+# Transport failures of either stream: the relay ends, naming the side.
+_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@dataclass(frozen=True)
+class RelayOutcome:
+    """How one relay ended."""
+
+    end: str
+    detail: str = ""
+
+
+class RelayControl:
+    """Ends a running relay from outside (a withdrawn partner), saying why.
+
+    Safe to call before the relay started (it then ends at once) or after it
+    ended (no effect).
+    """
+
+    def __init__(self) -> None:
+        self.end: str | None = None
+        self.detail = ""
+        self._scope: trio.CancelScope | None = None
+
+    def stop(self, end: str, detail: str = "") -> None:
+        if self.end is None:
+            self.end, self.detail = end, detail
+        if self._scope is not None:
+            self._scope.cancel()
+
+
+def _ignore(_n: int) -> None:
+    pass
+
+
+async def relay(
+    a: trio.abc.HalfCloseableStream,
+    b: trio.abc.HalfCloseableStream,
+    *,
+    idle_timeout_s: float,
+    names: tuple[str, str] = ("a", "b"),
+    on_bytes_from_a: Callable[[int], None] = _ignore,
+    on_bytes_from_b: Callable[[int], None] = _ignore,
+    control: RelayControl | None = None,
+) -> RelayOutcome:
+    """Relay until both directions ended, an error, ``idle_timeout_s`` without a
+    byte either way (0 or inf: never), or ``control.stop``."""
+    control = control if control is not None else RelayControl()
+    watch_idle = idle_timeout_s > 0 and not math.isinf(idle_timeout_s)
+    # The idle timeout is the relay scope's deadline, pushed forward by the
+    # pumps (no watchdog task per connection). It is moved only once it is
+    # `slack` stale, so a busy stream does not touch trio's deadline heap per
+    # record; the relay ends between idle and idle + slack after its last byte.
+    slack = idle_timeout_s / 64 if watch_idle else 0.0
+    first_eof: list[str] = []
+
+    def finish(end: str, detail: str = "") -> None:
+        control.stop(end, detail)
+
+    async def pump(
+        src: trio.abc.HalfCloseableStream,
+        dst: trio.abc.HalfCloseableStream,
+        src_name: str,
+        dst_name: str,
+        count: Callable[[int], None],
+        scope: trio.CancelScope,
+    ) -> None:
+        while True:
+            try:
+                data = await src.receive_some(RELAY_CHUNK)
+            except TLSTruncatedError:
+                finish(f"{src_name}_truncated", f"{src_name} closed TCP without close_notify")
+                return
+            except _GONE as exc:
+                finish(f"{src_name}_error", str(exc))
+                return
+            if not data:
+                first_eof.append(src_name)
+                try:
+                    await dst.send_eof()
+                except _GONE as exc:
+                    finish(f"{dst_name}_error", str(exc))
+                return
+            try:
+                await dst.send_all(data)
+            except _GONE as exc:
+                finish(f"{dst_name}_error", str(exc))
+                return
+            count(len(data))
+            if watch_idle:
+                deadline = trio.current_time() + idle_timeout_s + slack
+                if deadline - scope.deadline > slack:
+                    scope.deadline = deadline
+
+    a_name, b_name = names
+    # One scope for the whole relay: an error in either pump, control.stop and
+    # the idle deadline all cancel it. One pump runs in this task.
+    with trio.CancelScope() as scope:
+        control._scope = scope
+        if control.end is not None:
+            scope.cancel()
+        if watch_idle:
+            scope.deadline = trio.current_time() + idle_timeout_s + slack
+        async with trio.open_nursery() as pumps:
+            pumps.start_soon(pump, b, a, b_name, a_name, on_bytes_from_b, scope)
+            await pump(a, b, a_name, b_name, on_bytes_from_a, scope)
+    control._scope = None
+    if control.end is not None:  # whoever ended it on purpose said why
+        return RelayOutcome(control.end, control.detail)
+    if scope.cancelled_caught:
+        return RelayOutcome(
+            "idle_timeout", f"no byte either way for idle_timeout_s={idle_timeout_s:g}"
+        )
+    return RelayOutcome(f"{first_eof[0]}_closed" if first_eof else "closed")

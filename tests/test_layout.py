@@ -1,0 +1,64 @@
+"""The gateway's rooms stay findable: size bounds, who imports whom, what each owns.
+
+Issue 14 split one ~850-line class into modules a newcomer can find; these
+checks keep it that way (tests/test_architecture.py guards edge/core/).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+EDGE = Path(__file__).resolve().parent.parent / "edge"
+# The rooms of the gateway and the modules split with them.
+ROOMS = (
+    "gateway.py",
+    "listen.py",
+    "admission.py",
+    "relay.py",
+    "reload.py",
+    "run.py",
+    "current.py",
+    "pools.py",
+    "dnslookup.py",
+    "core/snapshot.py",
+    "core/balance.py",
+    "core/pem.py",
+)
+MAX_MODULE_LINES = 600
+MAX_CLASS_LINES = 300
+
+
+def _tree(name: str) -> ast.Module:
+    return ast.parse((EDGE / name).read_text(), filename=name)
+
+
+@pytest.mark.parametrize("name", ROOMS)
+def test_room_size_and_docstring(name: str) -> None:
+    text = (EDGE / name).read_text()
+    assert len(text.splitlines()) <= MAX_MODULE_LINES
+    tree = _tree(name)
+    doc = ast.get_docstring(tree) or ""
+    assert "Owns" in doc and "Must never" in doc, f"{name}: say what it owns and must never do"
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            assert node.end_lineno is not None
+            assert node.end_lineno - node.lineno <= MAX_CLASS_LINES, f"{name}: {node.name}"
+
+
+def _imports(name: str) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(_tree(name)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return found
+
+
+@pytest.mark.parametrize("name", [r for r in ROOMS if not r.startswith("core/")])
+def test_no_gateway_room_imports_the_worker_supervisor(name: str) -> None:
+    assert "edge.workers" not in _imports(name), "the CLI chooses --workers"
