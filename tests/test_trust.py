@@ -735,7 +735,9 @@ def _resign_weak(cert: x509.Certificate, key: rsa.RSAPrivateKey, digest: str) ->
     return x509.load_der_x509_certificate(_der(0x30, tbs + algorithm + bits))
 
 
-def _one_partner(tmp_path: Path, domain: str, root: x509.Certificate, extra: str = "") -> PartnerTrust:
+def _one_partner(
+    tmp_path: Path, domain: str, root: x509.Certificate, extra: str = ""
+) -> PartnerTrust:
     _write(tmp_path / domain, "root.pem", certs_pem([root]))
     if extra:
         _write(tmp_path / domain, "policy.toml", extra)
