@@ -15,6 +15,7 @@ any command 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import json
 import sys
@@ -402,6 +403,9 @@ def _verify(args: argparse.Namespace) -> int:
             assert config is not None
             roots = config.identity.internal_root_certs
         verdict = ServerTrust(roots).verify_server(chain, args.name, at=at)
+        if args.partner is not None:
+            # DESIGN.md's line names whose roots judged it: "accepted partner=P".
+            verdict = dataclasses.replace(verdict, partner=args.partner)
 
     if args.json:
         print(json.dumps({"purpose": purpose, **verdict.as_dict()}, sort_keys=True))

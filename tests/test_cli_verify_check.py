@@ -150,7 +150,7 @@ def test_verify_server_purpose_with_partner_roots(site: Site) -> None:
         "verify", site.good_chain, "--policies", site.policies, "--partner", "fabrikam.com",
         "--purpose", "server", "--name", "sip.fabrikam.com",
     )  # fmt: skip
-    assert (result.returncode, result.stdout) == (0, "accepted\n")
+    assert (result.returncode, result.stdout) == (0, "accepted partner=fabrikam.com\n")
 
 
 @pytest.mark.parametrize(
