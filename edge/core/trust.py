@@ -96,6 +96,10 @@ class Verdict:
     # Accepted: the verified path, leaf first, ending with the trust anchor. Rejected
     # after the chain itself verified: that path too (for logs); otherwise empty.
     chain: tuple[x509.Certificate, ...] = field(default=(), repr=False)
+    # Accepted (client purpose): the leaf name that put it inside the partner's
+    # domains (a DNS SAN, the domain of a `sip:` URI SAN, or the CN of a SAN-less
+    # leaf), normalized. This, never the raw CN, is the identity passed on.
+    name: str | None = None
 
     @property
     def not_after(self) -> _dt.datetime | None:
@@ -570,11 +574,12 @@ def name_in_domains(name: str, domains: Iterable[str]) -> str | None:
     return None
 
 
-def _names_match(names: Sequence[str], policy: PartnerPolicy) -> str | None:
+def _names_match(names: Sequence[str], policy: PartnerPolicy) -> tuple[str, str] | None:
+    """(the leaf name, the partner domain it lies in) for the first name that fits."""
     for name in names:
         domain = name_in_domains(name, policy.domains)
         if domain is not None:
-            return f"{name} in {domain}"
+            return name, domain
     return None
 
 
@@ -807,7 +812,7 @@ class PartnerTrust:
             return _reject(revoked[0], revoked[1], pid, path)
         # Labels precomputed per anchor: formatting names costs as much as a lookup.
         anchor = entry.root_labels.get(path[-1]) or _subject(path[-1])
-        return _accept(f"{how}; anchor {anchor}", pid, path)
+        return Verdict(True, None, f"{how[0]} in {how[1]}; anchor {anchor}", pid, path, how[0])
 
     def _check_chain(
         self,
