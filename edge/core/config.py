@@ -173,6 +173,14 @@ class PolicySettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """`[tls]`: Mozilla's server-side TLS profile for every listener and dial."""
+
+    # "intermediate": TLS 1.2 (ECDHE + AEAD suites) and 1.3; "modern": TLS 1.3 only.
+    profile: Literal["intermediate", "modern"] = "intermediate"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     identity: Identity
@@ -183,6 +191,7 @@ class Config:
     policies: PolicySettings = PolicySettings()
     dns: Dns = Dns()
     revocation: RevocationSettings = RevocationSettings()
+    tls: TlsSettings = TlsSettings()
 
 
 def default_config_path() -> Path:
@@ -225,6 +234,7 @@ _TOP_KEYS = (
     "policies",
     "dns",
     "revocation",
+    "tls",
 )
 _IDENTITY_KEYS = ("public_cert", "public_key", "internal_cert", "internal_key", "internal_roots")
 _LISTENER_KEYS = ("name", "address", "mode", "policies", "pool")
@@ -778,6 +788,17 @@ class _Loader:
                     self.problem(f"revocation.{key}", f"must be a number > 0, not {_shown(value)}")
         return RevocationSettings(fetch=fetch, cache_dir=cache_dir, **numbers)
 
+    def tls_settings(self, data: Mapping[str, Any]) -> TlsSettings:
+        table = self.table(data, "tls", required=False)
+        if table is None:
+            return TlsSettings()
+        self.unknown_keys(table, ("profile",), "tls.")
+        profile = table.get("profile", "intermediate")
+        if profile == "intermediate" or profile == "modern":
+            return TlsSettings(profile=profile)
+        self.problem("tls.profile", f'must be "intermediate" or "modern", not {_shown(profile)}')
+        return TlsSettings()
+
     def load(self) -> Config:
         try:
             with self.path.open("rb") as f:
@@ -797,6 +818,7 @@ class _Loader:
         policy_settings = self.policy_settings(data)
         dns = self.dns(data)
         revocation = self.revocation_settings(data)
+        tls = self.tls_settings(data)
         if self.problems or identity is None:
             if not self.problems:  # defensive: never start on a half-built identity
                 self.problem("identity", "could not be loaded")
@@ -811,6 +833,7 @@ class _Loader:
             policies=policy_settings,
             dns=dns,
             revocation=revocation,
+            tls=tls,
         )
 
 
