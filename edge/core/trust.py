@@ -17,28 +17,69 @@ Theory of operation (client purpose)
    name. The partners whose anchors are named as the subject or issuer of any
    certificate the peer sent are the only candidates; with 50 partners a
    verification touches one or two stores, not 50.
-2. *Chain.* For each candidate, OpenSSL builds and checks the path against
-   that partner's anchors alone (signatures, validity at the given time,
-   basicConstraints, path length). OpenSSL's error code becomes a reason code.
-   `PARTIAL_CHAIN` is set: any CA certificate in a partner folder is an anchor,
-   so an operator may pin a partner's issuing CA instead of a public root. We
-   never set OpenSSL's CRL flags (one missing CRL would fail every chain).
+2. *Chain.* For each candidate, pyca/cryptography's webpki verifier
+   (`cryptography.x509.verification`, a `ClientVerifier` on a `Store` of that
+   partner's anchors alone) builds and checks the path: signatures, validity
+   at the given time (the anchor's too), basicConstraints, path length, name
+   constraints on DNS SANs, and the CA/Browser-Forum profile (AKI/SKI, key
+   usage, no v1 CAs, no name constraints on a leaf, well-formed names...).
+   Every certificate in a partner folder is an anchor, root or not (pinning).
+   Two deliberate exceptions to webpki for end entities (`_EE_POLICY`): the
+   subjectAltName may be absent (then the CN names the partner) and
+   extendedKeyUsage may be absent (clientAuth or none, step 4).
+   pyca reports a failure only as English text, so the *reason code* of a
+   failed chain comes from structure (`_diagnose`): OpenSSL's X509_V_ERR code
+   for the same chain against the same anchors (`X509StoreContext`:
+   `unknown_ca`, `expired`, `not_yet_valid`, `invalid_chain`), else our floor
+   and purpose checks, else it is a profile violation only pyca makes
+   (`invalid_chain`, pyca's message as detail). No text is ever parsed.
+   On the verified path, our own checks: the cryptographic floor
+   (`crypto_floor_problem`, `weak_crypto`: no MD5/SHA-1 signature below the
+   anchor, RSA >= 2048 bits, EC only P-256/384/521, by OID and key type), and
+   name constraints applied to the names the partner rules use beyond DNS
+   SANs (`sip:` URI SANs, a SAN-less CN; `_constraint_problem`). A verified
+   path is cached per (partner, chain) with its validity window: signatures
+   never change, only time does.
 3. *Names.* Among the partners whose chain verified, keep those with a leaf
    name inside one of their domains (DNS SANs, `sip:` URI SANs, the CN only
-   when there is no SAN extension).
-4. *Purpose.* The leaf's extendedKeyUsage must include clientAuth, or be
-   absent; an issuing CA's EKU, when present, must allow it too; the leaf must
-   not itself be a CA. Then more than one named partner is `ambiguous_partner`
-   (a configuration overlap the operator must fix; disabled partners count,
-   so disabling one never silently re-routes a certificate to another).
+   when there is no SAN extension). The name that matched is the verdict's
+   `name`: the identity passed on (PROXY v2 SSL_CN), never the raw CN.
+4. *Purpose* (ours, with a reason code): on each named partner's own path, the
+   leaf's extendedKeyUsage must include clientAuth, or be absent; every CA on
+   that path with an EKU, the anchor included, must allow it too (an
+   intermediate another partner pinned as its anchor is still checked); the
+   leaf must not itself be a CA. Then more than one named partner is
+   `ambiguous_partner` (a configuration overlap the operator must fix;
+   disabled partners count, so disabling one never silently re-routes a
+   certificate to another).
 5. *Authorization* of the one partner: disabled is `partner_disabled`; then
    revocation by that partner's CRLs, checked here in Python over the verified
    path (see `_revocation_problem`).
 When nothing is accepted the most specific failure wins: a candidate whose
 names match explains its own failure (an expired chain to the right root is
 `expired`), otherwise a chain that verified but matched no name is
-`name_mismatch`, otherwise the most specific chain error (`expired`,
-`not_yet_valid`, `invalid_chain` over `unknown_ca`).
+`name_mismatch`, otherwise the most specific chain error (`revoked`,
+`expired`, `not_yet_valid`, `weak_crypto`, `invalid_chain` over `unknown_ca`).
+A peer's certificate that cannot be parsed (malformed or duplicate
+extension) is `invalid_chain` before any of this.
+`Verdict.not_after` is the earliest notAfter over the verified path, anchor
+included: an admitted connection must be closed then.
+
+Servers (`ServerTrust`): pyca's `ServerVerifier` (webpki, SAN-only RFC 6125
+matching, no CN) on our roots, EKU serverAuth or none; failures get their
+reason code the same way (`_diagnose`, then service_identity for
+`name_mismatch`), and the same floor.
+
+Which check comes from which library:
+  pyca/cryptography verifier: path building, signatures, validity times,
+      basicConstraints/pathLen, DNS name constraints, webpki profile.
+  OpenSSL (X509StoreContext): only the reason code of a chain pyca refused.
+  this module: candidates, partner names (incl. `sip:` and CN rules), purpose,
+      the cryptographic floor, name constraints over `sip:`/CN names,
+      malformed/duplicate extensions, disabled, ambiguity, revocation.
+  service_identity: the server name match used to explain `name_mismatch`.
+In TLS (edge/tls.py) OpenSSL checks the same chain once more with every
+partner's anchors, only to choose the alert; the verdict is this module's.
 
 Thread safety: the stores and caches are only read, or updated with single
 dict operations, so repeated calls from one thread (the trio thread) are safe.
