@@ -121,7 +121,8 @@ callback (``_HandshakeJudge``):
 
 * collects the path OpenSSL walks (top down, one certificate per call);
 * on an error that is a fact about that path (unknown issuer, expired, not
-  yet valid, revoked, bad signature, not a CA, wrong purpose, key too small)
+  yet valid, revoked, bad signature, not a CA, wrong purpose, key too small,
+  MD5/SHA-1 signature below the anchor: OpenSSL security level 2)
   refuses at once, so OpenSSL's own code picks the alert: ``unknown_ca``,
   ``certificate_expired``, ``bad_certificate``, ``certificate_revoked``,
   ``decrypt_error``, ``unsupported_certificate``;
@@ -884,10 +885,11 @@ _DEFINITIVE_ERRORS = frozenset(
         26,  # unsupported certificate purpose           -> unsupported_certificate
         66,  # EE key too small                          -> bad_certificate
         67,  # CA key too small                          -> bad_certificate
+        68,  # CA signature digest too weak (MD5, SHA-1) -> bad_certificate
     }
 )
 # The codes the core reports for them.
-_OPENSSL_ONLY_REASONS = {66: Reason.WEAK_CRYPTO, 67: Reason.WEAK_CRYPTO}
+_OPENSSL_ONLY_REASONS = {66: Reason.WEAK_CRYPTO, 67: Reason.WEAK_CRYPTO, 68: Reason.WEAK_CRYPTO}
 
 
 @dataclass

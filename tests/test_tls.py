@@ -28,7 +28,7 @@ import trio
 import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
@@ -48,6 +48,7 @@ from edge.tls import (
     server_context,
 )
 from tests.conftest import TLSPKI, TLSIdentity
+from tests.test_trust import _leaf_under, _resign_weak, _rsa_root
 
 # Generous per-test ceiling: a hang fails in seconds, a slow CI box still passes.
 TIMEOUT = 20.0
@@ -1494,3 +1495,61 @@ async def test_client_refuses_a_server_below_the_floor(tmp_path: Path) -> None:
         await close_all(client)
         await trio.aclose_forcefully(server_tcp)
     assert isinstance(errors[1], TLSError), errors
+
+
+@needs_openssl
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+async def test_weak_signature_gets_bad_certificate_but_an_old_sha1_root_is_fine(
+    tmp_path: Path, version: str
+) -> None:
+    root, root_key = _rsa_root("Old SHA-1 Root")
+    # The anchor's own SHA-1 self-signature is below no one: it is trusted as configured.
+    sha1_root = _resign_weak(root, root_key, "sha1")
+    folder = tmp_path / "policies" / "old.example"
+    folder.mkdir(parents=True)
+    (folder / "root.pem").write_bytes(sha1_root.public_bytes(serialization.Encoding.PEM))
+    trust = PartnerTrust(load_policies(tmp_path / "policies"))
+    edge_leaf = CA.root("Edge Root").issue(dns=["localhost"])
+    ctx = server_context(
+        edge_leaf.chain, edge_leaf.key, require_client_cert=True, partner_trust=trust
+    )
+    verdicts: list[Verdict | None] = []
+
+    async def handler(transport: trio.SocketStream) -> None:
+        stream = TLSStream(transport, ctx, server_side=True)
+        with contextlib.suppress(TLSError):
+            await stream.do_handshake()
+        verdicts.append(stream.handshake_verdict)
+        await trio.aclose_forcefully(transport)
+
+    outputs = {}
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            for digest in ("sha256", "sha1"):
+                key = ec.generate_private_key(ec.SECP256R1())
+                leaf = _leaf_under(sha1_root, root_key, "sip.old.example", key.public_key())
+                if digest == "sha1":
+                    leaf = _resign_weak(leaf, root_key, "sha1")
+                cert_file, key_file = tmp_path / f"{digest}.pem", tmp_path / f"{digest}.key"
+                cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+                key_file.write_bytes(
+                    key.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    )
+                )
+                args = [version, "-cert", str(cert_file), "-key", str(key_file)]
+                # OpenSSL 3.0's own floor would refuse to send the SHA-1 certificate.
+                args += ["-cipher", "DEFAULT:@SECLEVEL=0"]
+                outputs[digest] = await _s_client(port, args)
+                while len(verdicts) < len(outputs):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    ok, weak = verdicts
+    assert ok is not None and ok.accepted, ok
+    assert " alert " not in outputs["sha256"]
+    assert weak is not None and weak.reason is Reason.WEAK_CRYPTO
+    assert "alert bad certificate" in outputs["sha1"]
