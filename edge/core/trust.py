@@ -752,6 +752,10 @@ class PartnerTrust:
                 if pid not in ids:
                     self._by_subject[root.subject] = (*ids, pid)
 
+    def clear_verified_paths(self) -> None:
+        """Forget every cached verified path (benchmarks: the cost of a new chain)."""
+        self._paths.clear()
+
     @property
     def all_roots(self) -> tuple[x509.Certificate, ...]:
         """Every partner's anchors once each (e.g. for the TLS CertificateRequest CA list)."""
