@@ -1069,7 +1069,7 @@ def _accept_at_tls_layer(conn: SSL.Connection, cert: X509, err: int, depth: int,
 def _meets_floor(conn: SSL.Connection, cert: X509, err: int, depth: int, ok: int) -> bool:
     """Verify callback for chains OpenSSL judges alone (pool members, servers we
     dial): OpenSSL's answer, and every key on the path above the cryptographic
-    floor (security level 2 leaves EC curves to us; DESIGN.md)."""
+    floor (security level 2 leaves EC curves to us)."""
     if not ok:
         return False
     try:

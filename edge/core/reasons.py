@@ -57,6 +57,6 @@ class Reason(enum.StrEnum):
     # A live connection's chain, re-checked after a policy reload, now identifies
     # a different partner than the one it was admitted as (a folder renamed).
     PARTNER_CHANGED = "partner_changed"
-    # A signature or key in the chain is below the cryptographic floor (DESIGN.md):
+    # A signature or key in the chain is below the cryptographic floor:
     # MD5/SHA-1 below the trust anchor, RSA under 2048 bits, EC other than P-256/384/521.
     WEAK_CRYPTO = "weak_crypto"
