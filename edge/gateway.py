@@ -99,7 +99,7 @@ class Gateway:
         """Load every policies folder the listeners name and build the snapshot.
 
         Broken partners are reported and left out; the gateway runs with the
-        partners that load (DESIGN.md). A missing folder, or a problem of the
+        partners that load. A missing folder, or a problem of the
         configuration as a whole (an address clash), is fatal.
         """
         config = self.config

@@ -1,9 +1,11 @@
 """TLS over any trio stream, on pyOpenSSL: the stream the whole gateway stands on.
 
 This module owns moving TLS records between an ``OpenSSL.SSL.Connection`` and a
-trio transport stream. It never decides whether a peer is trusted: the server
-side accepts any certificate *at the TLS layer* and hands the chain to the
-core (``edge.core.trust``), which decides before a single application byte is read.
+trio transport stream, and building the contexts. It never decides whether a
+peer is trusted: a partner-facing server context asks the core
+(``edge.core.trust``) from inside the handshake, through the verify callback,
+so a refused partner gets the TLS alert that says why (see "Verdict in the
+handshake" below); the verdict rides on ``TLSStream.handshake_verdict``.
 It never logs, and never sees payload bytes except to encrypt and decrypt them.
 
 General theory of operation
@@ -103,6 +105,47 @@ straight to the transport instead of asking OpenSSL again (``_drained``);
 and a memory BIO that gave less than asked for is empty, so draining the
 outgoing BIO takes one ``bio_read``. Each saves a call and an exception per
 record batch.
+
+Verdict in the handshake
+========================
+
+pyOpenSSL's verify callback sees one certificate at a time (inside it the
+server's ``get_peer_cert_chain()`` is still None: OpenSSL stores the chain
+only after verification), and when it returns False OpenSSL keeps its current
+``X509_V_ERR_*`` code and turns it into the alert (``ssl_x509err2alert``). So a
+partner-facing context (``server_context(partner_trust=...)``) gets a store
+whose errors mean something: every partner's anchors (``PARTIAL_CHAIN``: pinned
+issuing CAs are anchors) and the CRLs of partners whose revocation is not
+``off`` (``CRL_CHECK_ALL``, so a revoked certificate is error 23). The
+callback (``_HandshakeJudge``):
+
+* collects the path OpenSSL walks (top down, one certificate per call);
+* on an error that is a fact about that path (unknown issuer, expired, not
+  yet valid, revoked, bad signature, not a CA, wrong purpose, key too small,
+  MD5/SHA-1 signature below the anchor: OpenSSL security level 2)
+  refuses at once, so OpenSSL's own code picks the alert: ``unknown_ca``,
+  ``certificate_expired``, ``bad_certificate``, ``certificate_revoked``,
+  ``decrypt_error``, ``unsupported_certificate``;
+* overrules every other OpenSSL error (a missing CRL, a stale CRL, ...) and
+  lets the walk go on;
+* at the last call (depth 0, OpenSSL satisfied) asks the core,
+  ``PartnerTrust.verify_client``, on the walked path, and returns its answer.
+  OpenSSL's "ok" never accepts what the core rejects. A refusal only the core
+  sees (name outside the partner's domains, disabled, ambiguous, weak
+  signature, profile) has no X509 error of its own at that point: OpenSSL
+  3.0+ then reports ``X509_V_ERR_UNSPECIFIED``, alert ``internal_error``
+  (measured; see tests/test_tls.py). pyOpenSSL offers no public way to set
+  the error (``X509_STORE_CTX_set_error``) from the callback.
+
+The connection's verdict (the core's, or for an OpenSSL refusal one built
+from its error code) is kept for the gateway: ``TLSStream.handshake_verdict``.
+A completed handshake whose verdict is missing or not accepted must be
+treated as rejected (the gateway fails closed on it).
+
+Key exchange groups: pyOpenSSL cannot set them; ``edge/openssl.cnf`` (loaded
+through ``OPENSSL_CONF``, which ``edge/__init__.py`` sets before OpenSSL
+starts unless the operator set one) limits every context to X25519MLKEM768,
+X25519, P-256 and P-384 (Mozilla "intermediate", plus the hybrid).
 """
 
 from __future__ import annotations
@@ -111,18 +154,25 @@ import contextlib
 import enum
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL
+
+from edge.core.policies import Revocation
+from edge.core.reasons import Reason
+from edge.core.trust import PartnerTrust, Verdict, crypto_floor_problem, reason_for_openssl_error
 
 if TYPE_CHECKING:
     from OpenSSL.crypto import X509
 
 __all__ = [
     "MOZILLA_INTERMEDIATE_TLS12_CIPHERS",
+    "TLS_PROFILES",
     "HostnameMismatchError",
     "TLSError",
     "TLSStream",
@@ -165,6 +215,12 @@ MOZILLA_INTERMEDIATE_TLS12_CIPHERS = ":".join(
     ]
 )
 
+
+# `[tls] profile`: Mozilla's "intermediate" (TLS 1.2 and 1.3) or "modern" (TLS 1.3 only).
+TLS_PROFILES = ("intermediate", "modern")
+# OpenSSL security level 2 (112-bit): refuses RSA/DH keys under 2048 bits and
+# MD5/SHA-1 signatures in handshakes and in the chains OpenSSL verifies.
+_SECURITY_LEVEL = ":@SECLEVEL=2"
 
 # The private-key types pyOpenSSL can install in a Context.
 PrivateKey = (
@@ -356,6 +412,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """
         self._need_handshake("verified_chain")
         return list(self._conn.get_verified_chain(as_cryptography=True) or [])
+
+    @property
+    def handshake_verdict(self) -> Verdict | None:
+        """The core's verdict reached inside the handshake (a context built with
+        ``server_context(partner_trust=...)``), readable after a failed handshake
+        too (why it was refused). None when no verdict was reached: treat that,
+        and any verdict not accepted, as a refusal."""
+        return handshake_verdict(self._conn)
 
     @property
     def version(self) -> str:
@@ -777,18 +841,21 @@ def _is_ip_address(value: str) -> bool:
 def _base_context(
     chain: Sequence[x509.Certificate] | None,
     key: PrivateKey | None,
+    profile: str = "intermediate",
 ) -> SSL.Context:
+    if profile not in TLS_PROFILES:
+        raise ValueError(f"unknown TLS profile {profile!r} (one of {', '.join(TLS_PROFILES)})")
     ctx = SSL.Context(SSL.TLS_METHOD)
-    ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_min_proto_version(SSL.TLS1_3_VERSION if profile == "modern" else SSL.TLS1_2_VERSION)
     ctx.set_options(
         SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE
     )
-    ctx.set_cipher_list(MOZILLA_INTERMEDIATE_TLS12_CIPHERS.encode("ascii"))
+    ctx.set_cipher_list((MOZILLA_INTERMEDIATE_TLS12_CIPHERS + _SECURITY_LEVEL).encode("ascii"))
     # Give OpenSSL's record buffers (about 17 KiB each way per connection) back
     # whenever they are empty: an idle connection then holds none.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    # Key-exchange groups: pyOpenSSL has no call to choose them; OpenSSL's
-    # defaults (X25519MLKEM768, X25519, P-256, P-384, ...) are what we want.
+    # Key-exchange groups: pyOpenSSL has no call to choose them; edge/openssl.cnf
+    # (OPENSSL_CONF, see the module docstring) limits them for every context.
     if chain:
         ctx.use_certificate(chain[0])
         for extra in chain[1:]:
@@ -800,11 +867,143 @@ def _base_context(
     return ctx
 
 
-def _accept_at_tls_layer(conn: SSL.Connection, cert: X509, err: int, depth: int, ok: int) -> bool:
-    # Authorization is the core's job (edge.core.trust), per partner, right after
-    # the handshake and before any application byte is read; OpenSSL's single
-    # store cannot express "partner A's roots for partner A's names only".
-    return True
+# X509_V_ERR_* codes that are facts about the path OpenSSL built from the partners'
+# anchors; refusing on them lets OpenSSL's alert say why (module docstring).
+_DEFINITIVE_ERRORS = frozenset(
+    {
+        2,  # unable to get issuer certificate          -> unknown_ca
+        7,  # certificate signature failure              -> decrypt_error
+        9,  # certificate is not yet valid               -> bad_certificate
+        10,  # certificate has expired                   -> certificate_expired
+        18,  # self-signed leaf                          -> unknown_ca
+        19,  # self-signed certificate in chain          -> unknown_ca
+        20,  # unable to get local issuer certificate    -> unknown_ca
+        21,  # unable to verify the first certificate    -> unknown_ca
+        23,  # certificate revoked                       -> certificate_revoked
+        24,  # invalid CA certificate                    -> unknown_ca
+        25,  # path length constraint exceeded           -> unknown_ca
+        26,  # unsupported certificate purpose           -> unsupported_certificate
+        66,  # EE key too small                          -> bad_certificate
+        67,  # CA key too small                          -> bad_certificate
+        68,  # CA signature digest too weak (MD5, SHA-1) -> bad_certificate
+    }
+)
+# The codes the core reports for them.
+_OPENSSL_ONLY_REASONS = {66: Reason.WEAK_CRYPTO, 67: Reason.WEAK_CRYPTO, 68: Reason.WEAK_CRYPTO}
+
+
+@dataclass
+class _Judgement:
+    """One connection's verification in progress: the path walked so far (by
+    depth) and, once decided, the verdict."""
+
+    path: dict[int, x509.Certificate] = field(default_factory=dict)
+    verdict: Verdict | None = None
+
+
+# Connection -> its judgement; weak, so a finished connection leaves nothing behind.
+_JUDGEMENTS: weakref.WeakKeyDictionary[SSL.Connection, _Judgement] = weakref.WeakKeyDictionary()
+
+
+class _HandshakeJudge:
+    """The verify callback of a partner-facing context: the core decides, inside
+    the handshake (see "Verdict in the handshake" in the module docstring).
+
+    It never raises (pyOpenSSL would re-raise out of the handshake instead of
+    sending an alert): anything unexpected is a refusal."""
+
+    def __init__(self, trust: PartnerTrust) -> None:
+        self.trust = trust
+
+    def __call__(self, conn: SSL.Connection, cert: X509, err: int, depth: int, ok: int) -> bool:
+        judgement = _JUDGEMENTS.get(conn)
+        if judgement is None:
+            judgement = _JUDGEMENTS[conn] = _Judgement()
+        if judgement.verdict is not None:
+            # Decided: later calls (OpenSSL's name-constraint pass) change nothing.
+            return judgement.verdict.accepted
+        try:
+            return self._judge(judgement, cert, err, depth, ok)
+        except Exception as exc:  # fail closed, never raise into OpenSSL
+            judgement.verdict = Verdict(
+                False,
+                Reason.INTERNAL_ERROR,
+                f"verification failed inside the handshake: {type(exc).__name__}",
+            )
+            return False
+
+    def _judge(self, judgement: _Judgement, cert: X509, err: int, depth: int, ok: int) -> bool:
+        if not 0 <= depth <= 2 * MAX_VERIFY_DEPTH:
+            raise ValueError(f"depth {depth} out of range")
+        judgement.path[depth] = cert.to_cryptography()
+        if not ok and err in _DEFINITIVE_ERRORS:
+            if (
+                depth == 0
+                and len(judgement.path) >= 2
+                and max(judgement.path) == len(judgement.path) - 1
+            ):
+                # OpenSSL's walk has reached the leaf: the whole path is known, so
+                # the core decides (it may know a path OpenSSL did not build); the
+                # alert stays OpenSSL's.
+                chain = [judgement.path[d] for d in sorted(judgement.path)]
+                judgement.verdict = self.trust.verify_client(chain)
+                return judgement.verdict.accepted
+            # Earlier (building the path, checking CRLs) only this certificate is
+            # known: OpenSSL's fact about it is the verdict.
+            reason = _OPENSSL_ONLY_REASONS.get(err) or reason_for_openssl_error(err)
+            judgement.verdict = Verdict(
+                False,
+                reason,
+                f"refused in the TLS handshake: OpenSSL verify error {err} at depth {depth} "
+                f"(certificate {_short_subject(judgement.path[depth])})",
+            )
+            return False
+        if ok and depth == 0:
+            chain = [judgement.path[d] for d in sorted(judgement.path)]
+            judgement.verdict = self.trust.verify_client(chain)
+            return judgement.verdict.accepted
+        return True  # an error the core may overrule, or a certificate above the leaf
+
+
+def handshake_verdict(conn: SSL.Connection) -> Verdict | None:
+    """The verdict reached inside `conn`'s handshake, or None (no partner-facing
+    context, or the peer sent no certificate)."""
+    judgement = _JUDGEMENTS.get(conn)
+    return None if judgement is None else judgement.verdict
+
+
+# Longest path the store will build (leaf + intermediates + anchor), as the core.
+MAX_VERIFY_DEPTH = 8
+
+
+def _short_subject(cert: x509.Certificate) -> str:
+    text = cert.subject.rfc4514_string()[:120]
+    return "".join(ch if ch.isprintable() else "?" for ch in text) or "(empty subject)"
+
+
+def _partner_store(ctx: SSL.Context, trust: PartnerTrust) -> None:
+    """Every partner's anchors, and the CRLs of partners that check revocation: the
+    store only picks OpenSSL's error (hence the alert); the core decides per partner."""
+    from OpenSSL import crypto
+
+    store = ctx.get_cert_store()
+    assert store is not None
+    for root in trust.all_roots:
+        store.add_cert(crypto.X509.from_cryptography(root))
+    flags = crypto.X509StoreFlags.PARTIAL_CHAIN
+    # CRLs do not hash; a CRL shared by partners (a public CA) goes in once, by DER.
+    crls = {
+        crl.public_bytes(serialization.Encoding.DER): crl
+        for policy in trust.snapshot.partners.values()
+        if policy.revocation is not Revocation.OFF
+        for crl in policy.crls
+    }
+    for crl in crls.values():
+        store.add_crl(crl)
+    if crls:
+        flags |= crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL
+    store.set_flags(flags)
+    ctx.set_verify_depth(MAX_VERIFY_DEPTH)
 
 
 def server_context(
@@ -814,25 +1013,31 @@ def server_context(
     require_client_cert: bool,
     client_ca_names: Sequence[x509.Certificate] = (),
     client_roots: Sequence[x509.Certificate] = (),
+    partner_trust: PartnerTrust | None = None,
+    profile: str = "intermediate",
 ) -> SSL.Context:
     """A hardened server context.
 
     ``require_client_cert`` makes the handshake fail when the client sends no
-    certificate; the certificate it does send is *not* judged here (see
-    ``_accept_at_tls_layer``): call ``edge.core.trust`` on ``TLSStream.peer_chain``.
+    certificate. ``partner_trust`` (partner-facing mtls listeners): the core
+    judges the client's chain inside the handshake and a refusal sends the
+    alert that says why; read the verdict with ``TLSStream.handshake_verdict``
+    (build a new context when the policy snapshot changes).
     ``client_ca_names``: certificates whose subjects are advertised in the
-    CertificateRequest (the partner roots), so clients with several
-    certificates pick the right one.
+    CertificateRequest (the partner roots; default: ``partner_trust``'s
+    anchors), so clients with several certificates pick the right one.
 
     ``client_roots``: when given (with ``require_client_cert``), OpenSSL
     itself verifies the client's chain against these roots and fails the
-    handshake otherwise, as a pool member does with the enterprise CA; the
-    partner-facing listeners leave it empty and use the core instead.
+    handshake otherwise, as a pool member does with the enterprise CA.
+
+    ``profile``: ``"intermediate"`` (TLS 1.2 and 1.3) or ``"modern"`` (TLS 1.3
+    only), Mozilla's server-side TLS recommendations.
 
     Session resumption is off: a resumed session would skip the certificate
     exchange, and with it authorization (nginx CVE-2025-23419).
     """
-    ctx = _base_context(chain, key)
+    ctx = _base_context(chain, key, profile)
     ctx.set_session_id(b"edge-federation")
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_options(SSL.OP_NO_TICKET)
@@ -840,8 +1045,15 @@ def server_context(
         mode = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
         if client_roots:
             _add_roots(ctx, client_roots)
-            ctx.set_verify(mode)
+            ctx.set_verify(mode, _meets_floor)
+        elif partner_trust is not None:
+            _partner_store(ctx, partner_trust)
+            ctx.set_verify(mode, _HandshakeJudge(partner_trust))
+            client_ca_names = client_ca_names or partner_trust.all_roots
         else:
+            # No judge given: any certificate passes the TLS layer and the caller
+            # must run the core on ``peer_chain`` before reading a byte (no alert
+            # says why). Partner-facing listeners should pass ``partner_trust``.
             ctx.set_verify(mode, _accept_at_tls_layer)
         for ca in client_ca_names or client_roots:
             ctx.add_client_ca(ca)
@@ -850,12 +1062,29 @@ def server_context(
     return ctx
 
 
+def _accept_at_tls_layer(conn: SSL.Connection, cert: X509, err: int, depth: int, ok: int) -> bool:
+    return True
+
+
+def _meets_floor(conn: SSL.Connection, cert: X509, err: int, depth: int, ok: int) -> bool:
+    """Verify callback for chains OpenSSL judges alone (pool members, servers we
+    dial): OpenSSL's answer, and every key on the path above the cryptographic
+    floor (security level 2 leaves EC curves to us)."""
+    if not ok:
+        return False
+    try:
+        return crypto_floor_problem([cert.to_cryptography()]) is None
+    except Exception:  # an unreadable certificate fails closed
+        return False
+
+
 def client_context(
     roots: Sequence[x509.Certificate],
     chain: Sequence[x509.Certificate] | None = None,
     key: PrivateKey | None = None,
     *,
     resume_sessions: bool = False,
+    profile: str = "intermediate",
 ) -> SSL.Context:
     """A hardened client context that verifies the server against ``roots``.
 
@@ -869,9 +1098,9 @@ def client_context(
     """
     if not roots:
         raise ValueError("a client context needs at least one trusted root")
-    ctx = _base_context(chain, key)
+    ctx = _base_context(chain, key, profile)
     _add_roots(ctx, roots)
-    ctx.set_verify(SSL.VERIFY_PEER)
+    ctx.set_verify(SSL.VERIFY_PEER, _meets_floor)
     if resume_sessions:
         _SESSIONS[ctx] = {}
     return ctx

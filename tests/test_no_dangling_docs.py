@@ -31,7 +31,6 @@ OUTSIDE_MENTIONS: dict[str, str] = {
     "README.md": "README slimmed by the lead after merge",
     "edge/cli.py": "docstring: point at docs/reference/cli.md (owner of edge/cli.py)",
     "edge/metrics.py": "docstring: point at docs/reference/metrics.md (owner of edge/metrics.py)",
-    "edge/gateway.py": "docstring: gateway is being split; the split modules drop the mention",
     "edge/core/reasons.py": "docstring: point at docs/reference/reason-codes.md",
     "edge/core/policies.py": "docstrings: point at docs/partners.md",
     "edge/core/trust.py": "docstring: point at docs/partners.md",

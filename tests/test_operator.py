@@ -738,6 +738,7 @@ def test_example_config_documents_every_key() -> None:
         "dns": config_module._DNS_KEYS,
         "revocation": config_module._REVOCATION_KEYS,
         "sip": config_module._SIP_KEYS,
+        "tls": config_module._TLS_KEYS,
     }
     assert set(schema) == set(config_module._TOP_KEYS)
     known_tuples = {n for n in dir(config_module) if re.fullmatch(r"_[A-Z_]+_KEYS", n)}
@@ -752,6 +753,7 @@ def test_example_config_documents_every_key() -> None:
         "_DNS_KEYS",
         "_REVOCATION_KEYS",
         "_SIP_KEYS",
+        "_TLS_KEYS",
     }, "a new _*_KEYS tuple: add it to this test's schema"
     for table, keys in schema.items():
         missing = set(keys) - sections.get(table, set())

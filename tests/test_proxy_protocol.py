@@ -10,12 +10,14 @@ from __future__ import annotations
 import socket
 import struct
 from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
 
 import pytest
 from proxyprotocol.result import ProxyResultIPv4, ProxyResultIPv6, ProxyResultLocal
 from proxyprotocol.tlv import ProxyProtocolSSLTLV
 from proxyprotocol.v2 import ProxyProtocolV2
 
+from edge.core.policies import load_policies
 from edge.core.proxy_protocol import (
     PP2_CLIENT_CERT_CONN,
     PP2_CLIENT_SSL,
@@ -26,9 +28,14 @@ from edge.core.proxy_protocol import (
     PP2_TYPE_SSL,
     SIGNATURE,
     ProxyInfo,
+    authorized_identity,
     encode_local,
     encode_v2,
+    host_name_or_none,
 )
+from edge.core.reasons import Reason
+from edge.core.trust import PartnerTrust, Verdict
+from edge.pki import CA, Leaf
 
 INFO = ProxyInfo(
     source=("192.0.2.10", 40123),
@@ -101,7 +108,7 @@ def test_local_header_for_health_checks() -> None:
     assert not result.proxied
 
 
-def test_utf8_partner_and_cn() -> None:
+def test_utf8_partner_but_only_host_names_as_cn() -> None:
     info = ProxyInfo(
         source=("127.0.0.1", 1),
         destination=("127.0.0.1", 2),
@@ -112,12 +119,97 @@ def test_utf8_partner_and_cn() -> None:
     )
     tlv = ProxyProtocolV2().unpack(encode_v2(info)).tlv
     assert tlv[PP2_TYPE_EDGE_PARTNER].decode() == "bücher.example"
-    assert ProxyProtocolSSLTLV(tlv[PP2_TYPE_SSL]).cn == "Zürich Gateway"
+    ssl = ProxyProtocolSSLTLV(tlv[PP2_TYPE_SSL])
+    assert ssl.cn is None and ssl.verified  # not a host name: left out, not repaired
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "sip.fabrikam.com\x00.evil",
+        "sip.fabrikam.com\r\nX-Injected: 1",
+        "a" * 65_500,
+        ("a" * 63 + ".") * 4 + "com",  # 256 bytes: longer than a DNS name can be
+        "-sip.fabrikam.com",
+        "sip..fabrikam.com",
+        "sip fabrikam com",
+        "bücher.example",  # U-label: SNI carries A-labels (RFC 6066)
+    ],
+)
+def test_peer_strings_are_bounded_and_clean(hostile: str) -> None:
+    info = ProxyInfo(
+        source=("127.0.0.1", 1),
+        destination=("127.0.0.1", 2),
+        sni=hostile,
+        client_cn=hostile,
+        client_cert=True,
+        cert_verified=True,
+    )
+    header = encode_v2(info)  # never an exception (the 65,500-byte CN overflowed)
+    assert len(header) < 100
+    tlv = ProxyProtocolV2().unpack(header).tlv
+    assert tlv.authority is None
+    assert tlv.ssl.cn is None
+
+
+def test_host_names_normalized() -> None:
+    assert host_name_or_none("SIP.Fabrikam.COM.") == "sip.fabrikam.com"
+    assert host_name_or_none("*.fabrikam.com") is None
+    assert host_name_or_none("*.fabrikam.com", wildcard=True) == "*.fabrikam.com"
+    assert host_name_or_none("a" * 63 + ".example") == "a" * 63 + ".example"
+    assert host_name_or_none("a" * 64 + ".example") is None
+    assert host_name_or_none(None) is None
+
+
+def _partner_verdict(tmp_path: Path, leaf: Leaf, root: CA) -> Verdict:
+    folder = tmp_path / "fabrikam.com"
+    folder.mkdir()
+    (folder / "root.pem").write_bytes(root.cert_pem())
+    return PartnerTrust(load_policies(tmp_path)).verify_client(leaf.chain)
+
+
+def test_ssl_cn_is_the_authorized_san_not_the_raw_cn(tmp_path: Path) -> None:
+    root = CA.root("Fabrikam Root")
+    # The partner CA put another company's name in the CN (issue 15).
+    leaf = root.issue(dns=["sip.fabrikam.com"], common_name="sip.litware.com")
+    verdict = _partner_verdict(tmp_path, leaf, root)
+    assert verdict.accepted, verdict.line
+    cn, authority = authorized_identity(verdict, "Edge.Contoso.Example")
+    assert (cn, authority) == ("sip.fabrikam.com", "edge.contoso.example")
+    info = ProxyInfo(
+        source=("127.0.0.1", 1),
+        destination=("127.0.0.1", 2),
+        sni=authority,
+        client_cn=cn,
+        partner=verdict.partner,
+        client_cert=True,
+        cert_verified=True,
+    )
+    ssl = ProxyProtocolV2().unpack(encode_v2(info)).tlv.ssl
+    assert ssl.cn == "sip.fabrikam.com" and ssl.verified
+
+
+def test_ssl_cn_from_a_sip_uri_san(tmp_path: Path) -> None:
+    root = CA.root("Fabrikam Root")
+    leaf = root.issue(uris=["sip:Fabrikam.com"], common_name="whatever\r\n")
+    verdict = _partner_verdict(tmp_path, leaf, root)
+    assert verdict.accepted, verdict.line
+    assert authorized_identity(verdict, None) == ("fabrikam.com", None)
+
+
+def test_rejected_verdict_carries_no_identity(tmp_path: Path) -> None:
+    root = CA.root("Fabrikam Root")
+    leaf = root.issue(dns=["sip.litware.com"])
+    verdict = _partner_verdict(tmp_path, leaf, root)
+    assert verdict.reason is Reason.NAME_MISMATCH
+    assert authorized_identity(verdict, "sip\x00bad") == (None, None)
 
 
 def test_oversized_values_are_refused_not_truncated() -> None:
-    with pytest.raises(ValueError, match="max 65535"):
-        encode_v2(ProxyInfo(source=("127.0.0.1", 1), destination=("127.0.0.1", 2), sni="a" * 70000))
+    with pytest.raises(ValueError, match="partner id"):
+        encode_v2(
+            ProxyInfo(source=("127.0.0.1", 1), destination=("127.0.0.1", 2), partner="p" * 300)
+        )
     with pytest.raises(ValueError, match="port"):
         encode_v2(ProxyInfo(source=("127.0.0.1", 70000), destination=("127.0.0.1", 2)))
 

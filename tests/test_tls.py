@@ -7,23 +7,36 @@ wrapped in ``trio.fail_after`` so that a hang fails the test instead of CI.
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import hashlib
+import os
 import random
 import re
 import shutil
 import socket
 import ssl
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
+from edge.core.config import _Loader
+from edge.core.policies import load_policies
+from edge.core.reasons import Reason
+from edge.core.trust import PartnerTrust, Verdict
+from edge.pki import CA, Leaf
 from edge.tls import (
     MOZILLA_INTERMEDIATE_TLS12_CIPHERS,
     HostnameMismatchError,
@@ -31,9 +44,11 @@ from edge.tls import (
     TLSStream,
     TLSTruncatedError,
     client_context,
+    handshake_verdict,
     server_context,
 )
 from tests.conftest import TLSPKI, TLSIdentity
+from tests.test_trust import _leaf_under, _resign_weak, _rsa_root
 
 # Generous per-test ceiling: a hang fails in seconds, a slow CI box still passes.
 TIMEOUT = 20.0
@@ -1173,3 +1188,368 @@ async def test_interop_our_client_against_openssl_s_server(
             assert await process.wait() == 0
         finally:
             await _stop(process)
+
+
+# ----------------------------------------------------------------------
+# Issue 15: the verdict inside the handshake, with the alert that says why
+
+
+@dataclass
+class PartnerSite:
+    trust: PartnerTrust
+    server: Leaf  # the edge's own certificate
+    server_root: x509.Certificate
+    leaves: dict[str, Leaf]  # situation -> the partner certificate that shows it
+
+
+@pytest.fixture(scope="module")
+def partner_site(tmp_path_factory: pytest.TempPathFactory) -> PartnerSite:
+    folder = tmp_path_factory.mktemp("partners")
+    root = CA.root("Fabrikam Root")
+    issuing = root.intermediate("Fabrikam Issuing")
+    revoked = issuing.issue(dns=["sip.fabrikam.com"])
+    fab = folder / "fabrikam.com"
+    fab.mkdir()
+    (fab / "root.pem").write_bytes(root.cert_pem())
+    crl = issuing.crl([revoked.cert.serial_number])
+    (fab / "issuing.crl").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    # A partner without CRLs: OpenSSL's "unable to get CRL" must be overruled.
+    contoso = CA.root("Contoso Root")
+    (folder / "contoso.com").mkdir()
+    (folder / "contoso.com" / "root.pem").write_bytes(contoso.cert_pem())
+    snapshot = load_policies(folder)
+    assert not snapshot.broken
+    now = dt.datetime.now(dt.UTC)
+    leaves = {
+        "ok": issuing.issue(dns=["sip.fabrikam.com"]),
+        "ok-no-crl": contoso.issue(dns=["sip.contoso.com"]),
+        "unknown_ca": CA.root("Stranger Root").issue(dns=["sip.fabrikam.com"]),
+        "expired": issuing.issue(dns=["sip.fabrikam.com"], not_after=now - dt.timedelta(days=1)),
+        "revoked": revoked,
+        "name_mismatch": issuing.issue(dns=["sip.litware.com"]),
+    }
+    edge_root = CA.root("Edge Root")
+    server = edge_root.issue(dns=["localhost"])
+    return PartnerSite(PartnerTrust(snapshot), server, edge_root.cert, leaves)
+
+
+async def _s_client(port: int, args: list[str], timeout: float = 10.0) -> str:
+    """openssl s_client's whole output. -ign_eof keeps it reading after the
+    handshake, so a TLS 1.3 client (whose handshake completes before the server
+    judged its certificate) sees the alert too; the server closes either way."""
+    assert OPENSSL is not None
+    with trio.fail_after(timeout):
+        result = await trio.run_process(
+            [OPENSSL, "s_client", "-connect", f"127.0.0.1:{port}", "-ign_eof", *args],
+            stdin=b"",
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    return (result.stdout + result.stderr).decode("utf-8", "replace")
+
+
+# OpenSSL 3.0's s_client wording for each alert.
+EXPECTED_ALERT = {
+    "unknown_ca": "alert unknown ca",  # 48
+    "expired": "alert certificate expired",  # 45
+    "revoked": "alert certificate revoked",  # 44
+    # No X509 error of its own exists at the point only the core can see this:
+    # OpenSSL 3.0+ reports X509_V_ERR_UNSPECIFIED (see edge/tls.py).
+    "name_mismatch": "alert internal error",  # 80
+}
+
+
+@needs_openssl
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+@pytest.mark.parametrize("case", ["ok", "ok-no-crl", *EXPECTED_ALERT])
+async def test_partner_verdict_inside_the_handshake(
+    partner_site: PartnerSite, tmp_path: Path, version: str, case: str
+) -> None:
+    ctx = server_context(
+        partner_site.server.chain,
+        partner_site.server.key,
+        require_client_cert=True,
+        partner_trust=partner_site.trust,
+    )
+    verdicts: list[Verdict | None] = []
+
+    async def handler(transport: trio.SocketStream) -> None:
+        stream = TLSStream(transport, ctx, server_side=True)
+        try:
+            await stream.do_handshake()
+            verdict = stream.handshake_verdict
+            # The gateway's rule: no byte unless the verdict accepted.
+            if verdict is not None and verdict.accepted:
+                await stream.send_all(b"WELCOME\n")
+        except TLSError:
+            pass
+        finally:
+            verdicts.append(stream.handshake_verdict)
+            await trio.aclose_forcefully(transport)
+
+    leaf_file, key_file = partner_site.leaves[case].write(tmp_path, case)
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            args = [version, "-cert", str(leaf_file), "-cert_chain", str(leaf_file)]
+            output = await _s_client(port, [*args, "-key", str(key_file)])
+            while not verdicts:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    verdict = verdicts[0]
+    assert verdict is not None
+    if case.startswith("ok"):
+        assert verdict.accepted, verdict.line
+        assert "WELCOME" in output
+        assert " alert " not in output
+    else:
+        assert verdict.reason == Reason(case), verdict.line
+        assert EXPECTED_ALERT[case] in output, output
+        assert "WELCOME" not in output  # no byte before (and without) the verdict
+
+
+async def test_handshake_verdict_reaches_our_own_client(
+    partner_site: PartnerSite, tls_pki: TLSPKI
+) -> None:
+    ctx = server_context(
+        partner_site.server.chain,
+        partner_site.server.key,
+        require_client_cert=True,
+        partner_trust=partner_site.trust,
+    )
+    leaf = partner_site.leaves["expired"]
+    client_ctx = client_context([partner_site.server_root], leaf.chain, leaf.key)
+    client_ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    with trio.fail_after(TIMEOUT):
+        server_tcp, client_tcp = await tcp_pair()
+        server = TLSStream(server_tcp, ctx, server_side=True)
+        client = TLSStream(client_tcp, client_ctx, server_side=False, check_hostname=False)
+        errors = await both(server.do_handshake, client.do_handshake)
+        await close_all(server, client)
+    assert isinstance(errors[0], TLSError) and isinstance(errors[1], TLSError)
+    assert "certificate expired" in str(errors[1])
+    verdict = server.handshake_verdict
+    assert verdict is not None and verdict.reason is Reason.EXPIRED
+
+
+def test_no_judge_no_verdict(tls_pki: TLSPKI) -> None:
+    ctx = make_server_ctx(tls_pki)  # legacy: the caller runs the core after the handshake
+    conn = SSL.Connection(ctx, None)
+    assert handshake_verdict(conn) is None
+
+
+# Run in a fresh interpreter: OPENSSL_CONF must be set before OpenSSL starts,
+# which `import edge` does first thing (pytest's own process imported
+# cryptography before edge, so it cannot show this).
+_GROUP_SERVER = """
+import sys
+from functools import partial
+import trio
+import edge
+from edge.pki import CA
+from edge.tls import TLSStream, server_context
+
+leaf = CA.root("Edge Root").issue(dns=["localhost"])
+ctx = server_context(leaf.chain, leaf.key, require_client_cert=False)
+
+async def handler(transport):
+    stream = TLSStream(transport, ctx, server_side=True)
+    try:
+        await stream.do_handshake()
+        await stream.send_all(b"hello\\n")
+    except Exception:
+        pass
+    await trio.aclose_forcefully(transport)
+
+async def main():
+    with trio.move_on_after(60):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+            print(listeners[0].socket.getsockname()[1], flush=True)
+            await trio.to_thread.run_sync(sys.stdin.read)
+            nursery.cancel_scope.cancel()
+
+trio.run(main)
+"""
+
+
+@needs_openssl
+async def test_key_exchange_groups_are_mozilla_intermediate() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OPENSSL_CONF"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    with trio.fail_after(TIMEOUT * 2):
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-c", _GROUP_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+        )
+        try:
+            assert process.stdout is not None and process.stdin is not None
+            port = int(await _read_until(process.stdout, b"\n"))
+            offered = {}
+            for group in ("X25519", "P-256", "P-384", "X448", "P-521", "ffdhe2048"):
+                output = await _s_client(port, ["-groups", group, "-brief"])
+                offered[group] = "CONNECTION ESTABLISHED" in output
+            await process.stdin.aclose()
+        finally:
+            await _stop(process)
+    assert offered == {
+        "X25519": True,
+        "P-256": True,
+        "P-384": True,
+        "X448": False,
+        "P-521": False,
+        "ffdhe2048": False,
+    }
+
+
+@needs_openssl
+@pytest.mark.parametrize(("version", "accepted"), [("-tls1_2", False), ("-tls1_3", True)])
+async def test_modern_profile_is_tls_1_3_only(
+    tls_pki: TLSPKI, version: str, accepted: bool
+) -> None:
+    ctx = server_context(
+        tls_pki.server.chain, tls_pki.server.key, require_client_cert=False, profile="modern"
+    )
+
+    async def handler(transport: trio.SocketStream) -> None:
+        stream = TLSStream(transport, ctx, server_side=True)
+        with contextlib.suppress(TLSError):
+            await stream.do_handshake()
+        await trio.aclose_forcefully(transport)
+
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+            output = await _s_client(listeners[0].socket.getsockname()[1], [version, "-brief"])
+            nursery.cancel_scope.cancel()
+    assert ("CONNECTION ESTABLISHED" in output) is accepted, output
+    if not accepted:
+        assert "alert protocol version" in output
+
+
+def test_unknown_profile_is_refused(tls_pki: TLSPKI) -> None:
+    with pytest.raises(ValueError, match="unknown TLS profile"):
+        server_context(
+            tls_pki.server.chain, tls_pki.server.key, require_client_cert=False, profile="old"
+        )
+
+
+@pytest.mark.parametrize(
+    ("table", "profile", "problem"),
+    [
+        ({}, "intermediate", None),
+        ({"tls": {"profile": "modern"}}, "modern", None),
+        ({"tls": {"profile": "old"}}, "intermediate", 'tls.profile: must be "intermediate"'),
+        ({"tls": {"profil": "modern"}}, "intermediate", "tls.profil"),
+    ],
+)
+def test_tls_profile_config_key(
+    tmp_path: Path, table: dict[str, object], profile: str, problem: str | None
+) -> None:
+    loader = _Loader(tmp_path / "edge.toml")
+    assert loader.tls_settings(table).profile == profile
+    if problem is None:
+        assert loader.problems == []
+    else:
+        assert len(loader.problems) == 1 and problem in loader.problems[0]
+
+
+async def test_client_refuses_a_server_below_the_floor(tmp_path: Path) -> None:
+    """The edge dialling a server whose chain holds an RSA-1024 key: refused."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    root = CA.root("Weak Member Root")
+    cert = (
+        root._builder(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fe1.corp.example")]),
+            key.public_key(),  # type: ignore[arg-type]
+            None,
+            None,
+        )
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("fe1.corp.example")]), False)
+        .sign(root.key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "weak.pem", tmp_path / "weak.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    weak_server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    weak_server.set_ciphers("DEFAULT:@SECLEVEL=0")  # the stdlib would refuse it too
+    weak_server.load_cert_chain(cert_file, key_file)
+    client_ctx = client_context([root.cert])
+    with trio.fail_after(TIMEOUT):
+        server_tcp, client_tcp = await tcp_pair()
+        server = trio.SSLStream(server_tcp, weak_server, server_side=True)
+        client = TLSStream(
+            client_tcp, client_ctx, server_side=False, server_hostname="fe1.corp.example"
+        )
+        errors = await both(server.do_handshake, client.do_handshake)
+        await close_all(client)
+        await trio.aclose_forcefully(server_tcp)
+    assert isinstance(errors[1], TLSError), errors
+
+
+@needs_openssl
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+async def test_weak_signature_gets_bad_certificate_but_an_old_sha1_root_is_fine(
+    tmp_path: Path, version: str
+) -> None:
+    root, root_key = _rsa_root("Old SHA-1 Root")
+    # The anchor's own SHA-1 self-signature is below no one: it is trusted as configured.
+    sha1_root = _resign_weak(root, root_key, "sha1")
+    folder = tmp_path / "policies" / "old.example"
+    folder.mkdir(parents=True)
+    (folder / "root.pem").write_bytes(sha1_root.public_bytes(serialization.Encoding.PEM))
+    trust = PartnerTrust(load_policies(tmp_path / "policies"))
+    edge_leaf = CA.root("Edge Root").issue(dns=["localhost"])
+    ctx = server_context(
+        edge_leaf.chain, edge_leaf.key, require_client_cert=True, partner_trust=trust
+    )
+    verdicts: list[Verdict | None] = []
+
+    async def handler(transport: trio.SocketStream) -> None:
+        stream = TLSStream(transport, ctx, server_side=True)
+        with contextlib.suppress(TLSError):
+            await stream.do_handshake()
+        verdicts.append(stream.handshake_verdict)
+        await trio.aclose_forcefully(transport)
+
+    outputs = {}
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            for digest in ("sha256", "sha1"):
+                key = ec.generate_private_key(ec.SECP256R1())
+                leaf = _leaf_under(sha1_root, root_key, "sip.old.example", key.public_key())
+                if digest == "sha1":
+                    leaf = _resign_weak(leaf, root_key, "sha1")
+                cert_file, key_file = tmp_path / f"{digest}.pem", tmp_path / f"{digest}.key"
+                cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+                key_file.write_bytes(
+                    key.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    )
+                )
+                args = [version, "-cert", str(cert_file), "-key", str(key_file)]
+                # OpenSSL 3.0's own floor would refuse to send the SHA-1 certificate.
+                args += ["-cipher", "DEFAULT:@SECLEVEL=0"]
+                outputs[digest] = await _s_client(port, args)
+                while len(verdicts) < len(outputs):
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    ok, weak = verdicts
+    assert ok is not None and ok.accepted, ok
+    assert " alert " not in outputs["sha256"]
+    assert weak is not None and weak.reason is Reason.WEAK_CRYPTO
+    assert "alert bad certificate" in outputs["sha1"]

@@ -7,13 +7,16 @@ A case's expectation is either "ok:<partner>" or the exact reason code.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge.core.policies import PolicySnapshot, load_policies
 from edge.core.reasons import Reason
@@ -644,3 +647,223 @@ def test_server_at_time(enterprise: tuple[CA, CA, ServerTrust]) -> None:
         Reason.EXPIRED
     )
     assert trust.verify_server((), "fe1.corp.example").reason is Reason.TLS_ERROR
+
+
+# --- issue 15: the cryptographic floor, profile checks, identity edges -----------------
+
+# DER of the signature algorithm OIDs we swap (same length, so the TBS stays well formed).
+_OID_RSA_SHA256 = bytes.fromhex("06092a864886f70d01010b")
+_WEAK_OIDS = {
+    "md5": bytes.fromhex("06092a864886f70d010104"),
+    "sha1": bytes.fromhex("06092a864886f70d010105"),
+}
+# PKCS#1 v1.5 DigestInfo prefixes (RFC 8017, section 9.2, note 1).
+_DIGEST_INFO = {
+    "md5": bytes.fromhex("3020300c06082a864886f70d020505000410"),
+    "sha1": bytes.fromhex("3021300906052b0e03021a05000414"),
+}
+
+
+def _der(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(raw)]) + raw
+    return bytes([tag]) + length + body
+
+
+def _rsa_root(common_name: str, bits: int = 2048) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + 30 * DAY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def _leaf_under(
+    issuer: x509.Certificate,
+    issuer_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+    dns: str,
+    public_key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey | None = None,
+) -> x509.Certificate:
+    if public_key is None:
+        public_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)]))
+        .issuer_name(issuer.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(NOW - DAY)
+        .not_valid_after(NOW + 10 * DAY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),  # type: ignore[arg-type]
+            critical=False,
+        )
+        .sign(issuer_key, hashes.SHA256())
+    )
+
+
+def _resign_weak(cert: x509.Certificate, key: rsa.RSAPrivateKey, digest: str) -> x509.Certificate:
+    """`cert` signed again with md5/sha1WithRSAEncryption. cryptography refuses to
+    sign with those hashes, so the PKCS#1 v1.5 signature is computed here from the
+    key's private numbers: the point is a certificate a careless CA could issue."""
+    tbs = cert.tbs_certificate_bytes
+    assert _OID_RSA_SHA256 in tbs
+    tbs = tbs.replace(_OID_RSA_SHA256, _WEAK_OIDS[digest], 1)
+    digest_info = _DIGEST_INFO[digest] + hashlib.new(digest, tbs).digest()
+    numbers = key.private_numbers()
+    k = (numbers.public_numbers.n.bit_length() + 7) // 8
+    encoded = b"\x00\x01" + b"\xff" * (k - len(digest_info) - 3) + b"\x00" + digest_info
+    signature = pow(int.from_bytes(encoded, "big"), numbers.d, numbers.public_numbers.n)
+    algorithm = _der(0x30, _WEAK_OIDS[digest] + b"\x05\x00")
+    bits = _der(0x03, b"\x00" + signature.to_bytes(k, "big"))
+    return x509.load_der_x509_certificate(_der(0x30, tbs + algorithm + bits))
+
+
+def _one_partner(
+    tmp_path: Path, domain: str, root: x509.Certificate, extra: str = ""
+) -> PartnerTrust:
+    _write(tmp_path / domain, "root.pem", certs_pem([root]))
+    if extra:
+        _write(tmp_path / domain, "policy.toml", extra)
+    snapshot = load_policies(tmp_path)
+    assert not snapshot.broken, snapshot.problems
+    return PartnerTrust(snapshot)
+
+
+@pytest.mark.parametrize(("digest", "named"), [("md5", "MD5"), ("sha1", "SHA-1")])
+def test_weak_signature_below_the_anchor_is_weak_crypto(
+    tmp_path: Path, digest: str, named: str
+) -> None:
+    root, key = _rsa_root("Weak Hash Root")
+    trust = _one_partner(tmp_path, "weakhash.example", root)
+    good = _leaf_under(root, key, "sip.weakhash.example")
+    assert trust.verify_client([good]).accepted  # the same chain, properly signed
+    weak = _resign_weak(good, key, digest)
+    assert weak.signature_hash_algorithm is not None
+    verdict = trust.verify_client([weak])
+    assert verdict.reason is Reason.WEAK_CRYPTO, verdict.line
+    assert named in verdict.detail
+
+
+def test_rsa_1024_leaf_is_weak_crypto(tmp_path: Path) -> None:
+    root = CA.root("Small Key Root")
+    trust = _one_partner(tmp_path, "smallkey.example", root.cert)
+    small = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    leaf = _leaf_under(root.cert, root.key, "sip.smallkey.example", small.public_key())  # type: ignore[arg-type]
+    verdict = trust.verify_client([leaf])
+    assert verdict.reason is Reason.WEAK_CRYPTO, verdict.line
+    assert "RSA-1024" in verdict.detail
+
+
+def test_rsa_1024_root_is_weak_crypto(tmp_path: Path) -> None:
+    root, key = _rsa_root("Small Root", bits=1024)
+    trust = _one_partner(tmp_path, "smallroot.example", root)
+    verdict = trust.verify_client([_leaf_under(root, key, "sip.smallroot.example")])
+    assert verdict.reason is Reason.WEAK_CRYPTO, verdict.line
+    assert "RSA-1024" in verdict.detail
+
+
+def test_weak_crypto_in_a_server_chain(tmp_path: Path) -> None:
+    root, key = _rsa_root("Weak Server Root")
+    leaf = _resign_weak(_leaf_under(root, key, "fe1.corp.example"), key, "sha1")
+    verdict = ServerTrust([root]).verify_server([leaf], "fe1.corp.example")
+    assert verdict.reason is Reason.WEAK_CRYPTO, verdict.line
+
+
+def _restricted_intermediate(
+    root: CA,
+    common_name: str,
+    *,
+    eku: list[x509.ObjectIdentifier] | None = None,
+    permitted_dns: list[str] | None = None,
+) -> CA:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    builder = (
+        root._builder(name, key.public_key(), None, None)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+    )
+    if eku is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    if permitted_dns is not None:
+        builder = builder.add_extension(
+            x509.NameConstraints([x509.DNSName(d) for d in permitted_dns], None), critical=True
+        )
+    cert = builder.sign(root.key, hashes.SHA256())
+    return CA(cert, key, (cert, *root.chain), root.root_cert)
+
+
+def test_intermediate_eku_checked_even_when_another_partner_pins_it(tmp_path: Path) -> None:
+    root = CA.root("Shared EKU Root")
+    servers_only = _restricted_intermediate(
+        root, "Servers Only CA", eku=[ExtendedKeyUsageOID.SERVER_AUTH]
+    )
+    _write(tmp_path / "alpha.example", "root.pem", root.cert_pem())
+    # Another partner pins the restricted intermediate itself.
+    _write(tmp_path / "beta.example", "pinned.pem", servers_only.cert_pem())
+    trust = PartnerTrust(load_policies(tmp_path))
+    leaf = servers_only.issue(dns=["sip.alpha.example"], eku=("client",))
+    verdict = trust.verify_client(leaf.chain)
+    assert verdict.reason is Reason.BAD_PURPOSE, verdict.line
+
+
+def test_name_constraints_apply_to_sip_uri_names(tmp_path: Path) -> None:
+    root = CA.root("Constrained Root")
+    constrained = _restricted_intermediate(root, "Alpha Only CA", permitted_dns=["alpha.example"])
+    trust = _one_partner(
+        tmp_path, "alpha.example", root.cert, 'domains = ["alpha.example", "beta.example"]\n'
+    )
+    inside = constrained.issue(uris=["sip:alpha.example"])
+    assert trust.verify_client(inside.chain).accepted
+    outside = constrained.issue(uris=["sip:beta.example"])
+    verdict = trust.verify_client(outside.chain)
+    assert verdict.reason is Reason.INVALID_CHAIN, verdict.line
+    assert "beta.example" in verdict.detail
+
+
+def test_duplicated_extension_from_a_stranger_is_a_reason_not_a_crash(world: World) -> None:
+    leaf = world.stranger.issue(dns=["sip.fabrikam.com"])
+    der = leaf.cert.public_bytes(serialization.Encoding.DER)
+    aki, ski = bytes.fromhex("0603551d23"), bytes.fromhex("0603551d0e")
+    assert der.count(aki) == 1
+    twice = x509.load_der_x509_certificate(der.replace(aki, ski))  # two SKI extensions
+    with pytest.raises(x509.DuplicateExtension):
+        twice.extensions  # noqa: B018
+    verdict = world.trust.verify_client([twice, world.stranger.cert])
+    assert verdict.reason is Reason.INVALID_CHAIN, verdict.line
+    assert "duplicate" in verdict.detail.lower()
+
+
+def test_verdict_reports_the_earliest_expiry_including_the_root(tmp_path: Path) -> None:
+    root = CA.root("Short Root", not_after=NOW + 2 * DAY)
+    issuing = root.intermediate("Long Issuing", not_after=NOW + 300 * DAY)
+    trust = _one_partner(tmp_path, "short.example", root.cert)
+    leaf = issuing.issue(dns=["sip.short.example"], not_after=NOW + 200 * DAY)
+    verdict = trust.verify_client(leaf.chain)
+    assert verdict.accepted, verdict.line
+    assert verdict.not_after == root.cert.not_valid_after_utc
+    assert trust.verify_client(leaf.chain, at=NOW + 3 * DAY).reason is Reason.EXPIRED

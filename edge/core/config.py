@@ -218,6 +218,14 @@ class SipSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """`[tls]`: Mozilla's server-side TLS profile for every listener and dial."""
+
+    # "intermediate": TLS 1.2 (ECDHE + AEAD suites) and 1.3; "modern": TLS 1.3 only.
+    profile: Literal["intermediate", "modern"] = "intermediate"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     identity: Identity
@@ -232,6 +240,7 @@ class Config:
     # `edge check` prints them; `edge run` logs each as `config_warning`.
     warnings: tuple[str, ...] = ()
     sip: SipSettings = SipSettings()
+    tls: TlsSettings = TlsSettings()
 
 
 def default_config_path() -> Path:
@@ -276,6 +285,7 @@ _DNS_KEYS = schema.key_names("dns")
 _POLICY_SETTINGS_KEYS = schema.key_names("policies")
 _REVOCATION_KEYS = schema.key_names("revocation")
 _SIP_KEYS = schema.key_names("sip")
+_TLS_KEYS = schema.key_names("tls")
 # Bounds that keep a typo from becoming an outage or a busy loop.
 _MAX_WEIGHT = 1000
 _MIN_HEALTH_INTERVAL_S = 0.1
@@ -1049,6 +1059,17 @@ class _Loader:
             )
         return SipSettings(size, headers, tuple(dict.fromkeys(domains)))
 
+    def tls_settings(self, data: Mapping[str, Any]) -> TlsSettings:
+        table = self.table(data, "tls", required=False)
+        if table is None:
+            return TlsSettings()
+        self.unknown_keys(table, _TLS_KEYS, "tls.")
+        profile = table.get("profile", "intermediate")
+        if profile == "intermediate" or profile == "modern":
+            return TlsSettings(profile=profile)
+        self.problem("tls.profile", f'must be "intermediate" or "modern", not {_shown(profile)}')
+        return TlsSettings()
+
     def load(self) -> Config:
         try:
             with self.path.open("rb") as f:
@@ -1071,6 +1092,7 @@ class _Loader:
         if identity is not None:
             self.outbound_identity(identity, listeners)
         sip = self.sip_settings(data)
+        tls = self.tls_settings(data)
         if self.problems or identity is None:
             if not self.problems:  # defensive: never start on a half-built identity
                 self.problem("identity", "could not be loaded")
@@ -1087,6 +1109,7 @@ class _Loader:
             revocation=revocation,
             warnings=tuple(key_file_warnings(identity)),
             sip=sip,
+            tls=tls,
         )
 
 

@@ -22,18 +22,24 @@ Layout written (all integers big-endian)::
      2  length of everything after these 16 bytes
     12|36          src addr, dst addr, src port, dst port
     TLVs, each: 1 type, 2 length, value:
-      0x02 PP2_TYPE_AUTHORITY   the SNI the partner sent (omitted when none)
+      0x02 PP2_TYPE_AUTHORITY   the SNI the partner sent, only if it is a valid
+                                host name (omitted otherwise)
       0x20 PP2_TYPE_SSL         client (1) + verify (4) + sub-TLVs:
            0x21 PP2_SUBTYPE_SSL_VERSION  e.g. "TLSv1.3"
-           0x22 PP2_SUBTYPE_SSL_CN       the partner leaf's subject CN (when it has one)
+           0x22 PP2_SUBTYPE_SSL_CN       the *authorized* name: the SAN or `sip:`
+                                         domain that matched the partner (see
+                                         `authorized_identity`), never a raw CN
       0xE0 PP2_TYPE_EDGE_PARTNER the partner id (its policy folder name), UTF-8
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from dataclasses import dataclass
+
+from edge.core.trust import Verdict
 
 __all__ = [
     "PP2_CLIENT_CERT_CONN",
@@ -46,8 +52,10 @@ __all__ = [
     "PP2_TYPE_SSL",
     "SIGNATURE",
     "ProxyInfo",
+    "authorized_identity",
     "encode_local",
     "encode_v2",
+    "host_name_or_none",
 ]
 
 SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -72,6 +80,43 @@ PP2_CLIENT_CERT_CONN = 0x02  # it presented a certificate on this connection
 PP2_CLIENT_CERT_SESS = 0x04  # ... on this session (resumption: never, ours is off)
 
 _MAX_U16 = 0xFFFF
+# RFC 1035 2.3.4 / RFC 1123 2.1: a host name in presentation form, A-labels only.
+_MAX_HOST_NAME = 253
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# Partner ids are folder names the operator chose; still, bound what goes on the wire.
+_MAX_PARTNER_ID = 255
+
+
+def host_name_or_none(value: str | None, *, wildcard: bool = False) -> str | None:
+    """`value` lower-cased without a trailing dot if it is a valid DNS host name
+    (ASCII letters, digits, hyphens; labels of 1-63, at most 253 in all), else None.
+    `wildcard` admits one leading ``*.`` label (a matched wildcard SAN). Anything
+    else (NUL, CR/LF, spaces, U-labels, 65,000 bytes) is dropped, not repaired."""
+    if not value or len(value) > _MAX_HOST_NAME + 1:
+        return None
+    name = value.lower()
+    if name.endswith("."):
+        name = name[:-1]
+    labels = name.split(".")
+    if wildcard and len(labels) > 1 and labels[0] == "*":
+        labels = labels[1:]
+    if not name or len(name) > _MAX_HOST_NAME:
+        return None
+    if not all(_LABEL.fullmatch(label) for label in labels):
+        return None
+    return name
+
+
+def authorized_identity(verdict: Verdict, sni: str | None) -> tuple[str | None, str | None]:
+    """(SSL_CN, AUTHORITY) for the PROXY header of one admitted connection.
+
+    SSL_CN is the name the core authorized (``Verdict.name``: the DNS SAN or
+    `sip:` domain that lies in the partner's domains), never the leaf's raw
+    subject CN, which a partner CA may set to anything (issue 15: SAN
+    sip.fabrikam.com with CN sip.litware.com). None unless the verdict accepted.
+    AUTHORITY is the client's SNI only if it is a valid host name."""
+    cn = host_name_or_none(verdict.name, wildcard=True) if verdict.accepted else None
+    return cn, host_name_or_none(sni)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +133,7 @@ class ProxyInfo:
     destination: tuple[str, int]
     sni: str | None = None
     tls_version: str | None = None
-    client_cn: str | None = None
+    client_cn: str | None = None  # the authorized name (`authorized_identity`), not a raw CN
     partner: str | None = None
     client_cert: bool = False
     cert_verified: bool = False
@@ -126,19 +171,26 @@ def encode_v2(info: ProxyInfo) -> bytes:
     """The PROXY v2 header (command PROXY) for one partner connection."""
     family, block = _addresses(info.source, info.destination)
     tlvs = b""
-    if info.sni:
-        tlvs += _tlv(PP2_TYPE_AUTHORITY, info.sni.encode("utf-8"))
+    # Peer-controlled strings are admitted only as valid host names, so every
+    # TLV is bounded (<= 253 bytes) and no odd byte reaches the pool.
+    sni = host_name_or_none(info.sni)
+    if sni:
+        tlvs += _tlv(PP2_TYPE_AUTHORITY, sni.encode("ascii"))
     client = PP2_CLIENT_SSL | (PP2_CLIENT_CERT_CONN if info.client_cert else 0)
     # verify: 0 means "the client presented a certificate and it was verified".
     verify = 0 if (info.client_cert and info.cert_verified) else 1
     ssl = struct.pack("!BI", client, verify)
     if info.tls_version:
         ssl += _tlv(PP2_SUBTYPE_SSL_VERSION, info.tls_version.encode("ascii"))
-    if info.client_cn:
-        ssl += _tlv(PP2_SUBTYPE_SSL_CN, info.client_cn.encode("utf-8"))
+    cn = host_name_or_none(info.client_cn, wildcard=True)
+    if cn:
+        ssl += _tlv(PP2_SUBTYPE_SSL_CN, cn.encode("ascii"))
     tlvs += _tlv(PP2_TYPE_SSL, ssl)
     if info.partner:
-        tlvs += _tlv(PP2_TYPE_EDGE_PARTNER, info.partner.encode("utf-8"))
+        partner = info.partner.encode("utf-8")
+        if len(partner) > _MAX_PARTNER_ID or not info.partner.isprintable():
+            raise ValueError(f"partner id of {len(partner)} bytes is not a printable folder name")
+        tlvs += _tlv(PP2_TYPE_EDGE_PARTNER, partner)
     body = block + tlvs
     if len(body) > _MAX_U16:
         raise ValueError(f"PROXY v2 header body is {len(body)} bytes (max 65535)")

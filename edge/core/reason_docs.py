@@ -195,6 +195,14 @@ DESCRIPTIONS: Mapping[Reason, ReasonDoc] = {
         (SIP,),
         "Raise the `[sip]` bounds only if a legitimate peer needs it.",
     ),
+    Reason.WEAK_CRYPTO: ReasonDoc(
+        "A certificate in the chain is below the cryptographic floor: an MD5 or SHA-1 "
+        "signature below the trust anchor, an RSA key under 2048 bits, or an EC curve other "
+        "than P-256, P-384, P-521; `detail` names which.",
+        (HANDSHAKE, UPSTREAM),
+        "Ask the partner (or the owner of the pool member's certificate) to reissue with "
+        "SHA-256 or better and a 2048-bit RSA or P-256 key; never lower the floor.",
+    ),
     Reason.NOT_IN_TOPOLOGY: ReasonDoc(
         "A client of an outbound listener presented an enterprise certificate that names no "
         "topology host of the listener's `pools`.",

@@ -75,3 +75,6 @@ class Reason(enum.StrEnum):
     SIP_MALFORMED = "sip_malformed"
     # SIP listeners: a message over `[sip] max_message_bytes` or `max_headers`.
     SIP_TOO_LARGE = "sip_too_large"
+    # A signature or key in the chain is below the cryptographic floor:
+    # MD5/SHA-1 below the trust anchor, RSA under 2048 bits, EC other than P-256/384/521.
+    WEAK_CRYPTO = "weak_crypto"

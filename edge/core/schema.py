@@ -108,6 +108,8 @@ TABLES: tuple[Table, ...] = (
        "Fetching partners' CRLs from the distribution points named in their certificates."),
     _t(EDGE_TOML, "sip", "[sip]", False, "restart",
        "Bounds and our own domains for listeners with protocol = \"sip\"."),
+    _t(EDGE_TOML, "tls", "[tls]", False, "restart",
+       "The TLS profile of every listener and every connection the edge makes."),
     _t(POLICY_TOML, "", "policy.toml", False, "live",
        "A partner's settings, in `PARTNER/policy.toml` or at the top of a single-file "
        "partner `PARTNER.toml`. Every key is optional."),
@@ -336,6 +338,11 @@ KEYS: tuple[Key, ...] = (
         allowed="domain names of at least two labels",
         meaning="Our own SIP domains: requests from the pool through an outbound SIP listener "
         "must come From (and P-Asserted-Identity) inside them."),
+    # --- [tls]
+    Key(_E, "tls", "profile", "string", default="intermediate", apply="restart",
+        allowed='"intermediate", "modern"',
+        meaning="Mozilla's server-side TLS profile: intermediate allows TLS 1.2 (ECDHE with "
+        "AEAD suites) and 1.3; modern is TLS 1.3 only."),
     # --- policy.toml (and single-file partners)
     Key(_P, "", "domains", "list of strings", apply="live",
         default_text="[folder name] (when it is a domain)",

@@ -282,6 +282,7 @@ _EFFECTS: dict[str, tuple[Effect, str]] = {
     # The CRL fetcher is built once with these settings (edge.crlfetch).
     "config.revocation": ("restart", "revocation"),
     "config.sip": ("restart", "sip"),
+    "config.tls": ("restart", "tls"),
     "config.warnings": ("derived", "warnings"),
     "folders": ("live", "partners"),
     "folders.*.verifier": ("derived", ""),

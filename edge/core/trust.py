@@ -17,28 +17,69 @@ Theory of operation (client purpose)
    name. The partners whose anchors are named as the subject or issuer of any
    certificate the peer sent are the only candidates; with 50 partners a
    verification touches one or two stores, not 50.
-2. *Chain.* For each candidate, OpenSSL builds and checks the path against
-   that partner's anchors alone (signatures, validity at the given time,
-   basicConstraints, path length). OpenSSL's error code becomes a reason code.
-   `PARTIAL_CHAIN` is set: any CA certificate in a partner folder is an anchor,
-   so an operator may pin a partner's issuing CA instead of a public root. We
-   never set OpenSSL's CRL flags (one missing CRL would fail every chain).
+2. *Chain.* For each candidate, pyca/cryptography's webpki verifier
+   (`cryptography.x509.verification`, a `ClientVerifier` on a `Store` of that
+   partner's anchors alone) builds and checks the path: signatures, validity
+   at the given time (the anchor's too), basicConstraints, path length, name
+   constraints on DNS SANs, and the CA/Browser-Forum profile (AKI/SKI, key
+   usage, no v1 CAs, no name constraints on a leaf, well-formed names...).
+   Every certificate in a partner folder is an anchor, root or not (pinning).
+   Two deliberate exceptions to webpki for end entities (`_EE_POLICY`): the
+   subjectAltName may be absent (then the CN names the partner) and
+   extendedKeyUsage may be absent (clientAuth or none, step 4).
+   pyca reports a failure only as English text, so the *reason code* of a
+   failed chain comes from structure (`_diagnose`): OpenSSL's X509_V_ERR code
+   for the same chain against the same anchors (`X509StoreContext`:
+   `unknown_ca`, `expired`, `not_yet_valid`, `invalid_chain`), else our floor
+   and purpose checks, else it is a profile violation only pyca makes
+   (`invalid_chain`, pyca's message as detail). No text is ever parsed.
+   On the verified path, our own checks: the cryptographic floor
+   (`crypto_floor_problem`, `weak_crypto`: no MD5/SHA-1 signature below the
+   anchor, RSA >= 2048 bits, EC only P-256/384/521, by OID and key type), and
+   name constraints applied to the names the partner rules use beyond DNS
+   SANs (`sip:` URI SANs, a SAN-less CN; `_constraint_problem`). A verified
+   path is cached per (partner, chain) with its validity window: signatures
+   never change, only time does.
 3. *Names.* Among the partners whose chain verified, keep those with a leaf
    name inside one of their domains (DNS SANs, `sip:` URI SANs, the CN only
-   when there is no SAN extension).
-4. *Purpose.* The leaf's extendedKeyUsage must include clientAuth, or be
-   absent; an issuing CA's EKU, when present, must allow it too; the leaf must
-   not itself be a CA. Then more than one named partner is `ambiguous_partner`
-   (a configuration overlap the operator must fix; disabled partners count,
-   so disabling one never silently re-routes a certificate to another).
+   when there is no SAN extension). The name that matched is the verdict's
+   `name`: the identity passed on (PROXY v2 SSL_CN), never the raw CN.
+4. *Purpose* (ours, with a reason code): on each named partner's own path, the
+   leaf's extendedKeyUsage must include clientAuth, or be absent; every CA on
+   that path with an EKU, the anchor included, must allow it too (an
+   intermediate another partner pinned as its anchor is still checked); the
+   leaf must not itself be a CA. Then more than one named partner is
+   `ambiguous_partner` (a configuration overlap the operator must fix;
+   disabled partners count, so disabling one never silently re-routes a
+   certificate to another).
 5. *Authorization* of the one partner: disabled is `partner_disabled`; then
    revocation by that partner's CRLs, checked here in Python over the verified
    path (see `_revocation_problem`).
 When nothing is accepted the most specific failure wins: a candidate whose
 names match explains its own failure (an expired chain to the right root is
 `expired`), otherwise a chain that verified but matched no name is
-`name_mismatch`, otherwise the most specific chain error (`expired`,
-`not_yet_valid`, `invalid_chain` over `unknown_ca`).
+`name_mismatch`, otherwise the most specific chain error (`revoked`,
+`expired`, `not_yet_valid`, `weak_crypto`, `invalid_chain` over `unknown_ca`).
+A peer's certificate that cannot be parsed (malformed or duplicate
+extension) is `invalid_chain` before any of this.
+`Verdict.not_after` is the earliest notAfter over the verified path, anchor
+included: an admitted connection must be closed then.
+
+Servers (`ServerTrust`): pyca's `ServerVerifier` (webpki, SAN-only RFC 6125
+matching, no CN) on our roots, EKU serverAuth or none; failures get their
+reason code the same way (`_diagnose`, then service_identity for
+`name_mismatch`), and the same floor.
+
+Which check comes from which library:
+  pyca/cryptography verifier: path building, signatures, validity times,
+      basicConstraints/pathLen, DNS name constraints, webpki profile.
+  OpenSSL (X509StoreContext): only the reason code of a chain pyca refused.
+  this module: candidates, partner names (incl. `sip:` and CN rules), purpose,
+      the cryptographic floor, name constraints over `sip:`/CN names,
+      malformed/duplicate extensions, disabled, ambiguity, revocation.
+  service_identity: the server name match used to explain `name_mismatch`.
+In TLS (edge/tls.py) OpenSSL checks the same chain once more with every
+partner's anchors, only to choose the alert; the verdict is this module's.
 
 Thread safety: the stores and caches are only read, or updated with single
 dict operations, so repeated calls from one thread (the trio thread) are safe.
@@ -53,8 +94,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+from cryptography.x509 import verification as pyca
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 from OpenSSL import crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.cryptography import (
@@ -71,6 +115,7 @@ __all__ = [
     "PartnerTrust",
     "ServerTrust",
     "Verdict",
+    "crypto_floor_problem",
     "leaf_names",
     "name_in_domains",
     "reason_for_openssl_error",
@@ -92,6 +137,19 @@ class Verdict:
     # Accepted: the verified path, leaf first, ending with the trust anchor. Rejected
     # after the chain itself verified: that path too (for logs); otherwise empty.
     chain: tuple[x509.Certificate, ...] = field(default=(), repr=False)
+    # Accepted (client purpose): the leaf name that put it inside the partner's
+    # domains (a DNS SAN, the domain of a `sip:` URI SAN, or the CN of a SAN-less
+    # leaf), normalized. This, never the raw CN, is the identity passed on.
+    name: str | None = None
+
+    @property
+    def not_after(self) -> _dt.datetime | None:
+        """The earliest notAfter over the verified path, trust anchor included: when
+        this verdict stops being true by itself (a live connection admitted under it
+        must be closed then). None when no path verified."""
+        if not self.chain:
+            return None
+        return min(c.not_valid_after_utc for c in self.chain)
 
     @property
     def line(self) -> str:
@@ -158,6 +216,7 @@ _SPECIFICITY: Mapping[Reason, int] = {
     Reason.UNKNOWN_CA: 0,
     Reason.INVALID_CHAIN: 1,
     Reason.BAD_PURPOSE: 1,
+    Reason.WEAK_CRYPTO: 2,
     Reason.CRL_UNAVAILABLE: 2,
     Reason.NOT_YET_VALID: 3,
     Reason.EXPIRED: 3,
@@ -294,8 +353,10 @@ def _purpose_problem(
             return f"leaf {_subject(leaf)} key usage does not allow signing for {label}"
     except x509.ExtensionNotFound:
         pass
-    # An issuing CA restricted by EKU (CA/Browser Forum practice) restricts its leaves.
-    for ca in path[1:-1]:
+    # An issuing CA restricted by EKU (CA/Browser Forum practice) restricts its leaves,
+    # the trust anchor included: a partner may pin a restricted intermediate, and
+    # another partner's path through it must not skip the check (issue 15).
+    for ca in path[1:]:
         try:
             eku = ca.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         except x509.ExtensionNotFound:
@@ -311,6 +372,181 @@ def _eku_name(oid: x509.ObjectIdentifier) -> str:
         ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
         ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
     }.get(oid, oid.dotted_string)
+
+
+# --- the cryptographic floor (DESIGN.md) -----------------------------------------------
+
+MIN_RSA_BITS = 2048
+_ALLOWED_CURVES: Mapping[str, str] = {
+    ec.SECP256R1.name: "P-256",
+    ec.SECP384R1.name: "P-384",
+    ec.SECP521R1.name: "P-521",
+}
+# Signature algorithms below the floor, by OID (no string matching): MD2/MD5/SHA-1.
+_WEAK_SIGNATURES: Mapping[x509.ObjectIdentifier, str] = {
+    SignatureAlgorithmOID.RSA_WITH_MD5: "MD5",
+    SignatureAlgorithmOID.RSA_WITH_SHA1: "SHA-1",
+    SignatureAlgorithmOID._RSA_WITH_SHA1: "SHA-1",
+    SignatureAlgorithmOID.ECDSA_WITH_SHA1: "SHA-1",
+    SignatureAlgorithmOID.DSA_WITH_SHA1: "SHA-1",
+    x509.ObjectIdentifier("1.2.840.113549.1.1.2"): "MD2",
+}
+
+
+def _key_problem(cert: x509.Certificate) -> str | None:
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        return "a public key of an unsupported type"
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            return f"an RSA-{key.key_size} key (at least {MIN_RSA_BITS} bits required)"
+    elif isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in _ALLOWED_CURVES:
+            return f"an EC key on curve {key.curve.name} (only P-256, P-384, P-521)"
+    elif isinstance(key, dsa.DSAPublicKey):
+        return f"a DSA-{key.key_size} key (DSA is not accepted)"
+    return None
+
+
+def _signature_problem(cert: x509.Certificate) -> str | None:
+    weak = _WEAK_SIGNATURES.get(cert.signature_algorithm_oid)
+    if weak is None:
+        try:
+            algorithm = cert.signature_hash_algorithm
+        except UnsupportedAlgorithm:
+            algorithm = None
+        if isinstance(algorithm, hashes.MD5):
+            weak = "MD5"
+        elif isinstance(algorithm, hashes.SHA1):
+            weak = "SHA-1"  # e.g. RSASSA-PSS parameterised with SHA-1
+    return None if weak is None else f"a {weak} signature"
+
+
+def crypto_floor_problem(path: Sequence[x509.Certificate], *, anchored: bool = True) -> str | None:
+    """Why `path` (leaf first) is below DESIGN.md's cryptographic floor, or None.
+
+    Every key counts, the trust anchor's too (a weak root key signs everything
+    under it); every signature counts except the anchor's own when `anchored`
+    (the last certificate is the anchor: it is trusted as configured, not
+    because of its self-signature). The answer names the certificate and what
+    was too weak."""
+    last = len(path) - 1
+    for depth, cert in enumerate(path):
+        role = "leaf" if depth == 0 else ("trust anchor" if anchored and depth == last else "CA")
+        problem = _key_problem(cert)
+        if problem is None and not (anchored and depth == last):
+            problem = _signature_problem(cert)
+        if problem is not None:
+            return f"{role} {_subject(cert)} (depth {depth}) has {problem}"
+    return None
+
+
+# --- name constraints over the names the partner rules use -----------------------------
+
+
+def _dns_within(name: str, constraint: str) -> bool:
+    base = _norm(constraint)
+    if not base:
+        return True  # an empty dNSName constraint covers every name
+    if base.startswith("."):
+        return name.endswith(base)
+    return name == base or name.endswith("." + base)
+
+
+def _constraint_problem(path: Sequence[x509.Certificate], names: Sequence[str]) -> str | None:
+    """The libraries apply a CA's dNSName constraints to dNSName SANs only; the
+    partner rules also use `sip:` URI SANs and a SAN-less CN as domain names, so
+    those must obey the same constraints, or a constrained CA could name any
+    domain through a URI (issue 15)."""
+    for ca in path[1:]:
+        try:
+            nc = ca.extensions.get_extension_for_class(x509.NameConstraints).value
+        except x509.ExtensionNotFound:
+            continue
+        permitted = [g.value for g in nc.permitted_subtrees or () if isinstance(g, x509.DNSName)]
+        excluded = [g.value for g in nc.excluded_subtrees or () if isinstance(g, x509.DNSName)]
+        for name in names:
+            if permitted and not any(_dns_within(name, c) for c in permitted):
+                return f"leaf name {name} is outside the permitted names of CA {_subject(ca)}"
+            if any(_dns_within(name, c) for c in excluded):
+                return f"leaf name {name} is excluded by the name constraints of CA {_subject(ca)}"
+    return None
+
+
+# --- pyca/cryptography's verifier ------------------------------------------------------
+
+# webpki profile checks, with the partner rules' two exceptions for end entities: the
+# subjectAltName may be absent (then the CN names the partner) and extendedKeyUsage
+# may be absent (clientAuth or none; `_purpose_problem` decides with a reason code).
+_EE_POLICY = (
+    pyca.ExtensionPolicy.webpki_defaults_ee()
+    .may_be_present(x509.SubjectAlternativeName, pyca.Criticality.AGNOSTIC, None)
+    .may_be_present(x509.ExtendedKeyUsage, pyca.Criticality.AGNOSTIC, None)
+)
+_CA_POLICY = pyca.ExtensionPolicy.webpki_defaults_ca()
+# Servers: SAN required (names are never taken from the CN); serverAuth or no EKU.
+_SERVER_EE_POLICY = pyca.ExtensionPolicy.webpki_defaults_ee().may_be_present(
+    x509.ExtendedKeyUsage, pyca.Criticality.AGNOSTIC, None
+)
+
+
+def _pyca_path(
+    store: pyca.Store, chain: Sequence[x509.Certificate], at: _dt.datetime
+) -> tuple[x509.Certificate, ...] | str:
+    """The path pyca's client verifier builds (leaf first, anchor last), or its
+    message. The message is only ever shown, never parsed: the reason code of a
+    failure comes from OpenSSL's error code (see `_diagnose`)."""
+    verifier = (
+        pyca.PolicyBuilder()
+        .store(store)
+        .time(at)
+        .max_chain_depth(MAX_CHAIN_LENGTH)
+        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
+        .build_client_verifier()
+    )
+    try:
+        verified = verifier.verify(chain[0], list(chain[1:]))
+    except pyca.VerificationError as exc:
+        return _clip(str(exc))
+    known = {c: c for c in chain}
+    return tuple(known.get(c, c) for c in verified.chain)
+
+
+def _diagnose(
+    store: crypto.X509Store,
+    chain: Sequence[x509.Certificate],
+    cache: _X509Cache,
+    at: _dt.datetime,
+    message: str,
+    purpose: tuple[x509.ObjectIdentifier, str],
+) -> _ChainResult:
+    """Why pyca's verifier refused the chain, as a reason code, by structure.
+
+    pyca's `VerificationError` carries only English text, so the reason comes
+    from elsewhere: OpenSSL's X509_V_ERR code for the same chain and anchors
+    (expired, unknown CA, ...), else our own checks in order (floor, purpose),
+    else it is a webpki profile violation OpenSSL does not check (missing AKI, a
+    CN outside the SANs, a v1 CA...): `invalid_chain`, with pyca's message."""
+    result = _verify_chain(store, chain, cache, at)
+    if not result.ok and result.reason is not Reason.INVALID_CHAIN:
+        return result
+    path = result.path if result.ok else tuple(chain)
+    # When OpenSSL failed too, the sent chain's top is an anchor only if self-issued.
+    anchored = result.ok or path[-1].subject == path[-1].issuer
+    weak = crypto_floor_problem(path, anchored=anchored)
+    if weak is not None:
+        return _ChainResult(False, reason=Reason.WEAK_CRYPTO, detail=weak)
+    if not result.ok:
+        return result
+    problem = _purpose_problem(path, purpose[0], purpose[1])
+    if problem is not None:
+        return _ChainResult(False, reason=Reason.BAD_PURPOSE, detail=problem)
+    return _ChainResult(
+        False,
+        reason=Reason.INVALID_CHAIN,
+        detail=f"leaf {_subject(chain[0])} fails the certificate profile checks: {message}",
+    )
 
 
 # --- names ---------------------------------------------------------------------------
@@ -330,9 +566,19 @@ def _malformed_extensions(chain: Sequence[x509.Certificate]) -> str | None:
     for depth, cert in enumerate(chain):
         try:
             cert.extensions  # noqa: B018 - the parse is the point
-        except ValueError as exc:
-            return f"certificate at depth {depth} has a malformed extension: {exc}"
+        except x509.DuplicateExtension as exc:
+            # RFC 5280 4.2: "A certificate MUST NOT include more than one instance
+            # of a particular extension."
+            return f"certificate at depth {depth} has a duplicate extension {exc.oid.dotted_string}"
+        except (ValueError, x509.UnsupportedGeneralNameType) as exc:
+            return f"certificate at depth {depth} has a malformed extension: {_clip(str(exc))}"
     return None
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """A library message made safe for a detail string: printable, bounded."""
+    shown = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+    return shown + ("..." if len(text) > limit else "")
 
 
 def leaf_names(cert: x509.Certificate) -> tuple[str, ...]:
@@ -369,11 +615,12 @@ def name_in_domains(name: str, domains: Iterable[str]) -> str | None:
     return None
 
 
-def _names_match(names: Sequence[str], policy: PartnerPolicy) -> str | None:
+def _names_match(names: Sequence[str], policy: PartnerPolicy) -> tuple[str, str] | None:
+    """(the leaf name, the partner domain it lies in) for the first name that fits."""
     for name in names:
         domain = name_in_domains(name, policy.domains)
         if domain is not None:
-            return f"{name} in {domain}"
+            return name, domain
     return None
 
 
@@ -386,6 +633,7 @@ class _PartnerEntry:
     def __init__(self, policy: PartnerPolicy, cache: _X509Cache) -> None:
         self.policy = policy
         self.store = _build_store(policy.roots, cache, None)
+        self.pyca_store = pyca.Store(list(policy.roots)) if policy.roots else None
         self.root_labels = {root: _subject(root) for root in policy.roots}
         # Prepared once per policy: CRL signature checks are expensive and never change.
         self.crls = CrlSet(
@@ -418,6 +666,12 @@ class PartnerTrust:
             pid: _PartnerEntry(policy, self._cache)
             for pid, policy in sorted(snapshot.partners.items())
         }
+        # (partner, chain) -> (verified path, its validity window): signatures and
+        # profile never change, only time does (see `_check_chain`).
+        self._paths: dict[
+            tuple[str, tuple[x509.Certificate, ...]],
+            tuple[tuple[x509.Certificate, ...], _dt.datetime, _dt.datetime],
+        ] = {}
         # Anchor subject -> partner ids, in sorted order (deterministic reporting).
         self._by_subject: dict[x509.Name, tuple[str, ...]] = {}
         for pid, entry in self._entries.items():
@@ -425,6 +679,10 @@ class PartnerTrust:
                 ids = self._by_subject.get(root.subject, ())
                 if pid not in ids:
                     self._by_subject[root.subject] = (*ids, pid)
+
+    def clear_verified_paths(self) -> None:
+        """Forget every cached verified path (benchmarks: the cost of a new chain)."""
+        self._paths.clear()
 
     @property
     def all_roots(self) -> tuple[x509.Certificate, ...]:
@@ -474,8 +732,7 @@ class PartnerTrust:
         verified: dict[str, tuple[x509.Certificate, ...]] = {}
         failures: list[tuple[str, _ChainResult]] = []
         for pid in candidates:
-            entry = self._entries[pid]
-            result = _verify_chain(entry.store_at(at, self._cache), chain, self._cache, when)
+            result = self._check_chain(pid, chain, names, when, at)
             if result.ok:
                 verified[pid] = result.path
             else:
@@ -497,10 +754,13 @@ class PartnerTrust:
                 return self._name_mismatch(leaf, names, verified)
             return self._best_chain_failure(failures)
 
-        any_path = next(iter(verified.values()))
-        problem = _purpose_problem(any_path, ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth")
-        if problem is not None:
-            return _reject(Reason.BAD_PURPOSE, problem, chain=any_path)
+        # Each named partner's own path: the EKU of every CA on it counts (a path
+        # through an intermediate another partner pinned must not skip it).
+        for pid, _ in matched:
+            problem = _purpose_problem(verified[pid], ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth")
+            if problem is not None:
+                return _reject(Reason.BAD_PURPOSE, problem, chain=verified[pid])
+        any_path = verified[matched[0][0]]
 
         if len(matched) > 1:
             ids = ", ".join(pid for pid, _ in matched)
@@ -525,7 +785,53 @@ class PartnerTrust:
             return _reject(revoked[0], revoked[1], pid, path)
         # Labels precomputed per anchor: formatting names costs as much as a lookup.
         anchor = entry.root_labels.get(path[-1]) or _subject(path[-1])
-        return _accept(f"{how}; anchor {anchor}", pid, path)
+        return Verdict(True, None, f"{how[0]} in {how[1]}; anchor {anchor}", pid, path, how[0])
+
+    def _check_chain(
+        self,
+        pid: str,
+        chain: Sequence[x509.Certificate],
+        names: Sequence[str],
+        when: _dt.datetime,
+        at: _dt.datetime | None,
+    ) -> _ChainResult:
+        """One partner's judgement of the chain: path, floor, name constraints.
+
+        A chain that verified once for a partner verifies again as long as the
+        moment lies inside its path's validity window (signatures, extensions and
+        the partner's anchors are fixed for this snapshot), so successes are
+        cached: peers present the same chains again and again."""
+        key = (pid, tuple(chain))
+        hit = self._paths.get(key)
+        if hit is not None and hit[1] <= when <= hit[2]:
+            return _ChainResult(True, hit[0])
+        entry = self._entries[pid]
+        found = (
+            _pyca_path(entry.pyca_store, chain, when)
+            if entry.pyca_store is not None
+            else "no trust anchors"
+        )
+        if isinstance(found, str):
+            return _diagnose(
+                entry.store_at(at, self._cache),
+                chain,
+                self._cache,
+                when,
+                found,
+                (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth"),
+            )
+        problem = crypto_floor_problem(found)
+        if problem is not None:
+            return _ChainResult(False, reason=Reason.WEAK_CRYPTO, detail=problem)
+        problem = _constraint_problem(found, names)
+        if problem is not None:
+            return _ChainResult(False, reason=Reason.INVALID_CHAIN, detail=problem)
+        if len(self._paths) >= _X509_CACHE_SIZE:
+            del self._paths[next(iter(self._paths))]
+        start = max(c.not_valid_before_utc for c in found)
+        end = min(c.not_valid_after_utc for c in found)
+        self._paths[key] = (found, start, end)
+        return _ChainResult(True, found)
 
     def _best_chain_failure(self, failures: list[tuple[str, _ChainResult]]) -> Verdict:
         pid, result = max(
@@ -566,6 +872,7 @@ class ServerTrust:
         self.roots = tuple(roots)
         self._cache = _X509Cache()
         self._store = _build_store(self.roots, self._cache, None)
+        self._pyca_store = pyca.Store(list(self.roots)) if self.roots else None
 
     def verify_server(
         self,
@@ -585,16 +892,34 @@ class ServerTrust:
             return _reject(Reason.INVALID_CHAIN, malformed)
         when = at if at is not None else _dt.datetime.now(_dt.UTC)
         store = self._store if at is None else _build_store(self.roots, self._cache, at)
-        result = _verify_chain(store, chain, self._cache, when)
-        if not result.ok:
-            assert result.reason is not None
-            return _reject(result.reason, result.detail)
-        path = result.path
+        wanted = _norm(name)
+        assert self._pyca_store is not None
+        found = _pyca_server_path(self._pyca_store, chain, wanted, when)
+        if isinstance(found, str):
+            # Names are matched below with a reason of their own; whatever else
+            # pyca refused gets its reason code from `_diagnose`.
+            result = _diagnose(
+                store,
+                chain,
+                self._cache,
+                when,
+                found,
+                (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
+            )
+            if result.reason is Reason.INVALID_CHAIN and _server_name_problem(chain[0], wanted):
+                path = _verify_chain(store, chain, self._cache, when).path or tuple(chain)
+            else:
+                assert result.reason is not None
+                return _reject(result.reason, result.detail)
+        else:
+            path = found
+        weak = crypto_floor_problem(path)
+        if weak is not None:
+            return _reject(Reason.WEAK_CRYPTO, weak, chain=path)
         problem = _purpose_problem(path, ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth")
         if problem is not None:
             return _reject(Reason.BAD_PURPOSE, problem, chain=path)
         leaf = path[0]
-        wanted = _norm(name)
         try:
             try:
                 ipaddress.ip_address(wanted)
@@ -610,6 +935,43 @@ class ServerTrust:
                 chain=path,
             )
         return _accept(f"{_subject(leaf)} valid for {wanted} via {_subject(path[-1])}", None, path)
+
+
+def _pyca_server_path(
+    store: pyca.Store, chain: Sequence[x509.Certificate], name: str, at: _dt.datetime
+) -> tuple[x509.Certificate, ...] | str:
+    """pyca's server verifier (webpki: SAN-only RFC 6125 matching) or its message."""
+    try:
+        try:
+            subject: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
+        except ValueError:
+            subject = x509.DNSName(name)
+        verifier = (
+            pyca.PolicyBuilder()
+            .store(store)
+            .time(at)
+            .max_chain_depth(MAX_CHAIN_LENGTH)
+            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_SERVER_EE_POLICY)
+            .build_server_verifier(subject)  # type: ignore[arg-type]
+        )
+        verified = verifier.verify(chain[0], list(chain[1:]))
+    except (pyca.VerificationError, ValueError) as exc:
+        return _clip(str(exc))
+    known = {c: c for c in chain}
+    return tuple(known.get(c, c) for c in verified)
+
+
+def _server_name_problem(leaf: x509.Certificate, wanted: str) -> bool:
+    try:
+        try:
+            ipaddress.ip_address(wanted)
+        except ValueError:
+            verify_certificate_hostname(leaf, wanted)
+        else:
+            verify_certificate_ip_address(leaf, wanted)
+    except (VerificationError, CertificateError, ValueError):
+        return True
+    return False
 
 
 def _san_summary(cert: x509.Certificate) -> str:
