@@ -20,7 +20,7 @@ ROOT = repo_root()
 THIS = Path(__file__).resolve()
 
 # Built from pieces so this file does not match itself.
-_FORBIDDEN = ("DESIGN" + ".md", "shared" + " folder", "../" + "shared")
+_FORBIDDEN = ("DES" + "IGN.md", "sha" + "red folder", "../sha" + "red")
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1", re.M | re.S)
 _INLINE = re.compile(r"\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
