@@ -36,7 +36,7 @@ What counts as a problem (every problem names the file and what is wrong):
 `edge check` reports both and exits 1 on either. Notices (an ignored backup
 copy or hidden entry) are printed but do not fail `edge check`.
 
-Odd files (README, "What the edge does with odd files"): only regular files
+Odd files (docs/partners.md, "What the edge does with odd files"): only regular files
 are opened, non-blocking, refused above `MAX_POLICY_FILE_BYTES`, and a FIFO,
 socket or device is a problem naming it, never a hang. A symlink whose target
 lies outside the policies folder is refused (the Kubernetes `..data` layout
