@@ -1,4 +1,4 @@
-"""The `edge` command line: run, check, verify, demo (DESIGN.md, "Command line").
+"""The `edge` command line: run, check, verify, demo (docs/reference/cli.md).
 
 Owns: argument parsing, the offline commands `edge check` and `edge verify`
 (their output and exit codes), and dispatch to `edge run` / `edge demo`.

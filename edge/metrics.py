@@ -1,6 +1,6 @@
 """Prometheus metrics and the small HTTP endpoint that serves them.
 
-Owns the metric names, types and labels of DESIGN.md's table, and the
+Owns the metric names, types and labels (docs/reference/metrics.md), and the
 ``/metrics``, ``/healthz`` and ``/readyz`` endpoint, served from the trio
 event loop with h11 (sans-I/O HTTP/1.1) so no HTTP is parsed by hand.
 
@@ -53,7 +53,7 @@ _CONNECTION_BUCKETS = (1, 10, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 8640
 
 
 class Metrics:
-    """Every metric of DESIGN.md, registered once on ``registry``."""
+    """Every metric of docs/reference/metrics.md, registered once on ``registry``."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
         self.registry = registry

@@ -17,7 +17,7 @@ judge a certificate itself (that is `edge.core`); log payload bytes or key
 material; run an unbounded loop (targets, addresses and attempts are capped,
 every attempt has the handshake deadline).
 
-Interface for the accept loop (the lead wires it; see the README section
+Interface for the accept loop (the lead wires it; see docs/architecture.md,
 "Outbound federation"): build one `Outbound` per outbound listener with the
 current policy snapshot, serve accepted TCP connections with a TLS server
 stream on `outbound_server_context(identity)`, call `serve_outbound(stream,

@@ -1,6 +1,6 @@
 """`edge check --json`: the whole check as one JSON document.
 
-Owns the document's shape (README, "edge check --json"): partners and their
+Owns the document's shape (docs/operations.md, "`edge check --json`"): partners and their
 state, roots and CRLs with their dates, the edge's own certificates, and every
 problem as ``{severity, file, line, column, key, partner, message}`` with the
 line (and column) wherever the file has lines: TOML syntax errors carry them

@@ -1,4 +1,4 @@
-"""The core/shell boundary of DESIGN.md, checked on the source itself.
+"""The core/shell boundary of docs/architecture.md, checked on the source itself.
 
 `edge/core/` is sans-I/O: nothing under it may import the I/O libraries or the
 shell, and the package graph has no cycle. The walk reads every module's

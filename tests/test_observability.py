@@ -45,7 +45,7 @@ from tests.gateway_harness import (
 POOL = ("fe1.corp.test", "fe2.corp.test")
 FED = "federation"
 
-# DESIGN.md "Logs": what each final event must carry.
+# docs/reference/log-events.md: what each final event must carry.
 CLOSED_FIELDS = (
     "listener",
     "partner",
@@ -218,7 +218,7 @@ async def test_scripted_traffic_counters_bytes_active_and_log(tmp_path: Path, pk
     handshake_count = sample(after, "edge_handshake_duration_seconds_count", listener=FED)
     assert handshake_count is not None and handshake_count >= 5 + 1 + 4
 
-    # Exactly one final event per connection, with every DESIGN.md field.
+    # Exactly one final event per connection, with every documented field.
     for port, (partner, size) in closed_ports.items():
         events = closed[port]
         assert len(events) == 1, events

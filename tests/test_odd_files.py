@@ -1,6 +1,6 @@
 """Odd things in a policies folder: FIFOs, sockets, symlinks, backups, keys, BOMs.
 
-And the fail-closed rule for reloads (README, "What the edge does with odd
+And the fail-closed rule for reloads (docs/partners.md, "What the edge does with odd
 files"): a change that could withdraw trust and cannot be read withdraws it; a
 change that could add trust and cannot be read adds nothing.
 

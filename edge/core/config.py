@@ -168,7 +168,7 @@ class MetricsSettings:
 
 @dataclass(frozen=True)
 class Limits:
-    """`[limits]`: every bound the gateway enforces (README: "Limits")."""
+    """`[limits]`: every bound the gateway enforces (docs/configuration.md, "Limits")."""
 
     handshake_timeout_s: float = 10  # accept -> handshake -> authorization
     idle_timeout_s: float = 1800  # no byte either way

@@ -1,7 +1,7 @@
 """Partner policies: the `federation_policies/` folder read into an immutable snapshot.
 
-Owns: the on-disk layout of partner folders (DESIGN.md, "Partner policy
-folder"), parsing of each partner's roots, CRLs and `policy.toml`, and the
+Owns: the on-disk layout of partner folders (docs/partners.md, "The
+policies folder"), parsing of each partner's roots, CRLs and `policy.toml`, and the
 judgement of which partners are loaded, disabled or broken. One partner's
 mistakes never stop another partner from loading.
 
@@ -36,7 +36,7 @@ What counts as a problem (every problem names the file and what is wrong):
 `edge check` reports both and exits 1 on either. Notices (an ignored backup
 copy or hidden entry) are printed but do not fail `edge check`.
 
-Odd files (README, "What the edge does with odd files"): only regular files
+Odd files (docs/partners.md, "What the edge does with odd files"): only regular files
 are opened, non-blocking, refused above `MAX_POLICY_FILE_BYTES`, and a FIFO,
 socket or device is a problem naming it, never a hang. A symlink whose target
 lies outside the policies folder is refused (the Kubernetes `..data` layout
@@ -690,7 +690,7 @@ _REVOCATION_VALUES = tuple(r.value for r in Revocation)
 
 @dataclass
 class _Settings:
-    """policy.toml values while loading; defaults are DESIGN.md's."""
+    """policy.toml values while loading; defaults are docs/partners.md's."""
 
     domains: tuple[str, ...] = ()
     enabled: bool = True
@@ -858,7 +858,7 @@ def resolve_domain_conflicts(
     `partners`, joins `broken`, and gets a fatal problem naming both folders;
     the holder gets a warning naming the loser. Disabled partners claim nothing
     (they are not trusted). One root shared by several partners is not a
-    conflict: the leaf names decide (DESIGN.md).
+    conflict: the leaf names decide (docs/partners.md).
     """
     claims: dict[str, list[str]] = {}
     for pid in sorted(snapshot.partners):

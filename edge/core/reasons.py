@@ -1,7 +1,7 @@
 """The rejection vocabulary: one reason code per distinct cause.
 
 Owns: the closed set of reason codes that appear in logs, in the `result` and
-`reason` metric labels and in `edge verify` output (DESIGN.md, "Reason codes").
+`reason` metric labels and in `edge verify` output (docs/reference/reason-codes.md).
 
 Must never: reuse one code for two meanings, or change a code's string value
 (dashboards and alerts key on it). Add a new member instead.

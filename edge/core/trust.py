@@ -1,7 +1,7 @@
 """Certificate verification and partner authorization: who is this peer, and may it in?
 
 Owns: the single decision "is this certificate chain accepted, for which
-partner, and if not, why" (DESIGN.md, "Partner rules" and "Reason codes"),
+partner, and if not, why" (docs/partners.md, "The verifier's rules"),
 for partners connecting in (`PartnerTrust.verify_client`) and for servers the
 edge connects to (`ServerTrust.verify_server`). A reader looking for why a
 partner was rejected finds every rule here.
@@ -374,7 +374,7 @@ def _eku_name(oid: x509.ObjectIdentifier) -> str:
     }.get(oid, oid.dotted_string)
 
 
-# --- the cryptographic floor (DESIGN.md) -----------------------------------------------
+# --- the cryptographic floor (docs/partners.md) ----------------------------------------
 
 MIN_RSA_BITS = 2048
 _ALLOWED_CURVES: Mapping[str, str] = {
@@ -424,7 +424,7 @@ def _signature_problem(cert: x509.Certificate) -> str | None:
 
 
 def crypto_floor_problem(path: Sequence[x509.Certificate], *, anchored: bool = True) -> str | None:
-    """Why `path` (leaf first) is below DESIGN.md's cryptographic floor, or None.
+    """Why `path` (leaf first) is below the cryptographic floor (docs/partners.md), or None.
 
     Every key counts, the trust anchor's too (a weak root key signs everything
     under it); every signature counts except the anchor's own when `anchored`
