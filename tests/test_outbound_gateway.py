@@ -86,7 +86,9 @@ class Site:
         )
 
 
-def _write_site(folder: Path, pki: Pki, dns_port: int, partners: list[Partner]) -> Path:
+def _write_site(
+    folder: Path, pki: Pki, dns_port: int, partners: list[Partner], limits: str = ""
+) -> Path:
     identity = write_identity(folder, pki.public, pki.internal, pki.enterprise)
     for p in partners:
         d = folder / "federation_policies" / p.pid
@@ -121,6 +123,7 @@ nameservers = ["127.0.0.1:{dns_port}"]
 
 [limits]
 handshake_timeout_s = 5
+{limits}
 
 [policies]
 poll_interval_s = 3600
@@ -130,11 +133,13 @@ poll_interval_s = 3600
 
 
 @asynccontextmanager
-async def site(tmp_path: Path, pki: Pki, partners: list[Partner]) -> AsyncIterator[Site]:
+async def site(
+    tmp_path: Path, pki: Pki, partners: list[Partner], limits: str = ""
+) -> AsyncIterator[Site]:
     dns_server = DnsServer()
     async with trio.open_nursery() as nursery:
         dns_port = await nursery.start(dns_server.serve)
-        config = _write_site(tmp_path, pki, dns_port, partners)
+        config = _write_site(tmp_path, pki, dns_port, partners, limits)
         edge = await start_gateway(nursery, config)
         yield Site(edge, dns_server, nursery, tmp_path)
         nursery.cancel_scope.cancel()
@@ -516,3 +521,31 @@ async def test_eight_mib_both_ways_intact_through_the_gateway(tmp_path: Path, pk
                 )
                 == 8 * MiB
             )
+
+
+async def test_shutdown_drains_then_closes_outbound_connections(tmp_path: Path, pki: Pki) -> None:
+    fabrikam = [Partner("fabrikam.com", pki.fabrikam)]
+    async with site(tmp_path, pki, fabrikam, limits="drain_timeout_s = 0.5") as s:
+        partner = PartnerEdge(pki, pki.fabrikam.issue(dns=["sip.fabrikam.com"], eku=["server"]))
+        await partner.start(s.nursery)
+        s.dns.records = {
+            srv("fabrikam.com"): [f"10 10 {partner.port} sip.fabrikam.com."],
+            ("sip.fabrikam.com", "A"): ["127.0.0.1"],
+        }
+        member, port = await member_connect(s, pki, "sip.fabrikam.com")
+        assert await roundtrip(member, b"SUBSCRIBE") == b"SUBSCRIBE"
+        s.edge.gateway.request_shutdown("test")
+        started = await s.edge.wait_for(lambda e: e.get("event") == "shutdown_started")
+        assert started["active_connections"] == 1  # the outbound one counts
+        # The drain waited for it, then closed it: one connection_closed, end=shutdown.
+        timeout = await s.edge.wait_for(lambda e: e.get("event") == "drain_timeout")
+        assert timeout["closing"] == 1
+        event = await s.closed_or_rejected(port)
+        assert (event["event"], event["end"], event["direction"]) == (
+            "connection_closed",
+            "shutdown",
+            "outbound",
+        )
+        assert (event["member"], event["partner"]) == ("fe1.corp.test", "fabrikam.com")
+        await s.edge.wait_for(lambda e: e.get("event") == "gateway_stopped")
+        await member.aclose()
