@@ -36,8 +36,9 @@ a single application byte is sent either way.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -414,6 +415,20 @@ class Outbound:
     def _close(live: _LiveOutbound, reason: Reason, detail: str) -> None:
         live.withdrawn = (reason, detail)
         live.scope.cancel()
+
+    @contextlib.contextmanager
+    def registered(self, partner: str) -> Iterator[_LiveOutbound]:
+        """Track one connection to `partner` (dialling or relaying) for `update` and
+        `withdraw`: run it inside `live.scope`; a withdrawal cancels that scope and
+        sets `live.withdrawn` to (reason, detail). Set `live.host` and `live.chain`
+        once the partner's edge was accepted, so a reload re-judges it. For other
+        drivers (outbound SIP) that keep partner connections of their own."""
+        live = _LiveOutbound(partner, "", trio.CancelScope())
+        self._register(live)
+        try:
+            yield live
+        finally:
+            self._unregister(live)
 
     def _register(self, live: _LiveOutbound) -> None:
         self._live.setdefault(live.partner, set()).add(live)
