@@ -175,7 +175,9 @@ def _sip_driver() -> SipDriver | None:
     """`edge.sip_outbound.serve_outbound_sip` when that module is installed."""
     try:
         module = importlib.import_module(_SIP_DRIVER_MODULE)
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as exc:
+        if exc.name != _SIP_DRIVER_MODULE:
+            raise  # the driver is there but broken: a bug, not a missing feature
         return None
     driver: SipDriver | None = getattr(module, _SIP_DRIVER_NAME, None)
     return driver
