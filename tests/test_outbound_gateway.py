@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import random
 import shutil
+import sys
+import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -24,7 +26,10 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from edge.core.reasons import Reason
 from edge.demo import write_identity
+from edge.outbound import OutboundRejected
+from edge.outbound_listener import OutboundSession
 from edge.pki import CA, Leaf
 from edge.tls import TLSStream, client_context
 from tests.gateway_harness import InProcessEdge, start_gateway
@@ -87,7 +92,12 @@ class Site:
 
 
 def _write_site(
-    folder: Path, pki: Pki, dns_port: int, partners: list[Partner], limits: str = ""
+    folder: Path,
+    pki: Pki,
+    dns_port: int,
+    partners: list[Partner],
+    limits: str = "",
+    protocol: str = "stream",
 ) -> Path:
     identity = write_identity(folder, pki.public, pki.internal, pki.enterprise)
     for p in partners:
@@ -113,6 +123,7 @@ address = "127.0.0.2:0"  # port 0 twice on one address counts as a clash
 mode = "outbound"
 policies = "federation_policies"
 pools = ["frontend"]
+protocol = "{protocol}"
 
 [[pools]]
 name = "frontend"
@@ -127,6 +138,9 @@ handshake_timeout_s = 5
 
 [policies]
 poll_interval_s = 3600
+
+[sip]
+domains = ["corp.test"]
 """
     )
     return config
@@ -134,12 +148,12 @@ poll_interval_s = 3600
 
 @asynccontextmanager
 async def site(
-    tmp_path: Path, pki: Pki, partners: list[Partner], limits: str = ""
+    tmp_path: Path, pki: Pki, partners: list[Partner], limits: str = "", protocol: str = "stream"
 ) -> AsyncIterator[Site]:
     dns_server = DnsServer()
     async with trio.open_nursery() as nursery:
         dns_port = await nursery.start(dns_server.serve)
-        config = _write_site(tmp_path, pki, dns_port, partners, limits)
+        config = _write_site(tmp_path, pki, dns_port, partners, limits, protocol)
         edge = await start_gateway(nursery, config)
         yield Site(edge, dns_server, nursery, tmp_path)
         nursery.cancel_scope.cancel()
@@ -549,3 +563,41 @@ async def test_shutdown_drains_then_closes_outbound_connections(tmp_path: Path, 
         assert (event["member"], event["partner"]) == ("fe1.corp.test", "fabrikam.com")
         await s.edge.wait_for(lambda e: e.get("event") == "gateway_stopped")
         await member.aclose()
+
+
+async def test_sip_outbound_listener_is_handed_to_the_sip_driver(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The plug-in point of the outbound SIP driver (edge.sip_outbound): a stand-in
+    # driver module records what it is handed.
+    handed: list[tuple[str, str | None, bool]] = []
+
+    async def serve_outbound_sip(session: OutboundSession) -> None:
+        handed.append(
+            (session.listener.name, session.stream.requested_server_name, session.peer != "")
+        )
+        session.rejected(
+            OutboundRejected(Reason.UNKNOWN_DESTINATION, "stand-in driver", member="fe1.corp.test")
+        )
+        await session.stream.aclose()
+
+    driver = types.ModuleType("edge.sip_outbound")
+    driver.serve_outbound_sip = serve_outbound_sip  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "edge.sip_outbound", driver)
+    async with site(tmp_path, pki, [Partner("fabrikam.com", pki.fabrikam)], protocol="sip") as s:
+        member, port = await member_connect(s, pki, "sip.fabrikam.com")
+        await refused(member)
+        event = await s.closed_or_rejected(port)
+        assert handed == [(OUT, "sip.fabrikam.com", True)]
+        assert (event["reason"], event["detail"], event["direction"]) == (
+            "unknown_destination",
+            "stand-in driver",
+            "outbound",
+        )
+        # Without the driver a SIP listener refuses: never routed by SNI instead.
+        monkeypatch.setitem(sys.modules, "edge.sip_outbound", None)
+        member, port = await member_connect(s, pki, "sip.fabrikam.com")
+        await refused(member)
+        event = await s.closed_or_rejected(port)
+        assert (event["reason"], event["direction"]) == ("internal_error", "outbound")
+        assert len(handed) == 1
