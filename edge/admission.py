@@ -175,7 +175,7 @@ class Admission:
     def _reject(self, listener: Listener, conn: Conn, reason: Reason, detail: str) -> None:
         conn.reported = True
         label = partner_label(self._current().snapshot, listener, conn.partner)
-        self._metrics.handshakes.labels(listener.name, label, reason.value).inc()
+        self._metrics.handshakes.labels(listener.name, label, reason.value, "inbound").inc()
         fields: dict[str, Any] = {
             "listener": listener.name,
             "peer": conn.peer,
@@ -265,7 +265,7 @@ class Admission:
                     await trio.aclose_forcefully(tls.transport_stream)
                 raise
             conn.member = member.host
-            self._metrics.handshakes.labels(listener.name, label, "ok").inc()
+            self._metrics.handshakes.labels(listener.name, label, "ok", "inbound").inc()
             with member:  # the member's active count, for balancing and max_connections
                 await self._relay_and_report(listener, label, conn, tls, upstream)
         finally:
@@ -336,7 +336,7 @@ class Admission:
         self, listener: Listener, label: str, conn: Conn, partner: TLSStream, upstream: TLSStream
     ) -> None:
         m = self._metrics
-        active = m.connections_active.labels(listener.name, label)
+        active = m.connections_active.labels(listener.name, label, "inbound")
         active.inc()
         relay_start = trio.current_time()
         from_partner = m.bytes.labels(listener.name, label, "from_partner")
@@ -379,7 +379,7 @@ class Admission:
             # still reaches the log line below.
             with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_BUDGET_S):
                 await _close_both(partner, upstream)
-            m.connection_duration.labels(listener.name, label).observe(
+            m.connection_duration.labels(listener.name, label, "inbound").observe(
                 trio.current_time() - relay_start
             )
             self._report_closed(listener, label, conn)

@@ -2,8 +2,11 @@
 
 Owns the demo's throwaway world: a PKI made in a temporary folder, a two-member
 mutual-TLS echo pool, the gateway started from a real ``edge.toml`` written
-there, and partners playing each scenario. Also exports the echo pool member
-and the partner client, which the tests and benchmarks reuse.
+there, and partners playing each scenario. Both directions: partners
+connecting in, and a pool member going out through the outbound listener to
+partner edges found by DNS SRV in the demo's own DNS server (a tiny UDP
+responder on 127.0.0.1 built on dnspython's message API). Also exports the
+echo pool member and the partner client, which the tests and benchmarks reuse.
 
 Must never touch anything outside its temporary folder or any address but
 127.0.0.1, and never claims an outcome it did not observe: "actual" is the
@@ -22,6 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
 import trio
 from cryptography import x509
 from OpenSSL import SSL
@@ -118,6 +126,17 @@ class Scenario:
 
 
 @dataclass
+class OutboundScenario:
+    """A pool member going out: the SNI it sends, and the certificate the
+    partner edge that DNS SRV points at presents."""
+
+    name: str
+    expected: str  # "relayed" or a reason code
+    sni: str
+    partner_edge_leaf: Leaf
+
+
+@dataclass
 class World:
     folder: Path
     config_path: Path
@@ -125,6 +144,71 @@ class World:
     enterprise: CA
     pool_leaves: tuple[Leaf, ...]
     scenarios: list[Scenario]
+    edge_ca: x509.Certificate  # issued public_cert: what partner edges require of us
+    member_leaf: Leaf  # the pool member fe1's client certificate
+    outbound: list[OutboundScenario]
+
+
+class DemoDns:
+    """The demo's DNS server: answers A and SRV from a fixed table over UDP on 127.0.0.1."""
+
+    def __init__(self, records: dict[tuple[str, str], list[str]]) -> None:
+        self.records = records
+
+    def answer(self, wire: bytes) -> bytes | None:
+        try:
+            query = dns.message.from_wire(wire)
+        except Exception:  # not DNS: no answer
+            return None
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA
+        if not query.question:
+            response.set_rcode(dns.rcode.FORMERR)
+            return bytes(response.to_wire())
+        question = query.question[0]
+        name = question.name.to_text(omit_final_dot=True).lower()
+        rdtype = dns.rdatatype.to_text(question.rdtype)
+        texts = self.records.get((name, rdtype))
+        if texts:
+            response.answer.append(dns.rrset.from_text_list(question.name, 60, "IN", rdtype, texts))
+        elif not any(n == name for n, _ in self.records):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        return bytes(response.to_wire())
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind(("127.0.0.1", 0))
+            task_status.started(sock.getsockname()[1])
+            while True:
+                wire, peer = await sock.recvfrom(4096)
+                reply = self.answer(wire)
+                if reply is not None:
+                    await sock.sendto(reply, peer)
+
+
+def _free_port() -> int:
+    """A free TCP port on 127.0.0.1 (port 0 twice on one address is an address clash)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _outbound_tables(dns_port: int, listener_port: int) -> str:
+    return f"""
+[[listeners]]
+name = "to-partners"
+address = "127.0.0.1:{listener_port}"
+mode = "outbound"
+policies = "federation_policies"
+pools = ["frontend"]
+
+[dns]
+nameservers = ["127.0.0.1:{dns_port}"]
+"""
 
 
 def _toml_path(p: Path) -> str:
@@ -198,8 +282,11 @@ def build_world(folder: Path, pool_ports: Sequence[int] | None = None) -> World:
     now = _dt.datetime.now(_dt.UTC)
     enterprise = CA.root("Contoso Enterprise Root CA")
     edge_public_ca = CA.root("Contoso Public Issuing CA")
-    public = edge_public_ca.issue(dns=[EDGE_PUBLIC_NAME], eku=["server"])
-    internal = enterprise.issue(dns=["edge.corp.contoso.example"], eku=["client"])
+    # Both directions: public serves partners and is shown to partner edges
+    # (clientAuth); internal dials the pool and serves it on the outbound
+    # listener (serverAuth).
+    public = edge_public_ca.issue(dns=[EDGE_PUBLIC_NAME], eku=["client", "server"])
+    internal = enterprise.issue(dns=["edge.corp.contoso.example"], eku=["client", "server"])
     identity = write_identity(folder, public, internal, enterprise)
     pool_leaves = tuple(enterprise.issue(dns=[h], eku=["server"]) for h in POOL_HOSTS)
 
@@ -260,6 +347,23 @@ def build_world(folder: Path, pool_ports: Sequence[int] | None = None) -> World:
         ),
         Scenario("no client certificate", "no_client_cert", None),
     ]
+    outbound = [
+        # fabrikam's edge, found by SRV, with a certificate from fabrikam's root.
+        OutboundScenario(
+            "outbound: fe1 -> fabrikam.com (edge found by SRV)",
+            "relayed",
+            "sip.fabrikam.com",
+            fabrikam.issue(dns=["sip.fabrikam.com"], eku=["server"]),
+        ),
+        # "litware's edge" presents a certificate from fabrikam's root: refused
+        # before a single member byte is sent.
+        OutboundScenario(
+            "outbound: fe1 -> litware.com (edge cert from fabrikam's root)",
+            "partner_untrusted",
+            "sip.litware.com",
+            fabrikam.issue(dns=["sip.litware.com"], eku=["server"]),
+        ),
+    ]
     return World(
         folder=folder,
         config_path=config,
@@ -267,6 +371,9 @@ def build_world(folder: Path, pool_ports: Sequence[int] | None = None) -> World:
         enterprise=enterprise,
         pool_leaves=pool_leaves,
         scenarios=scenarios,
+        edge_ca=edge_public_ca.cert,
+        member_leaf=enterprise.issue(dns=[POOL_HOSTS[0]], eku=["client"]),
+        outbound=outbound,
     )
 
 
@@ -316,6 +423,47 @@ async def _play(
     return str(rejected["reason"]), str(rejected.get("detail", ""))
 
 
+async def _play_outbound(
+    scenario: OutboundScenario,
+    world: World,
+    address: tuple[str, int],
+    events: list[dict[str, Any]],
+) -> tuple[str, str]:
+    """A pool member connects to the outbound listener with the scenario's SNI."""
+    leaf = world.member_leaf
+    ctx = client_context([world.enterprise.cert], leaf.chain, leaf.key)
+    tcp = await trio.open_tcp_stream(*address)
+    local_port = tcp.socket.getsockname()[1]
+    stream = TLSStream(
+        tcp, ctx, server_side=False, server_hostname=scenario.sni, check_hostname=False
+    )
+    payload = f"OPTIONS sip:{scenario.sni} from {POOL_HOSTS[0]}".encode()
+    echoed = b""
+    try:
+        with trio.move_on_after(5):
+            await stream.do_handshake()
+            await stream.send_all(payload)
+            while len(echoed) < len(payload):
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                echoed += chunk
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await stream.aclose()
+    name = "connection_closed" if echoed == payload else "connection_rejected"
+    with trio.move_on_after(5):
+        while not _event_for(events, local_port, name):
+            await trio.sleep(0.01)
+    event = _event_for(events, local_port, name)
+    if event is None:
+        return "no verdict logged", ""
+    if name == "connection_closed":
+        return "relayed", f"via {event['partner_edge']}"
+    return str(event["reason"]), str(event.get("detail", ""))
+
+
 def _event_for(events: list[dict[str, Any]], port: int, name: str) -> dict[str, Any] | None:
     suffix = f":{port}"
     for event in events:
@@ -346,11 +494,27 @@ async def _run_demo(folder: Path, out: Any) -> int:
         EchoMember(leaf.chain, leaf.key, [enterprise_placeholder.enterprise.cert])
         for leaf in enterprise_placeholder.pool_leaves
     ]
+    world = enterprise_placeholder
+    # The partners' edges: MTLS echo servers requiring the edge's public certificate.
+    partner_edges = [
+        EchoMember(o.partner_edge_leaf.chain, o.partner_edge_leaf.key, [world.edge_ca])
+        for o in world.outbound
+    ]
     events: list[dict[str, Any]] = []
     async with trio.open_nursery() as nursery:
         ports = [await nursery.start(m.serve) for m in members]
-        world = enterprise_placeholder
+        records: dict[tuple[str, str], list[str]] = {}
+        for going_out, partner_edge in zip(world.outbound, partner_edges, strict=True):
+            edge_port = await nursery.start(partner_edge.serve)
+            domain = going_out.sni.split(".", 1)[1]
+            records[(f"_sipfederationtls._tcp.{domain}", "SRV")] = [
+                f"10 10 {edge_port} {going_out.sni}."
+            ]
+            records[(going_out.sni, "A")] = ["127.0.0.1"]
+        dns_port = await nursery.start(DemoDns(records).serve)
         _rewrite_pool_ports(world.config_path, ports)
+        with world.config_path.open("a") as f:
+            f.write(_outbound_tables(dns_port, _free_port()))
         config = load_config(world.config_path)
         log = EventLog("json", sink=events.append)
         log.enabled = False
@@ -361,24 +525,30 @@ async def _run_demo(folder: Path, out: Any) -> int:
         host, _, port = fed.rpartition(":")
         address = (host.strip("[]"), int(port))
         print(f"edge demo: gateway on {fed}, pool {ports}, files in {folder}", file=out)
-        rows = []
+        out_host, _, out_port = bound["to-partners"][0].rpartition(":")
+        out_address = (out_host.strip("[]"), int(out_port))
+        rows: list[tuple[Scenario | OutboundScenario, str, str]] = []
         for scenario in world.scenarios:
             actual, detail = await _play(scenario, world, address, events)
             rows.append((scenario, actual, detail))
+        for outbound in world.outbound:
+            actual, detail = await _play_outbound(outbound, world, out_address, events)
+            rows.append((outbound, actual, detail))
         metrics_text = await _fetch(bound["metrics"][0], "/metrics")
         gateway.request_shutdown("demo finished")
         nursery.cancel_scope.cancel()
     width = max(len(s.name) for s, _, _ in rows)
     print(file=out)
-    print(f"{'scenario':<{width}}  {'expected':<15} {'actual':<15} ok", file=out)
-    print(f"{'-' * width}  {'-' * 15} {'-' * 15} --", file=out)
+    print(f"{'scenario':<{width}}  {'expected':<17} {'actual':<17} ok", file=out)
+    print(f"{'-' * width}  {'-' * 17} {'-' * 17} --", file=out)
     failures = 0
-    for scenario, actual, detail in rows:
-        ok = actual == scenario.expected
+    for played, actual, detail in rows:
+        ok = actual == played.expected
         failures += not ok
         mark = "yes" if ok else "NO"
-        line = f"{scenario.name:<{width}}  {scenario.expected:<15} {actual:<15} {mark}"
-        print(line + (f"   ({detail})" if detail and actual == "relayed" else ""), file=out)
+        line = f"{played.name:<{width}}  {played.expected:<17} {actual:<17} {mark}"
+        shown = detail and (actual == "relayed" or actual == "partner_untrusted")
+        print(line + (f"   ({detail})" if shown else ""), file=out)
     print(file=out)
     print("metrics (from the gateway's /metrics endpoint):", file=out)
     for line in metrics_text.splitlines():

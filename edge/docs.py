@@ -274,7 +274,8 @@ LABELS: dict[str, str] = {
     "listener": "a configured listener name",
     "partner": "a configured partner id, or `unknown` for connections not pinned on one",
     "result": "`ok` or a reason code (edge_handshakes_total); `ok` or `error` (reloads)",
-    "direction": "`from_partner` or `to_partner`",
+    "direction": "`inbound` or `outbound` (handshakes, active connections, durations); "
+    "`from_partner` or `to_partner` (edge_bytes_total)",
     "pool": "a configured pool name",
     "member": "a pool member's host (configured, or an SRV target)",
     "reason": "a reason code of an upstream attempt (see reason-codes.md)",

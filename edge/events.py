@@ -113,6 +113,12 @@ _ALL: tuple[Event, ...] = (
         **_CONN,
         reason="the reason code (see reason-codes.md)",
         detail="what exactly failed, clipped",
+        direction="`inbound` (a partner connecting) or `outbound` (a pool member going to a "
+        "partner); outbound events always carry it",
+        member="outbound: the pool member (its topology host) that asked, once its "
+        "certificate was accepted",
+        partner_edge="outbound: the partner edge dialled, host:port (and the address), when "
+        "one answered",
     ),
     _e(
         "connection_closed",
@@ -120,7 +126,7 @@ _ALL: tuple[Event, ...] = (
         "a relayed connection ended (exactly one per admitted connection)",
         **_CONN,
         tls_version="the partner side's TLS version",
-        member="the pool member it was relayed to",
+        member="inbound: the pool member it was relayed to; outbound: the pool member that asked",
         bytes_from_partner="application bytes received from the partner",
         bytes_to_partner="application bytes sent to the partner",
         duration_s="seconds from accept to close",
@@ -128,6 +134,9 @@ _ALL: tuple[Event, ...] = (
         "partner_error, pool_error, idle_timeout, shutdown, trust_withdrawn, closed, cancelled",
         reason="with end=trust_withdrawn: the reason code of the re-check that failed",
         detail="more about the end, when there is more, clipped",
+        direction="`inbound` or `outbound` (a pool member's connection to a partner; "
+        "`member` is then who asked and `tls_version` the member side's)",
+        partner_edge="outbound: the partner edge it was relayed to, host:port (and the address)",
     ),
     # --- reload
     _e(

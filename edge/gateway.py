@@ -23,6 +23,7 @@ connection's failure stop the others.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import trio
@@ -36,6 +37,7 @@ from edge.current import Current, build_current
 from edge.listen import StartupError, accept_loop, bind
 from edge.logs import EventLog
 from edge.metrics import Metrics, serve_metrics
+from edge.outbound_listener import OutboundListeners
 from edge.pools import PoolSet
 from edge.reload import Reloader
 
@@ -60,6 +62,10 @@ class Gateway:
         self._pools = PoolSet(
             lambda: self.current.snapshot, lambda: self.current.client_context, metrics, log
         )
+        # Outbound listeners (pool -> partners): their own room, reloaded with the rest.
+        self._outbound = OutboundListeners(
+            lambda: self.current, metrics, log, others_active=lambda: self._admission.active_total
+        )
         self._reloader = Reloader(
             lambda: self.current,
             self._swap,
@@ -67,6 +73,7 @@ class Gateway:
             metrics,
             log,
             self._crl_fetcher,
+            outbound=self._outbound,
         )
         self._admission = Admission(
             lambda: self.current,
@@ -175,7 +182,12 @@ class Gateway:
                     for listener in self.config.listeners:
                         for sock in sockets.listeners[listener.name]:
                             acceptors.start_soon(
-                                accept_loop, listener, sock, connections, admission.handle, self.log
+                                functools.partial(accept_loop, outbound=self._outbound.handle),
+                                listener,
+                                sock,
+                                connections,
+                                admission.handle,
+                                self.log,
                             )
                     self.ready = True
                     self.log.event(
@@ -194,14 +206,17 @@ class Gateway:
                 self.log.event(
                     "shutdown_started",
                     why=self._shutdown_why,
-                    active_connections=admission.active_total,
+                    active_connections=admission.active_total + self._outbound.active_total,
                 )
                 drain = self.config.limits.drain_timeout_s
                 with trio.move_on_after(drain):
                     await admission.idle.wait()
-                if admission.active_total:
+                    await self._outbound.idle.wait()
+                if admission.active_total or self._outbound.active_total:
                     self.log.event(
-                        "drain_timeout", closing=admission.active_total, drain_timeout_s=drain
+                        "drain_timeout",
+                        closing=admission.active_total + self._outbound.active_total,
+                        drain_timeout_s=drain,
                     )
                 connections.cancel_scope.cancel()
             root.cancel_scope.cancel()

@@ -94,8 +94,16 @@ async def accept_loop(
     nursery: trio.Nursery,
     handle: Callable[[Listener, trio.SocketStream], Awaitable[None]],
     log: EventLog,
+    *,
+    outbound: Callable[[Listener, trio.SocketStream], Awaitable[None]] | None = None,
 ) -> None:
-    """Accept until cancelled; each connection is ``handle``'d in ``nursery``."""
+    """Accept until cancelled; each connection is ``handle``'d in ``nursery``
+    (on a ``mode = "outbound"`` listener: ``outbound``, edge.outbound_listener)."""
+    if listener.mode == "outbound":
+        # Pool members going out never take the inbound (mtls/tls) path.
+        if outbound is None:
+            raise StartupError(f"listener {listener.name}: no outbound handler to serve it")
+        handle = outbound
     while True:
         try:
             stream = await sock.accept()

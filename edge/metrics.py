@@ -59,14 +59,15 @@ class Metrics:
         self.registry = registry
         self.handshakes = Counter(
             "edge_handshakes_total",
-            "Partner admissions by outcome: ok, or the reason code of the refusal",
-            ["listener", "partner", "result"],
+            "Admissions by outcome: ok, or the reason code of the refusal; direction "
+            "inbound (partners) or outbound (pool members going to partners)",
+            ["listener", "partner", "result", "direction"],
             registry=registry,
         )
         self.connections_active = Gauge(
             "edge_connections_active",
             "Relayed connections open now",
-            ["listener", "partner"],
+            ["listener", "partner", "direction"],
             multiprocess_mode="livesum",
             registry=registry,
         )
@@ -79,7 +80,7 @@ class Metrics:
         self.connection_duration = Histogram(
             "edge_connection_duration_seconds",
             "Lifetime of relayed connections",
-            ["listener", "partner"],
+            ["listener", "partner", "direction"],
             buckets=_CONNECTION_BUCKETS,
             registry=registry,
         )

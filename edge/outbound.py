@@ -36,8 +36,9 @@ a single application byte is sent either way.
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -361,10 +362,20 @@ class Outbound:
         """Outbound connections to `partner` now (dialling or relaying)."""
         return len(self._live.get(partner, ()))
 
-    def update(self, snapshot: PolicySnapshot) -> int:
+    def update(self, snapshot: PolicySnapshot, config: Config | None = None) -> int:
         """Swap in a reloaded snapshot; close what it no longer allows: partners
         removed or disabled, and edges whose certificate the new policy rejects
-        (a root removed, a CRL that now lists it). Returns how many were closed."""
+        (a root removed, a CRL that now lists it). Returns how many were closed.
+
+        `config`: the reloaded configuration, when it changed (identity, limits
+        and `[dns]` apply live; the listener keeps its name)."""
+        if config is not None and config is not self.config:
+            if config.dns != self.config.dns:
+                self.discovery = Discovery(config.dns)
+            self.listener = next(
+                (lst for lst in config.listeners if lst.name == self.listener.name), self.listener
+            )
+            self.config = config
         self.snapshot = snapshot
         self.trust = PartnerEdgeTrust(snapshot)
         self._contexts = {}
@@ -405,6 +416,20 @@ class Outbound:
         live.withdrawn = (reason, detail)
         live.scope.cancel()
 
+    @contextlib.contextmanager
+    def registered(self, partner: str) -> Iterator[_LiveOutbound]:
+        """Track one connection to `partner` (dialling or relaying) for `update` and
+        `withdraw`: run it inside `live.scope`; a withdrawal cancels that scope and
+        sets `live.withdrawn` to (reason, detail). Set `live.host` and `live.chain`
+        once the partner's edge was accepted, so a reload re-judges it. For other
+        drivers (outbound SIP) that keep partner connections of their own."""
+        live = _LiveOutbound(partner, "", trio.CancelScope())
+        self._register(live)
+        try:
+            yield live
+        finally:
+            self._unregister(live)
+
     def _register(self, live: _LiveOutbound) -> None:
         self._live.setdefault(live.partner, set()).add(live)
 
@@ -425,6 +450,7 @@ async def serve_outbound(
     relay: Relay,
     *,
     peer: str = "",
+    on_relaying: Callable[[str, str, str], None] | None = None,
 ) -> OutboundClosed:
     """Serve one accepted member connection on an outbound listener, to its end.
 
@@ -433,6 +459,9 @@ async def serve_outbound(
     not). Returns an `OutboundClosed` once the relay ended (or a reload
     withdrew the partner); raises `OutboundRejected` when the connection is
     refused before relaying. Both streams are closed on return either way.
+    `on_relaying(member, partner, partner_edge)` is called once the partner's
+    edge was accepted, right before the relay (so a caller cancelled during
+    the relay still knows whom it was serving).
     """
     limits = outbound.config.limits
     listener = outbound.listener
@@ -502,6 +531,8 @@ async def serve_outbound(
                             partner=policy.id,
                             partner_edge=edge.label,
                         )
+                if on_relaying is not None:
+                    on_relaying(member.host, policy.id, edge.label)
                 relay_result = await relay(member_stream, partner_stream)
         except OutboundRejected as exc:
             exc.member = member.host

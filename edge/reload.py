@@ -39,6 +39,7 @@ from edge.crlfetch import CrlFetcher
 from edge.current import Current, build_current
 from edge.logs import EventLog
 from edge.metrics import Metrics
+from edge.outbound_listener import OutboundListeners
 from edge.watch import Fingerprint, fingerprint
 
 __all__ = ["Reloader", "config_files"]
@@ -71,8 +72,10 @@ class Reloader:
         metrics: Metrics,
         log: EventLog,
         crl_fetcher: CrlFetcher | None = None,
+        outbound: OutboundListeners | None = None,
     ) -> None:
         self._current = current
+        self._outbound = outbound
         self._swap = swap
         self._live = live
         self._metrics = metrics
@@ -138,6 +141,10 @@ class Reloader:
             lambda: build_snapshot(config or previous.config, inputs, fetched, previous)
         )
         self._swap(build_current(new, self._current()))  # the swap: one assignment
+        if self._outbound is not None:
+            # Outbound connections to partners the new snapshot no longer
+            # allows close now (trust_withdrawn), within this poll.
+            self._outbound.update(new)
         return new
 
     async def _reload_policies(self, folder: Path, folder_print: Fingerprint) -> None:

@@ -477,9 +477,14 @@ async def test_metrics_endpoint(tmp_path: Path, pki: Pki) -> None:
             status, text = await http_get(edge.metrics_address, "/metrics")
             assert status == 200
             fed = 'listener="federation"'
-            assert f'edge_handshakes_total{{{fed},partner="fabrikam.com",result="ok"}} 1.0' in text
+            inbound = 'direction="inbound"'  # labels come sorted by name
             assert (
-                f'edge_handshakes_total{{{fed},partner="unknown",result="unknown_ca"}} 1.0' in text
+                f'edge_handshakes_total{{{inbound},{fed},partner="fabrikam.com",result="ok"}} 1.0'
+                in text
+            )
+            assert (
+                f'edge_handshakes_total{{{inbound},{fed},partner="unknown",'
+                f'result="unknown_ca"}} 1.0' in text
             )
             assert (
                 f'edge_bytes_total{{direction="from_partner",{fed},partner="fabrikam.com"}} 5.0'

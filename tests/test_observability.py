@@ -44,6 +44,7 @@ from tests.gateway_harness import (
 
 POOL = ("fe1.corp.test", "fe2.corp.test")
 FED = "federation"
+IN = "inbound"  # the direction label of partner connections
 
 # docs/reference/log-events.md: what each final event must carry.
 CLOSED_FIELDS = (
@@ -137,8 +138,8 @@ async def test_scripted_traffic_counters_bytes_active_and_log(tmp_path: Path, pk
             assert await echo_roundtrip(held, b"x" * 70_000) == b"x" * 70_000
             now = await scrape(edge)
             active = "edge_connections_active"
-            assert sample(now, active, listener=FED, partner="litware.com") == 1
-            assert sample(now, active, listener=FED, partner="fabrikam.com") == 0
+            assert sample(now, active, listener=FED, partner="litware.com", direction=IN) == 1
+            assert sample(now, active, listener=FED, partner="fabrikam.com", direction=IN) == 0
             # ...and litware (max_connections = 1) is refused a second one.
             rejected_ports[await _refused(edge, pki, litware)] = "over_limit"
             await held.aclose()
@@ -187,7 +188,10 @@ async def test_scripted_traffic_counters_bytes_active_and_log(tmp_path: Path, pk
         ("unknown", "no_client_cert"): 1,
     }
     # The active gauge is back to 0 once everything closed.
-    assert sample(after, "edge_connections_active", listener=FED, partner="litware.com") == 0
+    assert (
+        sample(after, "edge_connections_active", listener=FED, partner="litware.com", direction=IN)
+        == 0
+    )
     # Bytes: application bytes each way (the echo returns all of them), and
     # the log's per-connection numbers add up to the counters.
     closed = {p: _final_events(edge, p) for p in closed_ports}
@@ -207,7 +211,11 @@ async def test_scripted_traffic_counters_bytes_active_and_log(tmp_path: Path, pk
     # Histograms count what happened.
     for partner, n in (("fabrikam.com", 3), ("litware.com", 2)):
         count = sample(
-            after, "edge_connection_duration_seconds_count", listener=FED, partner=partner
+            after,
+            "edge_connection_duration_seconds_count",
+            listener=FED,
+            partner=partner,
+            direction=IN,
         )
         assert count == n
     assert sample(after, "edge_upstream_connect_duration_seconds_count", pool="frontend") == 5
@@ -277,7 +285,12 @@ async def test_thirty_strangers_add_no_series(tmp_path: Path, pki: Pki) -> None:
 
     assert edge_series(after) == edge_series(before)
     unknown = sample(
-        after, "edge_handshakes_total", listener=FED, partner="unknown", result="unknown_ca"
+        after,
+        "edge_handshakes_total",
+        listener=FED,
+        partner="unknown",
+        result="unknown_ca",
+        direction=IN,
     )
     assert unknown == 31
     partners = {dict(labels)["partner"] for labels in series(after, "edge_handshakes_total")}

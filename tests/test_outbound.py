@@ -632,3 +632,20 @@ async def test_eight_mib_both_ways_intact(tmp_path: Path, pki: Pki) -> None:
             assert partner.received.hexdigest() == expected  # member -> partner
             assert (received, got.hexdigest()) == (8 * MiB, expected)  # partner -> member
             assert edge.closed[0].relay_result == (8 * MiB, 8 * MiB)
+
+
+async def test_registered_connections_are_withdrawn_like_relayed_ones(
+    tmp_path: Path, pki: Pki
+) -> None:
+    # The hook another driver (outbound SIP) tracks its partner connections with.
+    config = _site(tmp_path, pki, 53, {"fabrikam.com": "", "litware.com": ""})
+    assert config.listeners[0].policies is not None
+    outbound = Outbound(config, config.listeners[0], load_policies(config.listeners[0].policies))
+    with outbound.registered("fabrikam.com") as live:
+        assert outbound.live_count("fabrikam.com") == 1
+        assert outbound.withdraw({"fabrikam.com", "litware.com"}) == 0
+        with trio.fail_after(5), live.scope:
+            assert outbound.withdraw({"litware.com"}) == 1
+            await trio.sleep_forever()
+        assert live.withdrawn is not None and live.withdrawn[0] == "unknown_destination"
+    assert outbound.live_count("fabrikam.com") == 0

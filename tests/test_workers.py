@@ -51,8 +51,9 @@ async def test_two_workers_share_the_port_and_metrics_add_up(tmp_path: Path, pki
             assert await echo_roundtrip(held, b"held") == b"held"
             fed = {"listener": "federation", "partner": "fabrikam.com"}
             samples = await scrape(edge)
-            assert sample(samples, "edge_handshakes_total", **fed, result="ok") == 25
-            assert sample(samples, "edge_connections_active", **fed) == 1
+            inbound = {"direction": "inbound"}
+            assert sample(samples, "edge_handshakes_total", **fed, result="ok", **inbound) == 25
+            assert sample(samples, "edge_connections_active", **fed, **inbound) == 1
             assert (
                 sample(samples, "edge_bytes_total", **fed, direction="from_partner")
                 == sum(len(b"w%d" % i) for i in range(24)) + 4
