@@ -32,7 +32,7 @@ from edge.outbound import Outbound, OutboundRejected, outbound_server_context
 from edge.pki import CA, Leaf
 from edge.sip_outbound import SipOutboundClosed, SipPartnerClosed, serve_outbound_sip
 from edge.tls import TLSStream, client_context, server_context
-from tests.test_outbound import DnsServer
+from tests.test_outbound import DnsServer, _refused_port
 
 EDGE_PUBLIC = "edge.adatum.example"
 FAB_SRV = "_sipfederationtls._tcp.fabrikam.com"
@@ -550,3 +550,221 @@ async def test_member_outside_the_topology_is_refused_before_any_sip(
         assert w.edge.rejected[0].reason == "not_in_topology"
         assert w.fabrikam.connections == 0 and w.edge.reports == []
         await stream.aclose()
+
+
+async def test_unreachable_partner_gets_503_naming_why(tmp_path: Path, pki: Pki) -> None:
+    async with world(tmp_path, pki) as w:
+        w.dns.records[(FAB_SRV, "SRV")] = [f"10 10 {_refused_port()} sip.fabrikam.com."]
+        member = await Member.connect(w, pki)
+        # Two requests wait for the same dial; both get the 503, the ACK none.
+        first = sip("sip:a@fabrikam.com", call_id="w1")
+        second = sip("sip:b@fabrikam.com", call_id="w2")
+        await member.send(first + second + sip("sip:a@fabrikam.com", method="ACK", call_id="w3"))
+        answers = await member.receive(2)
+        assert [(a.head.status_code, a.headers.get("call-id")) for a in answers] == [
+            (503, "w1"),
+            (503, "w2"),
+        ]
+        assert {warning(a) for a in answers} == {'399 edge "partner_unreachable"'}
+        (rejection,) = w.edge.partner_rejected
+        assert (rejection.reason, rejection.partner) == ("partner_unreachable", "fabrikam.com")
+        assert w.edge.partner_closed == []  # never opened, so no connection_closed
+        # contoso still works over the same pool connection.
+        await member.send(sip("sip:b@contoso.com", call_id="c1"))
+        (ok,) = await member.receive(1)
+        assert ok.head.status_code == 200
+        await member.stream.aclose()
+
+
+async def test_keepalive_and_malformed_pool_input(tmp_path: Path, pki: Pki) -> None:
+    async with world(tmp_path, pki) as w:
+        member = await Member.connect(w, pki)
+        first = sip("sip:a@fabrikam.com", call_id="f1")
+        await member.send(first)
+        await member.receive(1)
+        # An RFC 5626 ping is answered by the edge and goes nowhere.
+        await member.send(b"\r\n\r\n")
+        with trio.fail_after(TIMEOUT):
+            assert await member.stream.receive_some(100) == b"\r\n"
+        # A request without Content-Length: 400, then the fan-out ends.
+        bad = sip("sip:a@fabrikam.com", call_id="bad").replace(b"Content-Length: 0\r\n", b"")
+        await member.send(bad)
+        (answer,) = await member.receive(1)
+        assert answer.head.status_code == 400
+        assert warning(answer) == '399 edge "sip_malformed"'
+        await until(lambda: len(w.edge.closed) == 1, "pool connection end")
+        assert w.edge.closed[0].end == "sip_malformed"
+        await until(lambda: len(w.edge.partner_closed) == 1, "fabrikam closed")
+        assert w.edge.partner_closed[0].end == "pool_closed"
+        assert bytes(w.fabrikam.received) == first  # neither the ping nor the bad request
+        await member.stream.aclose()
+
+
+# --- a real SIP pool: Kamailio ----------------------------------------------------------
+
+KAMAILIO = shutil.which("kamailio") or "/usr/sbin/kamailio"
+KAMAILIO_MODULES = Path("/usr/lib/x86_64-linux-gnu/kamailio/modules")
+
+
+def _free_port(kind: int) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def _kamailio_config(folder: Path, pki: Pki, edge_port: int) -> tuple[Path, int]:
+    """A pool proxy: every request it receives on UDP goes to the edge over one TLS
+    connection (client certificate fe1.corp.test), as a Lync/Skype pool does."""
+    cert, key = pki.member.write(folder, "member")
+    roots = folder / "enterprise-root.pem"
+    roots.write_bytes(pki.enterprise.cert_pem())
+    udp, tls = _free_port(2), _free_port(1)  # SOCK_DGRAM, SOCK_STREAM
+    (folder / "tls.cfg").write_text(
+        f"""[server:default]
+method = TLSv1.2+
+certificate = {cert}
+private_key = {key}
+verify_certificate = no
+require_certificate = no
+
+[client:default]
+method = TLSv1.2+
+certificate = {cert}
+private_key = {key}
+ca_list = {roots}
+verify_certificate = yes
+require_certificate = yes
+"""
+    )
+    cfg = folder / "kamailio.cfg"
+    cfg.write_text(
+        f"""#!KAMAILIO
+debug=2
+log_stderror=yes
+children=1
+tcp_children=1
+auto_aliases=no
+listen=udp:127.0.0.1:{udp}
+listen=tls:127.0.0.1:{tls}
+enable_tls=yes
+mpath="{KAMAILIO_MODULES}/"
+loadmodule "tls.so"
+loadmodule "sl.so"
+loadmodule "tm.so"
+loadmodule "pv.so"
+modparam("tls", "config", "{folder / "tls.cfg"}")
+
+request_route {{
+    $du = "sip:127.0.0.1:{edge_port};transport=tls";
+    if (!t_relay()) {{
+        sl_reply_error();
+    }}
+    exit;
+}}
+"""
+    )
+    return cfg, udp
+
+
+def _ua_request(target: str, call_id: str, ua_port: int) -> bytes:
+    lines = [
+        f"MESSAGE {target} SIP/2.0",
+        f"Via: SIP/2.0/UDP 127.0.0.1:{ua_port};branch=z9hG4bK-{call_id};rport",
+        "Max-Forwards: 70",
+        "From: <sip:alice@adatum.com>;tag=ua1",
+        f"To: <{target}>",
+        f"Call-ID: {call_id}",
+        "CSeq: 1 MESSAGE",
+        "Content-Length: 2",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\nhi").encode()
+
+
+@pytest.mark.skipif(
+    not Path(KAMAILIO).exists() or not (KAMAILIO_MODULES / "tls.so").exists(),
+    reason="Kamailio with its TLS module is not installed (kamailio, kamailio-tls-modules)",
+)
+async def test_a_real_kamailio_pool_reaches_two_partners_over_one_connection(
+    tmp_path: Path, pki: Pki
+) -> None:
+    import os
+    import signal
+    import subprocess
+
+    async with world(tmp_path, pki) as w:
+        accepted: list[int] = []
+        handle = w.edge.handle
+
+        async def counting(tcp: trio.SocketStream) -> None:
+            accepted.append(1)
+            await handle(tcp)
+
+        listeners = await w.nursery.start(trio.serve_tcp, counting, 0)
+        edge_port = listeners[0].socket.getsockname()[1]
+        kam_dir = tmp_path / "kamailio"
+        kam_dir.mkdir()
+        cfg, kam_udp = _kamailio_config(kam_dir, pki, edge_port)
+        log = (kam_dir / "kamailio.log").open("wb")
+        process = subprocess.Popen(
+            [KAMAILIO, "-f", str(cfg), "-DD", "-E", "-m", "64", "-M", "8", "-w", str(kam_dir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its worker children share our process group id
+        )
+        ua = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        try:
+            await ua.bind(("127.0.0.1", 0))
+            ua_port = ua.getsockname()[1]
+            answers: dict[str, Message] = {}
+
+            async def collect(expect: set[str], resend: dict[str, bytes]) -> None:
+                # UDP: resend what is unanswered every half second (bounded).
+                for _ in range(40):
+                    for call_id, data in resend.items():
+                        if call_id not in answers:
+                            await ua.sendto(data, ("127.0.0.1", kam_udp))
+                    with trio.move_on_after(0.5):
+                        while not expect <= answers.keys():
+                            wire = await ua.recv(65536)
+                            framer = SipFramer()
+                            framer.feed(wire)
+                            event = framer.next_event()
+                            if isinstance(event, Message) and event.head.status_code == 200:
+                                answers[event.headers.get("call-id") or ""] = event
+                    if expect <= answers.keys():
+                        return
+                raise AssertionError(
+                    f"no answer from the partners through Kamailio: "
+                    f"{(kam_dir / 'kamailio.log').read_text()[-2000:]}"
+                )
+
+            to_fab = _ua_request("sip:a@fabrikam.com", "kam-f1", ua_port)
+            to_con = _ua_request("sip:b@contoso.com", "kam-c1", ua_port)
+            await collect({"kam-f1"}, {"kam-f1": to_fab})
+            await collect({"kam-c1"}, {"kam-c1": to_con})
+            assert answers["kam-f1"].headers.get("server") == "fabrikam"
+            assert answers["kam-c1"].headers.get("server") == "contoso"
+            # Each partner saw only its own request (Kamailio added its Via).
+            assert {m.headers.get("call-id") for m in w.fabrikam.messages} == {"kam-f1"}
+            assert {m.headers.get("call-id") for m in w.contoso.messages} == {"kam-c1"}
+            assert w.fabrikam.messages[0].head.request_uri == "sip:a@fabrikam.com"
+            assert w.fabrikam.messages[0].body == b"hi"
+            vias = w.fabrikam.messages[0].headers.get_all("via")
+            assert len(vias) == 2 and vias[0].startswith("SIP/2.0/TLS 127.0.0.1:")
+            # Kamailio used one TLS connection to the edge for both destinations.
+            assert len(accepted) == 1
+            assert w.edge.rejected == []
+        finally:
+            ua.close()
+            with trio.CancelScope(shield=True):
+                os.killpg(process.pid, signal.SIGTERM)
+                with trio.move_on_after(10):
+                    while process.poll() is None:
+                        await trio.sleep(0.05)
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(5)
+            log.close()
