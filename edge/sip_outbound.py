@@ -441,13 +441,13 @@ class _FanOut:
                 conn.end, conn.reason = "trust_withdrawn", str(conn.live.withdrawn[0])
                 conn.detail = conn.live.withdrawn[1]
             if self.current(conn):
-                # Ended by itself (or withdrawn) while the router still counts on it.
+                # Withdrawn by a reload: the router learns it with the new partner list
+                # (sync), so a removed partner's later requests get 503, not 404.
+                self.sync()
+            if self.current(conn):
+                # Ended by itself while the router still counts on it.
                 del self.conns[conn.partner]
-                if conn.live.withdrawn is not None:
-                    self.perform(
-                        self.router.trust_withdrawn(conn.partner, str(conn.live.withdrawn[0]))
-                    )
-                elif opened:
+                if opened:
                     self.perform(self.router.partner_closed(conn.partner))
                 else:
                     self.perform(
