@@ -200,7 +200,9 @@ class World:
     nursery: trio.Nursery
 
 
-def _write_site(folder: Path, pki: Pki, dns_port: int, contoso_port: int) -> Config:
+def _write_site(
+    folder: Path, pki: Pki, dns_port: int, contoso_port: int, limits: str = ""
+) -> Config:
     identity = write_identity(folder, pki.public, pki.internal, pki.enterprise)
     policies = {
         "fabrikam.com": (pki.fabrikam, ""),  # found by DNS SRV
@@ -234,13 +236,16 @@ nameservers = ["127.0.0.1:{dns_port}"]
 
 [limits]
 handshake_timeout_s = 5
+{limits}
 """
     )
     return load_config(path)
 
 
 @asynccontextmanager
-async def world(tmp_path: Path, pki: Pki, *, contoso_ca: CA | None = None) -> AsyncIterator[World]:
+async def world(
+    tmp_path: Path, pki: Pki, *, contoso_ca: CA | None = None, limits: str = ""
+) -> AsyncIterator[World]:
     dns_server = DnsServer()
     fabrikam = SipPartnerEdge(
         pki, pki.fabrikam.issue(dns=["sip.fabrikam.com"], eku=["server"]), "fabrikam"
@@ -257,7 +262,7 @@ async def world(tmp_path: Path, pki: Pki, *, contoso_ca: CA | None = None) -> As
             ("sip.fabrikam.com", "A"): ["127.0.0.1"],
             ("sip.contoso.com", "A"): ["127.0.0.1"],
         }
-        config = _write_site(tmp_path, pki, dns_port, contoso.port)
+        config = _write_site(tmp_path, pki, dns_port, contoso.port, limits)
         listener = config.listeners[0]
         assert listener.policies is not None and listener.protocol == "sip"
         outbound = Outbound(
@@ -598,6 +603,29 @@ async def test_keepalive_and_malformed_pool_input(tmp_path: Path, pki: Pki) -> N
         assert w.edge.partner_closed[0].end == "pool_closed"
         assert bytes(w.fabrikam.received) == first  # neither the ping nor the bad request
         await member.stream.aclose()
+
+
+async def test_partner_connections_count_in_the_per_partner_limit(tmp_path: Path, pki: Pki) -> None:
+    limits = "max_outbound_connections_per_partner = 1"
+    async with world(tmp_path, pki, limits=limits) as w:
+        first = await Member.connect(w, pki)
+        await first.send(sip("sip:a@fabrikam.com", call_id="f1"))
+        (ok,) = await first.receive(1)
+        assert ok.head.status_code == 200
+        # A second pool connection would need a second fabrikam connection: 503.
+        second = await Member.connect(w, pki)
+        await second.send(sip("sip:a@fabrikam.com", call_id="f2"))
+        (answer,) = await second.receive(1)
+        assert answer.head.status_code == 503
+        assert warning(answer) == '399 edge "over_limit"'
+        assert [r.reason for r in w.edge.partner_rejected] == ["over_limit"]
+        assert w.fabrikam.connections == 1
+        # contoso is its own count.
+        await second.send(sip("sip:b@contoso.com", call_id="c1"))
+        (ok,) = await second.receive(1)
+        assert ok.head.status_code == 200
+        await first.stream.aclose()
+        await second.stream.aclose()
 
 
 # --- a real SIP pool: Kamailio ----------------------------------------------------------
