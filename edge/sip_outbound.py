@@ -255,6 +255,8 @@ def _domain_for(policy: PartnerPolicy, host: str) -> str:
 
 
 class _FanOut:
+    """One pool connection: its router, its writer, its partner connections."""
+
     def __init__(
         self,
         member_stream: TLSStream,
