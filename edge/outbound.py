@@ -48,6 +48,7 @@ from OpenSSL import SSL
 
 from edge.core.config import Config, Identity, Listener
 from edge.core.outbound import (
+    MemberVerdict,
     PartnerEdgeTrust,
     Refusal,
     authorize_member,
@@ -67,6 +68,7 @@ __all__ = [
     "OutboundRejected",
     "PartnerEdge",
     "Relay",
+    "admit_member",
     "dial_partner",
     "outbound_client_context",
     "outbound_server_context",
@@ -444,6 +446,35 @@ class Outbound:
 # --- one member connection ---------------------------------------------------------------
 
 
+async def admit_member(member_stream: TLSStream, outbound: Outbound) -> MemberVerdict:
+    """The member's handshake (if the caller did not run it) under
+    `handshake_timeout_s`, then `authorize_member` against the listener's pools.
+
+    Returns the accepted verdict (`host` set); raises `OutboundRejected`
+    (`tls_error`, `handshake_timeout`, `not_in_topology`...) otherwise. Shared
+    by every outbound driver (streams here, SIP in `edge.sip_outbound`).
+    """
+    limits = outbound.config.limits
+    with trio.move_on_after(limits.handshake_timeout_s) as hs_scope:
+        try:
+            await member_stream.do_handshake()
+        except (TLSError, trio.BrokenResourceError) as exc:
+            raise OutboundRejected(Reason.TLS_ERROR, str(exc) or "handshake failed") from None
+    if hs_scope.cancelled_caught:
+        raise OutboundRejected(
+            Reason.HANDSHAKE_TIMEOUT,
+            f"no TLS handshake within handshake_timeout_s={limits.handshake_timeout_s:g}",
+        )
+    pools = [outbound.config.pools[name] for name in outbound.listener.pools]
+    member = authorize_member(
+        member_stream.verified_chain, outbound.config.identity.internal_root_certs, pools
+    )
+    if not member.accepted or member.host is None:
+        assert member.reason is not None
+        raise OutboundRejected(member.reason, member.detail)
+    return member
+
+
 async def serve_outbound(
     member_stream: TLSStream,
     outbound: Outbound,
@@ -467,24 +498,9 @@ async def serve_outbound(
     listener = outbound.listener
     partner_stream: TLSStream | None = None
     try:
-        with trio.move_on_after(limits.handshake_timeout_s) as hs_scope:
-            try:
-                await member_stream.do_handshake()
-            except (TLSError, trio.BrokenResourceError) as exc:
-                raise OutboundRejected(Reason.TLS_ERROR, str(exc) or "handshake failed") from None
-        if hs_scope.cancelled_caught:
-            raise OutboundRejected(
-                Reason.HANDSHAKE_TIMEOUT,
-                f"no TLS handshake within handshake_timeout_s={limits.handshake_timeout_s:g}",
-            )
+        member = await admit_member(member_stream, outbound)
+        assert member.host is not None
         snapshot = outbound.snapshot
-        pools = [outbound.config.pools[name] for name in listener.pools]
-        member = authorize_member(
-            member_stream.verified_chain, outbound.config.identity.internal_root_certs, pools
-        )
-        if not member.accepted or member.host is None:
-            assert member.reason is not None
-            raise OutboundRejected(member.reason, member.detail)
         where = destination(member_stream.requested_server_name, snapshot)
         if isinstance(where, Refusal):
             raise OutboundRejected(where.reason, where.detail, member=member.host)

@@ -251,3 +251,18 @@ def test_pool_closed_closes_every_partner_connection() -> None:
         ClosePartner("fabrikam", "pool_closed"),
     ]
     assert r.connections == {}
+
+
+def test_withdrawn_after_a_reload_dropped_the_partner_still_answers_503() -> None:
+    # The documented order: set_partners (the reload), then trust_withdrawn.
+    r = router()
+    r.pool_data(sip())
+    r.partner_opened("fabrikam")
+    r.set_partners({"adatum": PARTNERS["adatum"]})
+    assert r.trust_withdrawn("fabrikam", "unknown_destination") == [
+        ClosePartner("fabrikam", "unknown_destination")
+    ]
+    (send,) = sends(r.pool_data(sip("sip:z@fabrikam.com", call_id="late")))
+    assert isinstance(send, SendToPool)
+    assert answer_of(send.data).head.status_code == 503
+    assert b'"unknown_destination"' in send.data

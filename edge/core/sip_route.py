@@ -215,6 +215,7 @@ class SipRouter:
         self.max_call_ids = max_call_ids
         self.guard_partners = guard_partners
         self._partners: dict[str, tuple[str, ...]] = {}
+        self._departed: dict[str, tuple[str, ...]] = {}  # dropped by a reload, still connected
         self._withdrawn: dict[str, tuple[tuple[str, ...], str]] = {}  # id -> (domains, reason)
         self._conns: dict[str, _Partner] = {}
         self._call_ids: OrderedDict[str, str] = OrderedDict()  # Call-ID -> partner
@@ -231,6 +232,13 @@ class SipRouter:
         A partner no longer listed keeps its live connection until the shell
         calls `trust_withdrawn` (the shell decides, from the live re-check).
         """
+        # A dropped partner with a live connection keeps its domains until the shell
+        # withdraws it, so its later requests get 503 (not 404) after that.
+        self._departed = {
+            pid: domains
+            for pid, domains in {**self._departed, **self._partners}.items()
+            if pid in self._conns and pid not in partners
+        }
         self._partners = {pid: tuple(domains) for pid, domains in partners.items()}
         for pid in list(self._withdrawn):
             if pid in self._partners:
@@ -344,7 +352,7 @@ class SipRouter:
     def trust_withdrawn(self, partner: str, reason: str) -> list[Action]:
         """The partner's trust is gone (removed, disabled, re-check failed): close its
         connection and answer its requests 503 `reason` from now on."""
-        domains = self._partners.pop(partner, None)
+        domains = self._partners.pop(partner, None) or self._departed.pop(partner, None)
         if domains is None and partner in self._withdrawn:
             domains = self._withdrawn[partner][0]
         self._withdrawn[partner] = (domains or (), reason)
