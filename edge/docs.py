@@ -205,7 +205,8 @@ def _registrars() -> list[Callable[[CollectorRegistry], object]]:
 LABELS: dict[str, str] = {
     "listener": "a configured listener name",
     "partner": "a configured partner id, or `unknown` for connections not pinned on one",
-    "result": "`ok` or a reason code (edge_handshakes_total); `ok` or `error` (reloads)",
+    "result": "`ok` or a reason code (edge_handshakes_total); `ok` or `error` (reloads); "
+    "`relayed` or a reason code (edge_sip_messages_total)",
     "direction": "`from_partner` or `to_partner`",
     "pool": "a configured pool name",
     "member": "a pool member's host (configured, or an SRV target)",
