@@ -418,9 +418,18 @@ class Admission:
             to_partner.inc(n)
             conn.bytes_to_partner += n
 
+        # Children by (direction, result): a labels() lookup per message costs
+        # more than the framing (bounded: two directions, four results).
+        counters: dict[tuple[str, str], Any] = {}
+
         def on_message(result: SipMessageResult) -> None:
-            direction = "from_partner" if result.direction == "inbound" else "to_partner"
-            m.sip_messages.labels(listener.name, label, direction, result.result).inc()
+            key = (result.direction, result.result)
+            counter = counters.get(key)
+            if counter is None:
+                direction = "from_partner" if result.direction == "inbound" else "to_partner"
+                counter = m.sip_messages.labels(listener.name, label, direction, result.result)
+                counters[key] = counter
+            counter.inc()
 
         def on_rejected(rej: SipRejection) -> None:
             self._log.event(

@@ -155,9 +155,19 @@ async def relay_sip(
             state.end, state.detail = end, detail
 
     async def send(name: str, data: bytes | bytearray, scope: trio.CancelScope) -> bool:
+        lock = locks[name]
         try:
-            async with locks[name]:
+            # `async with lock` would add a scheduler round trip per send
+            # (Lock.acquire ends with a checkpoint); send_all checkpoints anyway,
+            # so take a free lock without one and wait only when it is held.
+            try:
+                lock.acquire_nowait()
+            except trio.WouldBlock:
+                await lock.acquire()
+            try:
                 await streams[name].send_all(data)
+            finally:
+                lock.release()
         except TLSTruncatedError as exc:
             finish(f"{name}_truncated", str(exc))
         except _STREAM_ERRORS as exc:
@@ -167,9 +177,21 @@ async def relay_sip(
         scope.cancel()
         return False
 
+    # One SipMessageResult per (direction, result, method), shared (it is
+    # frozen): no allocation and no sanitizing per relayed message. Bounded,
+    # as methods come from the peer.
+    results: dict[tuple[str, str, str | None], SipMessageResult] = {}
+
     def report(direction: Direction, result: str, head: Head | None) -> None:
-        if on_message is not None:
-            on_message(SipMessageResult(direction, result, _describe(head)[0]))
+        if on_message is None:
+            return
+        key = (direction, result, head.method if head is not None else None)
+        found = results.get(key)
+        if found is None:
+            found = SipMessageResult(direction, result, safe_text(key[2] or "", 32))
+            if len(results) < 256:
+                results[key] = found
+        on_message(found)
 
     def reject(
         direction: Direction,
