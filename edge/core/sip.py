@@ -183,15 +183,20 @@ class Headers:
     def __repr__(self) -> str:
         return f"Headers({len(self)} fields)"
 
-    def _matches(self, name: str) -> Iterator[re.Match[str]]:
+    def lowered(self) -> str:
+        """"\n" + the block, lowercased; "" when the block is not ASCII."""
         if self._lower is None:
             block = "\n" + self._block
             # Case-sensitive search of the lowercased block (same offsets for
             # ASCII), then values cut from the original: much faster than
             # IGNORECASE with an anchor alternative at every position.
             self._lower = block.lower() if block.isascii() else ""
-        if self._lower:
-            return _lookup(name).finditer(self._lower)
+        return self._lower
+
+    def _matches(self, name: str) -> Iterator[re.Match[str]]:
+        lower = self._lower if self._lower is not None else self.lowered()
+        if lower:
+            return _lookup(name).finditer(lower)
         return _lookup(name, ignore_case=True).finditer("\n" + self._block)
 
     def get_all(self, name: str) -> list[str]:
@@ -488,11 +493,22 @@ def _parse_head(
     if lenient or not _BLOCK.fullmatch(block):
         return _parse_head_slowly(first, start, block, max_headers, lenient=lenient)
     count = block.count("\r\n") - block.count("\r\n ") - block.count("\r\n\t")
-    head = Head(first, method, uri, status, phrase, Headers(block))
+    headers = Headers(block)
+    head = Head(first, method, uri, status, phrase, headers)
     if count > max_headers:
         return _HeadProblem(
             Reason.SIP_TOO_LARGE, f"more than max_headers={max_headers} header fields", head
         )
+    # The usual case in one regex call: exactly one unfolded, plain-digits
+    # Content-Length in an ASCII head. Anything else takes `_content_length`,
+    # which says exactly what is wrong.
+    lower = headers.lowered()
+    if lower:
+        lengths = _CONTENT_LENGTH.findall(lower)
+        if len(lengths) == 1 and "\r\n" not in lengths[0]:
+            raw = lengths[0].rstrip(" \t")
+            if raw.isdigit() and len(raw.lstrip("0")) <= _MAX_LENGTH_DIGITS:
+                return head, int(raw)
     return _content_length(head)
 
 
@@ -554,6 +570,10 @@ def canonical_name(name: str) -> str:
     """Lowercase full header name: `F` -> `from`, `Call-ID` -> `call-id`."""
     lower = name.lower()
     return COMPACT_FORMS.get(lower, lower)
+
+
+# Content-Length values of a lowercased block (see _parse_head).
+_CONTENT_LENGTH = _lookup("content-length")
 
 
 def split_values(value: str) -> list[str]:
