@@ -45,8 +45,8 @@ from edge.current import Current
 from edge.logs import EventLog
 from edge.metrics import UNKNOWN_PARTNER, Metrics
 from edge.pools import PoolSet, UpstreamUnavailable, proxy_info
-from edge.relay import RelayControl, RelayOutcome, relay
-from edge.sip_relay import SipMessageResult, SipRejection, SipRelayEnd, relay_sip
+from edge.relay import RelayControl, relay
+from edge.sip_listener import RelayFunction, SipPeer, sip_relay_for
 from edge.tls import TLSError, TLSStream, TLSTruncatedError
 
 __all__ = ["Admission", "Conn", "LiveConnection", "partner_label", "where"]
@@ -357,20 +357,19 @@ class Admission:
             if conn.chain:
                 self.live[key] = LiveConnection(listener, conn, control)
                 self._on_live(conn.chain)
+            run_relay: RelayFunction = relay
             if listener.protocol == "sip":
-                outcome: RelayOutcome | SipRelayEnd = await self._relay_sip(
-                    listener, label, conn, partner, upstream, control
-                )
-            else:
-                outcome = await relay(
-                    partner,
-                    upstream,
-                    idle_timeout_s=self._current().snapshot.config.limits.idle_timeout_s,
-                    names=("partner", "pool"),
-                    on_bytes_from_a=count_from_partner,
-                    on_bytes_from_b=count_to_partner,
-                    control=control,
-                )
+                who = SipPeer(conn.partner, label, conn.peer)
+                run_relay = sip_relay_for(self._current().snapshot, m, self._log, listener, who)
+            outcome = await run_relay(
+                partner,
+                upstream,
+                idle_timeout_s=self._current().snapshot.config.limits.idle_timeout_s,
+                names=("partner", "pool"),
+                on_bytes_from_a=count_from_partner,
+                on_bytes_from_b=count_to_partner,
+                control=control,
+            )
             conn.end, conn.detail = outcome.end, outcome.detail
         except BaseException:
             # Cancellation arrives wrapped in exception groups from nurseries,
@@ -389,75 +388,6 @@ class Admission:
                 trio.current_time() - relay_start
             )
             self._report_closed(listener, label, conn)
-
-    async def _relay_sip(
-        self,
-        listener: Listener,
-        label: str,
-        conn: Conn,
-        partner: TLSStream,
-        upstream: TLSStream,
-        control: RelayControl,
-    ) -> SipRelayEnd:
-        """The relay of a `protocol = "sip"` listener (edge.sip_relay): the partner's
-        requests must speak for its policy's domains; counted and logged here."""
-        m = self._metrics
-        snapshot = self._current().snapshot
-        trust = snapshot.folder_of(listener)
-        policy = trust.policies.partners.get(conn.partner or "") if trust is not None else None
-        # Fail closed: no policy (cannot happen after admission) means no domain.
-        domains = policy.domains if policy is not None else ()
-        from_partner = m.bytes.labels(listener.name, label, "from_partner")
-        to_partner = m.bytes.labels(listener.name, label, "to_partner")
-
-        def count_from_partner(n: int) -> None:
-            from_partner.inc(n)
-            conn.bytes_from_partner += n
-
-        def count_to_partner(n: int) -> None:
-            to_partner.inc(n)
-            conn.bytes_to_partner += n
-
-        # Children by (direction, result): a labels() lookup per message costs
-        # more than the framing (bounded: two directions, four results).
-        counters: dict[tuple[str, str], Any] = {}
-
-        def on_message(result: SipMessageResult) -> None:
-            key = (result.direction, result.result)
-            counter = counters.get(key)
-            if counter is None:
-                direction = "from_partner" if result.direction == "inbound" else "to_partner"
-                counter = m.sip_messages.labels(listener.name, label, direction, result.result)
-                counters[key] = counter
-            counter.inc()
-
-        def on_rejected(rej: SipRejection) -> None:
-            self._log.event(
-                "sip_rejected",
-                listener=listener.name,
-                peer=conn.peer,
-                partner=label,
-                method=rej.method,
-                call_id=rej.call_id,
-                offending_domain=rej.offending_domain,
-                reason=rej.reason,
-                answered=rej.answered,
-                detail=_clip(rej.detail, _MAX_DETAIL),
-            )
-
-        return await relay_sip(
-            partner,
-            upstream,
-            partner_domains=domains,
-            idle_timeout_s=snapshot.config.limits.idle_timeout_s,
-            max_message_bytes=snapshot.config.sip.max_message_bytes,
-            max_headers=snapshot.config.sip.max_headers,
-            on_message=on_message,
-            on_rejected=on_rejected,
-            on_bytes_from_partner=count_from_partner,
-            on_bytes_to_partner=count_to_partner,
-            control=control,
-        )
 
     def _report_closed(self, listener: Listener, label: str, conn: Conn) -> None:
         fields: dict[str, Any] = {

@@ -184,7 +184,7 @@ class Headers:
         return f"Headers({len(self)} fields)"
 
     def lowered(self) -> str:
-        """"\n" + the block, lowercased; "" when the block is not ASCII."""
+        """The block after a newline, lowercased; "" when the block is not ASCII."""
         if self._lower is None:
             block = "\n" + self._block
             # Case-sensitive search of the lowercased block (same offsets for
