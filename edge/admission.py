@@ -46,6 +46,7 @@ from edge.logs import EventLog
 from edge.metrics import UNKNOWN_PARTNER, Metrics
 from edge.pools import PoolSet, UpstreamUnavailable, proxy_info
 from edge.relay import RelayControl, relay
+from edge.sip_listener import RelayFunction, SipPeer, sip_relay_for
 from edge.tls import TLSError, TLSStream, TLSTruncatedError
 
 __all__ = ["Admission", "Conn", "LiveConnection", "partner_label", "where"]
@@ -356,7 +357,11 @@ class Admission:
             if conn.chain:
                 self.live[key] = LiveConnection(listener, conn, control)
                 self._on_live(conn.chain)
-            outcome = await relay(
+            run_relay: RelayFunction = relay
+            if listener.protocol == "sip":
+                who = SipPeer(conn.partner, label, conn.peer)
+                run_relay = sip_relay_for(self._current().snapshot, m, self._log, listener, who)
+            outcome = await run_relay(
                 partner,
                 upstream,
                 idle_timeout_s=self._current().snapshot.config.limits.idle_timeout_s,

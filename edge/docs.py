@@ -273,9 +273,10 @@ def _registrars() -> list[Callable[[CollectorRegistry], object]]:
 LABELS: dict[str, str] = {
     "listener": "a configured listener name",
     "partner": "a configured partner id, or `unknown` for connections not pinned on one",
-    "result": "`ok` or a reason code (edge_handshakes_total); `ok` or `error` (reloads)",
+    "result": "`ok` or a reason code (edge_handshakes_total); `ok` or `error` (reloads); "
+    "`relayed` or a reason code (edge_sip_messages_total)",
     "direction": "`inbound` or `outbound` (handshakes, active connections, durations); "
-    "`from_partner` or `to_partner` (edge_bytes_total)",
+    "`from_partner` or `to_partner` (edge_bytes_total, edge_sip_messages_total)",
     "pool": "a configured pool name",
     "member": "a pool member's host (configured, or an SRV target)",
     "reason": "a reason code of an upstream attempt (see reason-codes.md)",

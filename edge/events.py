@@ -131,12 +131,30 @@ _ALL: tuple[Event, ...] = (
         bytes_to_partner="application bytes sent to the partner",
         duration_s="seconds from accept to close",
         end="how it ended: partner_closed, pool_closed, partner_truncated, pool_truncated, "
-        "partner_error, pool_error, idle_timeout, shutdown, trust_withdrawn, closed, cancelled",
+        "partner_error, pool_error, idle_timeout, shutdown, trust_withdrawn, closed, cancelled; "
+        "on a SIP listener also sip_malformed, sip_too_large",
         reason="with end=trust_withdrawn: the reason code of the re-check that failed",
         detail="more about the end, when there is more, clipped",
         direction="`inbound` or `outbound` (a pool member's connection to a partner; "
         "`member` is then who asked and `tls_version` the member side's)",
         partner_edge="outbound: the partner edge it was relayed to, host:port (and the address)",
+    ),
+    _e(
+        "sip_rejected",
+        "warning",
+        "a SIP listener refused a message: answered by the edge (or dropped, for an ACK) and "
+        "never relayed; after sip_malformed or sip_too_large the connection closes",
+        listener="the listener",
+        peer="the partner's address, host:port",
+        partner="the partner id",
+        method="the request's method (empty for a response or an unreadable start line), sanitized",
+        call_id="the message's Call-ID, sanitized and clipped",
+        offending_domain="with sip_domain_mismatch: the From or P-Asserted-Identity host "
+        "outside the partner's domains, `(none)` when the URI proves no domain; sanitized",
+        reason="sip_domain_mismatch, sip_malformed or sip_too_large",
+        answered="the status code the edge answered (403, 400, 413, 513), or null when no "
+        "answer could or may be sent (an ACK, an unreadable request)",
+        detail="with sip_malformed or sip_too_large: what exactly is wrong",
     ),
     # --- reload
     _e(

@@ -52,6 +52,7 @@ LEVELS: dict[str, Level] = {
     "drain_timeout": "warning",
     "worker_output": "warning",
     "config_warning": "warning",
+    "sip_rejected": "warning",
 }
 
 

@@ -157,6 +157,13 @@ class Metrics:
             ["listener"],
             registry=registry,
         )
+        self.sip_messages = Counter(
+            "edge_sip_messages_total",
+            'SIP messages on protocol="sip" listeners (keep-alives not counted): '
+            "relayed, or the reason code of the refusal",
+            ["listener", "partner", "direction", "result"],
+            registry=registry,
+        )
         # Label sets each reload-dependent gauge was last given by
         # ``replace_series`` (so a partner or root that disappears loses its series).
         self._series: dict[Gauge, set[tuple[str, ...]]] = {}

@@ -66,6 +66,13 @@ class RelayControl:
         if self._scope is not None:
             self._scope.cancel()
 
+    def attach(self, scope: trio.CancelScope | None) -> None:
+        """Let ``stop`` cancel ``scope`` (None detaches): for relays other than
+        ``relay`` (edge.sip_relay). A stop that came first cancels it at once."""
+        self._scope = scope
+        if scope is not None and self.end is not None:
+            scope.cancel()
+
 
 def _ignore(_n: int) -> None:
     pass

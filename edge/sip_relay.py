@@ -45,6 +45,7 @@ from edge.core.sip import (
     check_request,
     safe_text,
 )
+from edge.relay import RelayControl
 from edge.tls import TLSTruncatedError
 
 __all__ = ["SipMessageResult", "SipRejection", "SipRelayEnd", "relay_sip"]
@@ -96,7 +97,8 @@ class SipRelayEnd:
     `end`: `partner_closed` / `pool_closed` (clean EOF from that side, after the
     other side also ended or errored), `partner_error` / `pool_error`,
     `partner_truncated` / `pool_truncated` (TCP closed without close_notify),
-    `idle_timeout`, or a reason code: `sip_malformed` / `sip_too_large`.
+    `idle_timeout`, a reason code: `sip_malformed` / `sip_too_large`, or the
+    `end` a `RelayControl.stop` gave (`trust_withdrawn`).
     """
 
     end: str = ""
@@ -124,6 +126,9 @@ async def relay_sip(
     on_message: Callable[[SipMessageResult], None] | None = None,
     on_rejected: Callable[[SipRejection], None] | None = None,
     receive_size: int = RECEIVE_SIZE,
+    on_bytes_from_partner: Callable[[int], None] | None = None,
+    on_bytes_to_partner: Callable[[int], None] | None = None,
+    control: RelayControl | None = None,
 ) -> SipRelayEnd:
     """Relay SIP both ways until both sides end, one fails, or the idle timeout.
 
@@ -132,7 +137,10 @@ async def relay_sip(
     the edge and never reach the pool. `pool_domains`: the same for requests
     from the pool (outbound: `[sip] domains`). None leaves that side unguarded
     (still framed and bounded). Domains must be normalized (lowercase, no
-    trailing dot), as `PartnerPolicy.domains` are.
+    trailing dot), as `PartnerPolicy.domains` are. `on_bytes_*`: called with
+    each relayed batch's size (the edge's own answers are not counted).
+    `control.stop(end, detail)` ends the relay from outside (a partner whose
+    trust a reload withdrew) with that `end`.
     """
     state = SipRelayEnd()
     watch_idle = idle_timeout_s > 0 and not math.isinf(idle_timeout_s)
@@ -148,6 +156,10 @@ async def relay_sip(
 
     async def send(name: str, data: bytes | bytearray, scope: trio.CancelScope) -> bool:
         try:
+            # `async with` ends with a checkpoint even when the lock is free:
+            # measured, that scheduler pass lets more records arrive before
+            # the next read, so more messages share one read and one send
+            # (bench/README.md); taking a free lock without it cost more.
             async with locks[name]:
                 await streams[name].send_all(data)
         except TLSTruncatedError as exc:
@@ -159,9 +171,21 @@ async def relay_sip(
         scope.cancel()
         return False
 
+    # One SipMessageResult per (direction, result, method), shared (it is
+    # frozen): no allocation and no sanitizing per relayed message. Bounded,
+    # as methods come from the peer.
+    results: dict[tuple[str, str, str | None], SipMessageResult] = {}
+
     def report(direction: Direction, result: str, head: Head | None) -> None:
-        if on_message is not None:
-            on_message(SipMessageResult(direction, result, _describe(head)[0]))
+        if on_message is None:
+            return
+        key = (direction, result, head.method if head is not None else None)
+        found = results.get(key)
+        if found is None:
+            found = SipMessageResult(direction, result, safe_text(key[2] or "", 32))
+            if len(results) < 256:
+                results[key] = found
+        on_message(found)
 
     def reject(
         direction: Direction,
@@ -256,8 +280,12 @@ async def relay_sip(
                 n = len(payload)
                 if src_name == "partner":
                     state.bytes_from_partner += n
+                    if on_bytes_from_partner is not None:
+                        on_bytes_from_partner(n)
                 else:
                     state.bytes_to_partner += n
+                    if on_bytes_to_partner is not None:
+                        on_bytes_to_partner(n)
             if failed is not None:
                 answer = (
                     build_response(failed.head, failed.status_code, failed.reason.value)
@@ -283,11 +311,20 @@ async def relay_sip(
                     scope.deadline = deadline
 
     with trio.CancelScope() as scope:
+        if control is not None:
+            control.attach(scope)
         if watch_idle:
             scope.deadline = trio.current_time() + idle_timeout_s + slack
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, "pool", scope)
-            await pump("partner", scope)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump, "pool", scope)
+                await pump("partner", scope)
+        finally:
+            if control is not None:
+                control.attach(None)
+    if control is not None and control.end is not None and not state.end:
+        # Ended on purpose from outside (trust withdrawn), not by either side.
+        state.end, state.detail = control.end, control.detail
     if scope.cancelled_caught and not state.end:
         finish("idle_timeout", f"no byte either way for idle_timeout_s={idle_timeout_s:g}")
     if not state.end:

@@ -59,6 +59,7 @@ fails closed:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import secrets
@@ -119,6 +120,8 @@ _REQUEST_LINE = re.compile(r"([A-Za-z0-9.!%*_+`'~-]+) (\S+) ([Ss][Ii][Pp]/2\.0)"
 _STATUS_LINE = re.compile(r"[Ss][Ii][Pp]/2\.0 ([1-6][0-9][0-9])(?: (.*))?")
 _DIGITS = re.compile(r"[0-9]+")
 _HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+# Dot-separated _HOST_LABELs, checked in one call.
+_HOST_NAME = re.compile(r"(?:(?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)")
 _PORT = re.compile(r"[0-9]{1,5}")
 _UNSAFE_IN_HEADER = re.compile(r"[\x00\r\n]")
 # A whole header block: fields (token, optional whitespace, colon, value) with
@@ -180,15 +183,20 @@ class Headers:
     def __repr__(self) -> str:
         return f"Headers({len(self)} fields)"
 
-    def _matches(self, name: str) -> Iterator[re.Match[str]]:
+    def lowered(self) -> str:
+        """The block after a newline, lowercased; "" when the block is not ASCII."""
         if self._lower is None:
             block = "\n" + self._block
             # Case-sensitive search of the lowercased block (same offsets for
             # ASCII), then values cut from the original: much faster than
             # IGNORECASE with an anchor alternative at every position.
             self._lower = block.lower() if block.isascii() else ""
-        if self._lower:
-            return _lookup(name).finditer(self._lower)
+        return self._lower
+
+    def _matches(self, name: str) -> Iterator[re.Match[str]]:
+        lower = self._lower if self._lower is not None else self.lowered()
+        if lower:
+            return _lookup(name).finditer(lower)
         return _lookup(name, ignore_case=True).finditer("\n" + self._block)
 
     def get_all(self, name: str) -> list[str]:
@@ -224,9 +232,9 @@ def _unfold(value: str) -> str:
 def _lookup(name: str, *, ignore_case: bool = False) -> re.Pattern[str]:
     """A regex finding the values of `name` (full or compact form) in "\\n" + block,
     lowercased unless `ignore_case`."""
-    key = canonical_name(name)
-    pattern = _LOOKUPS.get((key, ignore_case))
+    pattern = _LOOKUPS.get((name, ignore_case))
     if pattern is None:
+        key = canonical_name(name)
         names = [key] + [short for short, full in COMPACT_FORMS.items() if full == key]
         alternatives = "|".join(re.escape(n) for n in names)
         pattern = re.compile(
@@ -234,7 +242,7 @@ def _lookup(name: str, *, ignore_case: bool = False) -> re.Pattern[str]:
             re.IGNORECASE if ignore_case else 0,
         )
         if len(_LOOKUPS) < 256:  # names come from our code, but stay bounded anyway
-            _LOOKUPS[(key, ignore_case)] = pattern
+            _LOOKUPS[(name, ignore_case)] = pattern
     return pattern
 
 
@@ -356,8 +364,12 @@ class SipFramer:
         return event
 
     def _take(self, end: int) -> bytes:
-        with memoryview(self._buf) as view:
-            raw = view[self._start : end].tobytes()
+        buf = self._buf
+        if self._start == 0 and end == len(buf):
+            raw = bytes(buf)  # the usual case: one read held exactly one message
+        else:
+            with memoryview(buf) as view:
+                raw = view[self._start : end].tobytes()
         self._start = self._scan = end
         return raw
 
@@ -407,8 +419,8 @@ class SipFramer:
                 self._best_effort_head(start, found),
                 400,
             )
-        with memoryview(buf) as view:
-            text = str(view[start:found], "utf-8", "surrogateescape")
+        # A slice copy of a head is cheaper than a memoryview export and release.
+        text = buf[start:found].decode("utf-8", "surrogateescape")
         parsed = _parse_head(text, self.max_headers)
         if isinstance(parsed, _HeadProblem):
             status = 513 if parsed.reason is Reason.SIP_TOO_LARGE else 400
@@ -481,11 +493,22 @@ def _parse_head(
     if lenient or not _BLOCK.fullmatch(block):
         return _parse_head_slowly(first, start, block, max_headers, lenient=lenient)
     count = block.count("\r\n") - block.count("\r\n ") - block.count("\r\n\t")
-    head = Head(first, method, uri, status, phrase, Headers(block))
+    headers = Headers(block)
+    head = Head(first, method, uri, status, phrase, headers)
     if count > max_headers:
         return _HeadProblem(
             Reason.SIP_TOO_LARGE, f"more than max_headers={max_headers} header fields", head
         )
+    # The usual case in one regex call: exactly one unfolded, plain-digits
+    # Content-Length in an ASCII head. Anything else takes `_content_length`,
+    # which says exactly what is wrong.
+    lower = headers.lowered()
+    if lower:
+        lengths = _CONTENT_LENGTH.findall(lower)
+        if len(lengths) == 1 and "\r\n" not in lengths[0]:
+            raw = lengths[0].rstrip(" \t")
+            if raw.isdigit() and len(raw.lstrip("0")) <= _MAX_LENGTH_DIGITS:
+                return head, int(raw)
     return _content_length(head)
 
 
@@ -549,6 +572,10 @@ def canonical_name(name: str) -> str:
     return COMPACT_FORMS.get(lower, lower)
 
 
+# Content-Length values of a lowercased block (see _parse_head).
+_CONTENT_LENGTH = _lookup("content-length")
+
+
 def split_values(value: str) -> list[str]:
     """Split one header value on commas outside quoted strings and `<...>`."""
     if "," not in value:
@@ -583,9 +610,22 @@ def split_values(value: str) -> list[str]:
     return out
 
 
+# Up to the first '<' outside a quoted string (RFC 3261 quoted-pair escapes
+# inside). What it matches, the character loop below would find the same way;
+# whatever it does not match (addr-spec, unclosed quote) takes the loop.
+_NAME_ADDR_OPEN = re.compile(r'(?:[^"<]|"(?:[^"\\]|\\[\s\S])*")*<')
+
+
 def _split_name_addr(value: str) -> tuple[str, str] | None:
     """(URI, header params) of a name-addr or addr-spec value, or None if unreadable."""
     value = value.strip()
+    opened = _NAME_ADDR_OPEN.match(value)
+    if opened is not None:
+        i = opened.end() - 1
+        close = value.find(">", i + 1)
+        if close < 0:
+            return None
+        return value[i + 1 : close].strip(), value[close + 1 :]
     quoted = False
     escaped = False
     for i, ch in enumerate(value):
@@ -639,7 +679,7 @@ def _normalize_host(host: str) -> str | None:
     host = host[:-1] if host.endswith(".") else host
     if not host or len(host) > 253 or not host.isascii():
         return None
-    if all(_HOST_LABEL.fullmatch(label) for label in host.split(".")):
+    if _HOST_NAME.fullmatch(host):
         return host
     return None
 
@@ -679,6 +719,17 @@ def _tel_domain(rest: str) -> str | None:
 def uri_domain(uri: str) -> tuple[str, str | None]:
     """(scheme, host) of a URI: the host a sip:/sips: URI names, or the domain of a
     tel: URI's phone-context; None when the URI proves no domain."""
+    # A partner's From URIs repeat (its users, every request of a dialog):
+    # remembered, short ones only, so the cache stays under ~1 MB.
+    if len(uri) <= _CACHED_URI_CHARS:
+        return _uri_domain_cached(uri)
+    return _uri_domain(uri)
+
+
+_CACHED_URI_CHARS = 256
+
+
+def _uri_domain(uri: str) -> tuple[str, str | None]:
     scheme, colon, rest = uri.partition(":")
     scheme = scheme.strip().lower()
     if not colon:
@@ -688,6 +739,9 @@ def uri_domain(uri: str) -> tuple[str, str | None]:
     if scheme == "tel":
         return scheme, _tel_domain(rest)
     return scheme, None
+
+
+_uri_domain_cached = functools.lru_cache(maxsize=4096)(_uri_domain)
 
 
 # --- the guard ------------------------------------------------------------------------
