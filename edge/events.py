@@ -145,13 +145,15 @@ _ALL: tuple[Event, ...] = (
         "a SIP listener refused a message: answered by the edge (or dropped, for an ACK) and "
         "never relayed; after sip_malformed or sip_too_large the connection closes",
         listener="the listener",
-        peer="the partner's address, host:port",
-        partner="the partner id",
+        peer="the partner's address, host:port (outbound: the pool member's)",
+        partner="the partner id (`unknown` when refused before a partner was chosen)",
         method="the request's method (empty for a response or an unreadable start line), sanitized",
         call_id="the message's Call-ID, sanitized and clipped",
         offending_domain="with sip_domain_mismatch: the From or P-Asserted-Identity host "
         "outside the partner's domains, `(none)` when the URI proves no domain; sanitized",
-        reason="sip_domain_mismatch, sip_malformed or sip_too_large",
+        reason="sip_domain_mismatch, sip_malformed or sip_too_large; on outbound SIP also "
+        "unknown_destination, partner_unreachable, partner_untrusted, partner_disabled, "
+        "over_limit (answered 404 or 503)",
         answered="the status code the edge answered (403, 400, 413, 513), or null when no "
         "answer could or may be sent (an ACK, an unreadable request)",
         detail="with sip_malformed or sip_too_large: what exactly is wrong",

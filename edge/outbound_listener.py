@@ -24,8 +24,7 @@ logged as `internal_error`).
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +35,7 @@ from edge.admission import partner_label, where
 from edge.core.config import Identity, Limits, Listener
 from edge.core.limits import SourceLimits
 from edge.core.reasons import Reason
+from edge.core.sip_route import Report
 from edge.core.snapshot import Snapshot
 from edge.current import Current
 from edge.logs import EventLog
@@ -47,20 +47,17 @@ from edge.outbound import (
     serve_outbound,
 )
 from edge.relay import relay
+from edge.sip_outbound import SipPartnerClosed, serve_outbound_sip
 from edge.tls import TLSError, TLSStream, TLSTruncatedError
 
 __all__ = [
     "OutboundListeners",
     "OutboundSession",
-    "SipDriver",
     "handle_outbound",
     "report_rejected",
 ]
 
 DIRECTION = "outbound"
-# The outbound SIP driver (issue 21) plugs in here: `serve_outbound_sip(session)`.
-_SIP_DRIVER_MODULE = "edge.sip_outbound"
-_SIP_DRIVER_NAME = "serve_outbound_sip"
 # OpenSSL's reason when a required client certificate was not sent.
 _NO_PEER_CERT = "peer did not return a certificate"
 _MAX_DETAIL = 2048
@@ -168,44 +165,104 @@ def report_rejected(
     log.event("connection_rejected", **fields)
 
 
-SipDriver = Callable[[OutboundSession], Awaitable[None]]
-
-
-def _sip_driver() -> SipDriver | None:
-    """`edge.sip_outbound.serve_outbound_sip` when that module is installed."""
-    try:
-        module = importlib.import_module(_SIP_DRIVER_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != _SIP_DRIVER_MODULE:
-            raise  # the driver is there but broken: a bug, not a missing feature
-        return None
-    driver: SipDriver | None = getattr(module, _SIP_DRIVER_NAME, None)
-    return driver
-
-
 async def handle_outbound(listener: Listener, session: OutboundSession) -> None:
     """The dispatch by protocol for one member connection, handshake done.
 
-    `protocol = "sip"`: the outbound SIP driver (per-request routing), which
-    logs its own events through `session`; without it such a connection is
-    refused (`internal_error`), never routed by SNI. Otherwise: one partner per
+    `protocol = "sip"`: every request is routed by its Request-URI
+    (`edge.sip_outbound`), never by SNI. Otherwise: one partner per
     connection, chosen by the SNI (`serve_outbound`), relayed by the gateway's
     relay with the idle timeout and the byte counters.
     """
     if listener.protocol == "sip":
-        driver = _sip_driver()
-        if driver is None:
-            session.rejected(
-                OutboundRejected(
-                    Reason.INTERNAL_ERROR,
-                    "outbound SIP routing is not available in this build",
-                )
-            )
-            await trio.aclose_forcefully(session.stream)
-            return
-        await driver(session)
+        await _serve_sip(session)
         return
     await _serve_stream(session)
+
+
+async def _serve_sip(session: OutboundSession) -> None:
+    """One pool connection fanned out per request (issue 21); its events and metrics.
+
+    Each SIP message counts in `edge_sip_messages_total` (`to_partner` for the
+    pool's requests, `from_partner` for what partners send), each refusal is a
+    `sip_rejected` event, each partner connection ends with its own
+    `connection_closed` (and each failed dial its `connection_rejected`), and the
+    pool connection with one `connection_closed` of its own.
+    """
+    config = session.current().snapshot.config
+    m, name = session.metrics, session.listener.name
+
+    def on_report(r: Report) -> None:
+        direction = "to_partner" if r.direction == "outbound" else "from_partner"
+        label = session.label(r.partner)
+        m.sip_messages.labels(name, label, direction, r.result).inc()
+        if r.rejected:
+            session.log.event(
+                "sip_rejected",
+                listener=name,
+                peer=session.peer,
+                partner=label,
+                method=r.method,
+                call_id=r.call_id,
+                offending_domain=r.offending_domain,
+                reason=r.result,
+                answered=r.answered,
+                detail=r.detail,
+            )
+
+    def on_partner_closed(c: SipPartnerClosed) -> None:
+        label = session.label(c.partner)
+        m.bytes.labels(name, label, "to_partner").inc(c.bytes_to_partner)
+        m.bytes.labels(name, label, "from_partner").inc(c.bytes_from_partner)
+        session.log.event(
+            "connection_closed",
+            listener=name,
+            direction=DIRECTION,
+            peer=session.peer,
+            member=c.member,
+            partner=c.partner,
+            partner_edge=c.partner_edge,
+            bytes_from_partner=c.bytes_from_partner,
+            bytes_to_partner=c.bytes_to_partner,
+            duration_s=round(c.duration_s, 3),
+            end=c.end,
+            reason=c.reason,
+            detail=_clip(c.detail),
+        )
+
+    def on_partner_rejected(exc: OutboundRejected) -> None:
+        report_rejected(
+            m, session.log, session.listener, session.peer, session.label(exc.partner), exc
+        )
+
+    try:
+        closed = await serve_outbound_sip(
+            session.stream,
+            session.outbound,
+            sip=config.sip,
+            idle_timeout_s=config.limits.idle_timeout_s,
+            peer=session.peer,
+            on_report=on_report,
+            on_partner_closed=on_partner_closed,
+            on_partner_rejected=on_partner_rejected,
+        )
+    except OutboundRejected as exc:
+        session.rejected(exc)
+        return
+    session.reported = True
+    # The pool connection's own end; its bytes are the sums over its partner
+    # connections, so the sum of `bytes_*` lines stays the relayed total.
+    session.log.event(
+        "connection_closed",
+        listener=name,
+        direction=DIRECTION,
+        peer=session.peer,
+        member=closed.member,
+        bytes_from_partner=closed.bytes_from_partners,
+        bytes_to_partner=closed.bytes_to_partners,
+        duration_s=round(closed.duration_s, 3),
+        end=closed.end,
+        detail=_clip(closed.detail),
+    )
 
 
 async def _serve_stream(session: OutboundSession) -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import random
 import shutil
-import sys
-import types
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -26,14 +24,13 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from edge.core.reasons import Reason
+from edge.core.sip import Message, SipFramer
 from edge.demo import write_identity
-from edge.outbound import OutboundRejected
-from edge.outbound_listener import OutboundSession
 from edge.pki import CA, Leaf
 from edge.tls import TLSStream, client_context
 from tests.gateway_harness import InProcessEdge, start_gateway
 from tests.test_outbound import DnsServer, PartnerEdge, Pki, _refused_port
+from tests.test_sip_outbound import SipPartnerEdge, sip
 
 EDGE_PUBLIC = "edge.contoso.example"
 OUT = "to-partners"
@@ -565,39 +562,86 @@ async def test_shutdown_drains_then_closes_outbound_connections(tmp_path: Path, 
         await member.aclose()
 
 
-async def test_sip_outbound_listener_is_handed_to_the_sip_driver(
-    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+async def test_sip_outbound_listener_routes_each_request_through_the_gateway(
+    tmp_path: Path, pki: Pki
 ) -> None:
-    # The plug-in point of the outbound SIP driver (edge.sip_outbound): a stand-in
-    # driver module records what it is handed.
-    handed: list[tuple[str, str | None, bool]] = []
-
-    async def serve_outbound_sip(session: OutboundSession) -> None:
-        handed.append(
-            (session.listener.name, session.stream.requested_server_name, session.peer != "")
-        )
-        session.rejected(
-            OutboundRejected(Reason.UNKNOWN_DESTINATION, "stand-in driver", member="fe1.corp.test")
-        )
-        await session.stream.aclose()
-
-    driver = types.ModuleType("edge.sip_outbound")
-    driver.serve_outbound_sip = serve_outbound_sip  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "edge.sip_outbound", driver)
-    async with site(tmp_path, pki, [Partner("fabrikam.com", pki.fabrikam)], protocol="sip") as s:
-        member, port = await member_connect(s, pki, "sip.fabrikam.com")
-        await refused(member)
-        event = await s.closed_or_rejected(port)
-        assert handed == [(OUT, "sip.fabrikam.com", True)]
-        assert (event["reason"], event["detail"], event["direction"]) == (
-            "unknown_destination",
-            "stand-in driver",
-            "outbound",
-        )
-        # Without the driver a SIP listener refuses: never routed by SNI instead.
-        monkeypatch.setitem(sys.modules, "edge.sip_outbound", None)
-        member, port = await member_connect(s, pki, "sip.fabrikam.com")
-        await refused(member)
-        event = await s.closed_or_rejected(port)
-        assert (event["reason"], event["direction"]) == ("internal_error", "outbound")
-        assert len(handed) == 1
+    # Issue 21 through `edge run`'s rooms: one member connection on a
+    # protocol = "sip" outbound listener, requests routed by Request-URI, the
+    # partner's 200 back on the member's connection, events and metrics.
+    fab = SipPartnerEdge(
+        pki,  # type: ignore[arg-type]  # the same fields the SIP test's Pki has
+        pki.fabrikam.issue(dns=["sip.fabrikam.com"], eku=["server"]),
+        "fabrikam",
+    )
+    async with trio.open_nursery() as partners_nursery:
+        await fab.start(partners_nursery)
+        partners = [
+            Partner(
+                "fabrikam.com",
+                pki.fabrikam,
+                f'domains = ["fabrikam.com"]\nedge = "sip.fabrikam.com:{fab.port}"\n',
+            )
+        ]
+        async with site(tmp_path, pki, partners, protocol="sip") as s:
+            s.dns.records = {("sip.fabrikam.com", "A"): ["127.0.0.1"]}
+            member, _ = await member_connect(s, pki, None)
+            request = sip("sip:bob@fabrikam.com", from_uri="sip:alice@corp.test")
+            await member.send_all(request)
+            framer = SipFramer()
+            with trio.fail_after(10):
+                answer = None
+                while answer is None:
+                    data = await member.receive_some(65536)
+                    assert data, "the edge closed the member's connection"
+                    framer.feed(data)
+                    event = framer.next_event()
+                    if isinstance(event, Message):
+                        answer = event
+            assert answer.head.status_code == 200 and answer.headers.get("server") == "fabrikam"
+            assert bytes(fab.received) == request  # byte for byte, nothing rewritten
+            # A forged From goes nowhere: the edge answers 403 itself.
+            await member.send_all(
+                sip("sip:bob@fabrikam.com", from_uri="sip:ceo@fabrikam.com", call_id="c2")
+            )
+            with trio.fail_after(10):
+                answer = None
+                while answer is None:
+                    event = framer.next_event()
+                    if isinstance(event, Message):
+                        answer = event
+                        break
+                    data = await member.receive_some(65536)
+                    assert data
+                    framer.feed(data)
+            assert answer.head.status_code == 403
+            assert bytes(fab.received) == request
+            await member.aclose()
+            pool_closed = await s.edge.wait_for(
+                lambda e: (
+                    e.get("event") == "connection_closed"
+                    and e.get("direction") == "outbound"
+                    and "partner" not in e
+                )
+            )
+            assert pool_closed["member"] == "fe1.corp.test"
+            partner_closed = await s.edge.wait_for(
+                lambda e: (
+                    e.get("event") == "connection_closed" and e.get("partner") == "fabrikam.com"
+                )
+            )
+            assert partner_closed["partner_edge"].startswith("sip.fabrikam.com:")
+            rejected = [e for e in s.edge.events if e["event"] == "sip_rejected"]
+            assert [(e["reason"], e["offending_domain"], e["answered"]) for e in rejected] == [
+                ("sip_domain_mismatch", "fabrikam.com", 403)
+            ]
+            labels = {"listener": OUT, "partner": "fabrikam.com", "direction": "to_partner"}
+            assert s.metric("edge_sip_messages_total", **labels, result="relayed") == 1
+            # Refused before routing: the pool spoke for a domain not ours, no partner yet.
+            mismatch = {**labels, "partner": "unknown", "result": "sip_domain_mismatch"}
+            assert s.metric("edge_sip_messages_total", **mismatch) == 1
+            from_labels = {**labels, "direction": "from_partner"}
+            assert s.metric("edge_sip_messages_total", **from_labels, result="relayed") == 1
+            assert s.metric(
+                "edge_bytes_total", listener=OUT, partner="fabrikam.com", direction="to_partner"
+            ) == len(request)
+        partners_nursery.cancel_scope.cancel()
