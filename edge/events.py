@@ -90,7 +90,7 @@ _ALL: tuple[Event, ...] = (
     _e("gateway_stopped", "info", "the process is about to exit 0 after a drain"),
     _e(
         "accept_error",
-        "warning",
+        "error",
         "accepting a connection failed (e.g. out of file descriptors); retried after 0.1 s",
         listener="the listener",
         error="the operating system's error text",
