@@ -211,6 +211,8 @@ class CrlFetcher:
         withdraws the fetched CRLs (the next ``on_change`` applies that)."""
         was_fetching = self.settings.fetch
         self.settings = settings
+        if settings.cache_dir is not None:
+            self.cache_dir = settings.cache_dir
         if not settings.fetch and was_fetching:
             had_crls = any(s.crl is not None for s in self._sources.values())
             for scope in self._busy.values():
@@ -441,7 +443,9 @@ class CrlFetcher:
         target = httpx.URL(url).copy_with(host=address, port=port)
         # identity: the size cap counts the bytes we keep (no decompression bomb).
         headers = {"Host": host_header, "Accept-Encoding": "identity"}
-        async with client.stream("GET", target, headers=headers) as response:
+        # The timeout of the settings now ([revocation] is reloaded live).
+        timeout = self.settings.timeout_s
+        async with client.stream("GET", target, headers=headers, timeout=timeout) as response:
             if response.status_code != 200:
                 raise ValueError(f"HTTP {response.status_code}")
             length = response.headers.get("content-length", "")

@@ -41,7 +41,7 @@ from edge.logs import EventLog
 from edge.metrics import Metrics
 from edge.watch import Fingerprint, fingerprint
 
-__all__ = ["Reloader", "config_files"]
+__all__ = ["Reloader", "config_files", "log_config_warnings", "log_new_notices"]
 
 # Live connections re-checked between two yields to the event loop.
 _RECHECK_BATCH = 200
@@ -57,7 +57,28 @@ def config_files(config: Config) -> list[Path]:
         ident.internal_cert,
         ident.internal_key,
         *ident.internal_roots,
+        # A changed passphrase is a changed identity, like the key it opens.
+        *ident.passphrase_files,
     ]
+
+
+def log_config_warnings(log: EventLog, config: Config) -> None:
+    """One ``config_warning`` per warning of a configuration just taken into use."""
+    for warning in config.warnings:
+        log.event("config_warning", config=str(config.path), warning=warning)
+
+
+def log_new_notices(log: EventLog, new: Snapshot, previous: Snapshot | None) -> None:
+    """One ``partner_notice`` per notice (an ignored file) not said for ``previous``."""
+    for folder, trust in new.folders.items():
+        before = previous.folders.get(folder) if previous is not None else None
+        for notice in trust.policies.new_notices(before.policies if before else None):
+            log.event(
+                "partner_notice",
+                partner=notice.partner,
+                file=str(notice.path),
+                notice=notice.message,
+            )
 
 
 class Reloader:
@@ -82,6 +103,8 @@ class Reloader:
         self._policy_prints: dict[Path, Fingerprint] = {}
         self._config_print: Fingerprint = ()
         self._next_time_recheck = math.inf
+        # Called when a requested (SIGHUP) reload has finished, applied or not.
+        self.on_forced_done: Callable[[], None] = lambda: None
 
     def remember_files(self) -> None:
         """Fingerprint what was just loaded (startup), so only changes reload."""
@@ -109,6 +132,8 @@ class Reloader:
                 self._log.event(
                     "reload_failed", error=f"{type(exc).__name__}: {exc}", where=where(exc)
                 )
+            if forced:  # applied or failed, but not cancelled (shutting down)
+                self.on_forced_done()
 
     async def poll_once(self, *, forced: bool = False) -> None:
         """Reload whatever changed on disk (everything when ``forced``)."""
@@ -138,6 +163,7 @@ class Reloader:
             lambda: build_snapshot(config or previous.config, inputs, fetched, previous)
         )
         self._swap(build_current(new, self._current()))  # the swap: one assignment
+        log_new_notices(self._log, new, previous)
         return new
 
     async def _reload_policies(self, folder: Path, folder_print: Fingerprint) -> None:
@@ -209,7 +235,11 @@ class Reloader:
         # Every field compared (diff); what needs a restart keeps its running
         # value in the snapshot taken into use (carry_running).
         change = diff(current, dataclasses.replace(current, config=new))
-        await self._rebuild({}, carry_running(current.config, new))
+        running = carry_running(current.config, new)
+        if self._crl_fetcher is not None:
+            # [revocation] applies live: fetch turned off stops every fetch now.
+            self._crl_fetcher.configure(running.revocation)
+        await self._rebuild({}, running)
         self._config_print = config_print
         self._metrics.policy_reloads.labels("ok").inc()
         self._log.event(
@@ -218,6 +248,7 @@ class Reloader:
             applied=list(change.applied),
             needs_restart=list(change.needs_restart),
         )
+        log_config_warnings(self._log, new)
 
     async def recheck_live(self, folder: Path | None) -> None:
         """Re-authorize live connections (of ``folder``, or all); close the failures."""
