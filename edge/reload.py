@@ -100,6 +100,10 @@ class Reloader:
         self._log = log
         self._crl_fetcher = crl_fetcher
         self._requested = trio.Event()
+        # One rebuild at a time: the watcher and the CRL fetcher both rebuild,
+        # and each must start from the snapshot the other swapped in (else the
+        # later swap would bring back what the earlier one replaced).
+        self._rebuilding = trio.Lock()
         self._policy_prints: dict[Path, Fingerprint] = {}
         self._config_print: Fingerprint = ()
         self._next_time_recheck = math.inf
@@ -154,15 +158,15 @@ class Reloader:
         self, loaded: Mapping[Path, PolicySnapshot], config: Config | None = None
     ) -> Snapshot:
         """The next snapshot, built in a worker thread and swapped in; returned."""
-        current = self._current()
-        previous = current.snapshot
-        inputs = {f: t.loaded for f, t in previous.folders.items()}
-        inputs.update(loaded)
-        fetched = self._crl_fetcher.crls() if self._crl_fetcher is not None else {}
-        new = await trio.to_thread.run_sync(
-            lambda: build_snapshot(config or previous.config, inputs, fetched, previous)
-        )
-        self._swap(build_current(new, self._current()))  # the swap: one assignment
+        async with self._rebuilding:
+            previous = self._current().snapshot
+            inputs = {f: t.loaded for f, t in previous.folders.items()}
+            inputs.update(loaded)
+            fetched = self._crl_fetcher.crls() if self._crl_fetcher is not None else {}
+            new = await trio.to_thread.run_sync(
+                lambda: build_snapshot(config or previous.config, inputs, fetched, previous)
+            )
+            self._swap(build_current(new, self._current()))  # the swap: one assignment
         log_new_notices(self._log, new, previous)
         return new
 
