@@ -1,22 +1,29 @@
 """Issue 16's operator tools wired into the running gateway (in process, real sockets):
 /readyz per pool under `ready_requires`, `config_warning` at start and after a reload,
-`partner_notice` said once per ignored entry, and the bind error of `edge run --workers`."""
+`partner_notice` said once per ignored entry, the bind error of `edge run --workers`,
+and sd_notify (READY, RELOADING, STOPPING) from the gateway or only the supervisor."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.gateway_harness import (
     Pki,
     http_get,
+    start_edge,
     start_gateway,
     start_pool,
+    stop_edge,
     write_federation,
 )
 
@@ -141,3 +148,78 @@ def test_workers_bind_error_names_the_address(tmp_path: Path, pki: Pki) -> None:
         )
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port} (metrics): " in result.stderr, result.stderr
+
+
+class _NotifySocket:
+    """An AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET."""
+
+    def __init__(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="edge-notify-")  # short: AF_UNIX path limit
+        self.path = os.path.join(self.folder, "notify")
+        self.sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    async def bind(self) -> None:
+        await self.sock.bind(self.path)
+
+    async def next_state(self) -> str:
+        """The state key (READY, RELOADING, STOPPING) of the next datagram."""
+        with trio.fail_after(20):
+            fields = (await self.sock.recv(4096)).split(b"\n")
+        states = [f.split(b"=")[0].decode() for f in fields if f.endswith(b"=1")]
+        assert len(states) == 1, fields
+        return states[0]
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.folder)
+
+
+async def test_gateway_notifies_ready_reloading_and_stopping(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notify = _NotifySocket()
+    try:
+        await notify.bind()
+        monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+        config = write_federation(tmp_path, pki, [("fe1.corp.test", 1)])
+        async with trio.open_nursery() as nursery:
+            edge = await start_gateway(nursery, config)
+            assert await notify.next_state() == "READY"
+            edge.gateway.request_reload()  # what SIGHUP does
+            assert await notify.next_state() == "RELOADING"
+            assert await notify.next_state() == "READY"  # once that reload finished
+            assert [e for e in edge.events if e["event"] == "config_reloaded"]
+            await edge.stop()
+            assert await notify.next_state() == "STOPPING"
+            nursery.cancel_scope.cancel()
+    finally:
+        notify.close()
+
+
+async def test_with_workers_only_the_supervisor_notifies(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notify = _NotifySocket()
+    try:
+        await notify.bind()
+        monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                config = write_federation(tmp_path, pki, [("fe1.corp.test", 1)])
+                edge = await start_edge(nursery, config, ["--workers", "2"])
+                assert await notify.next_state() == "READY"
+                edge.process.send_signal(signal.SIGHUP)
+                assert await notify.next_state() == "RELOADING"
+                assert await notify.next_state() == "READY"
+                # Both workers reported their reload before READY came.
+                ends = [e for e in edge.events if e["event"] == "config_reloaded"]
+                assert {e["worker"] for e in ends} == {0, 1}
+                assert await stop_edge(edge) == 0
+                assert await notify.next_state() == "STOPPING"
+                # Nothing else: no worker spoke to systemd.
+                with trio.move_on_after(0.5):
+                    extra = await notify.sock.recv(4096)
+                    raise AssertionError(f"unexpected notification {extra!r}")
+                nursery.cancel_scope.cancel()
+    finally:
+        notify.close()
