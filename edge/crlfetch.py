@@ -69,6 +69,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from edge.core.config import RevocationSettings
+from edge.core.pem import load_crls
 from edge.core.policies import PolicySnapshot
 from edge.core.reasons import Reason
 from edge.core.revocation import fetched_crl_problem
@@ -169,9 +170,8 @@ async def resolve_destination(url: str, allow_private: bool) -> tuple[str, int, 
 
 
 def _parse_crl(data: bytes) -> x509.CertificateRevocationList:
-    if data.lstrip().startswith(b"-----BEGIN"):
-        return x509.load_pem_x509_crl(data)
-    return x509.load_der_x509_crl(data)
+    """The (first) CRL of a fetched body or cache file, PEM or DER; ValueError if none."""
+    return load_crls(data)[0]
 
 
 @dataclass

@@ -57,7 +57,6 @@ import datetime as _dt
 import enum
 import ipaddress
 import os
-import re
 import stat
 import tomllib
 import types
@@ -69,6 +68,8 @@ from cryptography import x509
 
 from edge.core.config import parse_address
 from edge.core.domains import normalize_domain
+from edge.core.names import subject
+from edge.core.pem import NO_CRL_BLOCK, has_private_key, is_pem, load_certificates, load_crls
 from edge.core.revocation import crl_problems
 
 __all__ = [
@@ -102,7 +103,6 @@ _POLICY_KEYS = ("domains", "enabled", "pool", "max_connections", "revocation", "
 # A single-file partner (`ID.toml` at the top of the policies folder) adds these.
 _SINGLE_FILE_KEYS = ("roots", "crls")
 SINGLE_FILE_SUFFIX = ".toml"
-_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 # Certificates and CRLs; a large public CA's CRL stays well under this. Anything
 # bigger is not ours, and reading it would stall a reload.
 MAX_POLICY_FILE_BYTES = 64 * 1024 * 1024
@@ -453,7 +453,7 @@ class _PartnerLoader:
             data = _read_regular(path, self.root, _SNIFF_BYTES)
         except (_Refused, OSError):
             return False
-        return b"PRIVATE KEY-----" in data
+        return has_private_key(data)
 
     def _finish(self, settings: _Settings) -> PartnerPolicy | None:
         self._check_crls(settings.revocation)
@@ -496,8 +496,8 @@ class _PartnerLoader:
             return
         certs: list[x509.Certificate]
         data = data.removeprefix(_UTF8_BOM)  # Windows editors add one to PEM text
-        if data.lstrip().startswith(b"-----BEGIN"):
-            if b"PRIVATE KEY-----" in data:
+        if is_pem(data):
+            if has_private_key(data):
                 # Never keep (or echo) key material; the operator must remove it.
                 self.problem(
                     path,
@@ -506,21 +506,21 @@ class _PartnerLoader:
                 )
                 return
             try:
-                certs = x509.load_pem_x509_certificates(data)
+                certs = list(load_certificates(data))
             except ValueError as exc:
                 self.problem(path, f"not a readable PEM certificate file: {exc}")
                 return
         else:
             try:
-                certs = [x509.load_der_x509_certificate(data)]
+                certs = list(load_certificates(data))
             except ValueError:
                 self.problem(path, "neither PEM nor a DER certificate")
                 return
         for index, cert in enumerate(certs):
             where = (
-                f"certificate #{index + 1} ({_subject(cert)})"
+                f"certificate #{index + 1} ({subject(cert, full=True)})"
                 if len(certs) > 1
-                else (f"certificate {_subject(cert)}")
+                else (f"certificate {subject(cert, full=True)}")
             )
             try:
                 bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -562,17 +562,12 @@ class _PartnerLoader:
             data = self._read(path)
         if data is None:
             return
-        crls: list[x509.CertificateRevocationList] = []
         try:
-            if data.lstrip().startswith(b"-----BEGIN"):
-                blocks = _PEM_CRL.findall(data)
-                if not blocks:
-                    self.problem(path, "PEM file without an 'X509 CRL' block")
-                    return
-                crls = [x509.load_pem_x509_crl(b) for b in blocks]
-            else:
-                crls = [x509.load_der_x509_crl(data)]
+            crls = load_crls(data)
         except ValueError as exc:
+            if str(exc) == NO_CRL_BLOCK:
+                self.problem(path, NO_CRL_BLOCK)
+                return
             self.problem(path, f"not a readable CRL (PEM or DER): {exc}")
             return
         for crl in crls:
@@ -722,10 +717,6 @@ def _is_domain(name: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _subject(cert: x509.Certificate) -> str:
-    return cert.subject.rfc4514_string() or "(empty subject)"
 
 
 def load_policies(folder: Path, previous: PolicySnapshot | None = None) -> PolicySnapshot:
