@@ -227,8 +227,6 @@ class _Supervisor:
         except ValueError:
             record = {"event": "worker_output", "text": line.decode("utf-8", "replace")}
         record["worker"] = slot.index
-        if record.get("event") in _RELOAD_ENDS:
-            self._reload_reported(slot.index)
         if record.get("event") == "gateway_started":
             record["event"] = "worker_started"
             record["pid"] = slot.pid
@@ -237,6 +235,8 @@ class _Supervisor:
                 self.all_ready.set()
         record.setdefault("ts", "")
         self.log.emit(record)
+        if record.get("event") in _RELOAD_ENDS:  # after its line: READY=1 comes last
+            self._reload_reported(slot.index)
 
     def begin_reload(self) -> None:
         """SIGHUP: tell systemd, forward it; ``finish_reload`` says READY=1 again."""
