@@ -1,7 +1,8 @@
 """Issue 16's operator tools wired into the running gateway (in process, real sockets):
 /readyz per pool under `ready_requires`, `config_warning` at start and after a reload,
 `partner_notice` said once per ignored entry, the bind error of `edge run --workers`,
-and sd_notify (READY, RELOADING, STOPPING) from the gateway or only the supervisor."""
+sd_notify (READY, RELOADING, STOPPING) from the gateway or only the supervisor, and
+passphrase files watched like the keys they open."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
 
+from edge.pki import write_private
 from tests.gateway_harness import (
     Pki,
     http_get,
@@ -225,3 +228,37 @@ async def test_with_workers_only_the_supervisor_notifies(
                 nursery.cancel_scope.cancel()
     finally:
         notify.close()
+
+
+async def test_a_changed_passphrase_file_is_noticed_like_the_key(tmp_path: Path, pki: Pki) -> None:
+    config = write_federation(tmp_path, pki, [("fe1.corp.test", 1)])
+    secret = b"Corr3ct horse!"
+    key = tmp_path / "certs" / "edge-internal.key"
+    write_private(
+        key,
+        pki.internal.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(secret),
+        ),
+    )
+    passphrase = tmp_path / "certs" / "internal.pass"
+    write_private(passphrase, secret + b"\n")
+    text = config.read_text()
+    old = 'internal_key = "certs/edge-internal.key"\n'
+    assert old in text
+    config.write_text(
+        text.replace(old, old + 'internal_key_passphrase_file = "certs/internal.pass"\n')
+    )
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            edge = await start_gateway(nursery, config)
+            write_private(passphrase, b"not the passphrase\n")
+            await edge.gateway.poll_once()  # not forced: only a change reloads
+            failed = await edge.wait_for(lambda e: e["event"] == "config_reload_failed")
+            assert any(
+                "wrong passphrase in identity.internal_key_passphrase_file" in p
+                for p in failed["problems"]
+            )
+            await edge.stop()
+            nursery.cancel_scope.cancel()
