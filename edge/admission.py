@@ -45,6 +45,7 @@ from edge.current import Current
 from edge.logs import EventLog
 from edge.metrics import UNKNOWN_PARTNER, Metrics
 from edge.pools import PoolSet, UpstreamUnavailable, proxy_info
+from edge.probes import closed_before_sending
 from edge.relay import RelayControl, relay
 from edge.sip_listener import RelayFunction, SipPeer, sip_relay_for
 from edge.tls import TLSError, TLSStream, TLSTruncatedError
@@ -97,6 +98,10 @@ class LiveConnection:
         if self.conn.end is None and self.control.end is None:
             self.conn.withdrawn_reason = reason
         self.control.stop("trust_withdrawn", detail)
+
+
+class _Probe(Exception):
+    """The peer closed before sending a byte: a TCP health check (edge.probes)."""
 
 
 class _Rejected(Exception):
@@ -234,6 +239,10 @@ class Admission:
                 # may count on the slot being free again.
                 self._handshakes_in_progress -= 1
             origin = proxy_info(tcp, tls, partner, conn.tls_version, conn.chain)
+        except _Probe:
+            self._metrics.tcp_probes.labels(listener.name).inc()
+            await trio.aclose_forcefully(tls.transport_stream)
+            return
         except _Rejected as rej:
             self._reject(listener, conn, rej.reason, rej.detail)
             # No close_notify: a refusal is not a graceful end of stream.
@@ -283,6 +292,8 @@ class Admission:
         t0 = trio.current_time()
         timeout = limits.handshake_timeout_s if limits.handshake_timeout_s > 0 else math.inf
         with trio.move_on_after(timeout) as scope:
+            if await closed_before_sending(tls.transport_stream):
+                raise _Probe  # a load balancer's TCP check: counted, never logged
             await _handshake(tls)
             conn.tls_version = tls.version
             if listener.mode != "mtls":
@@ -309,14 +320,10 @@ class Admission:
                 f"handshake not finished within handshake_timeout_s={limits.handshake_timeout_s:g}",
             )
         self._metrics.handshake_duration.labels(listener.name).observe(trio.current_time() - t0)
-        if (
-            self._crl_fetcher is not None
-            and verdict.partner is not None
-            and (verdict.accepted or verdict.reason in (Reason.CRL_UNAVAILABLE, Reason.REVOKED))
-        ):
+        if self._crl_fetcher is not None:
             # Learn where this partner's CRLs live (a crl_unavailable refusal
             # too: the next attempt succeeds once the CRL has been fetched).
-            self._crl_fetcher.note_chain(verdict.partner, verdict.chain or conn.chain)
+            self._crl_fetcher.note_verdict(verdict)
         conn.partner = verdict.partner
         if not verdict.accepted:
             assert verdict.reason is not None

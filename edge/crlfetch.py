@@ -69,6 +69,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from edge.core.config import RevocationSettings
+from edge.core.pem import load_crls
 from edge.core.policies import PolicySnapshot
 from edge.core.reasons import Reason
 from edge.core.revocation import fetched_crl_problem
@@ -169,9 +170,8 @@ async def resolve_destination(url: str, allow_private: bool) -> tuple[str, int, 
 
 
 def _parse_crl(data: bytes) -> x509.CertificateRevocationList:
-    if data.lstrip().startswith(b"-----BEGIN"):
-        return x509.load_pem_x509_crl(data)
-    return x509.load_der_x509_crl(data)
+    """The (first) CRL of a fetched body or cache file, PEM or DER; ValueError if none."""
+    return load_crls(data)[0]
 
 
 @dataclass
@@ -211,6 +211,8 @@ class CrlFetcher:
         withdraws the fetched CRLs (the next ``on_change`` applies that)."""
         was_fetching = self.settings.fetch
         self.settings = settings
+        if settings.cache_dir is not None:
+            self.cache_dir = settings.cache_dir
         if not settings.fetch and was_fetching:
             had_crls = any(s.crl is not None for s in self._sources.values())
             for scope in self._busy.values():
@@ -441,7 +443,9 @@ class CrlFetcher:
         target = httpx.URL(url).copy_with(host=address, port=port)
         # identity: the size cap counts the bytes we keep (no decompression bomb).
         headers = {"Host": host_header, "Accept-Encoding": "identity"}
-        async with client.stream("GET", target, headers=headers) as response:
+        # The timeout of the settings now ([revocation] is reloaded live).
+        timeout = self.settings.timeout_s
+        async with client.stream("GET", target, headers=headers, timeout=timeout) as response:
             if response.status_code != 200:
                 raise ValueError(f"HTTP {response.status_code}")
             length = response.headers.get("content-length", "")

@@ -60,6 +60,7 @@ _ALL: tuple[Event, ...] = (
         "gateway_started",
         "info",
         "the listeners are bound and policies loaded (with --workers: once every worker is up)",
+        version="the edge's version (as `edge --version` prints it)",
         listeners="listener name -> bound addresses, plus `metrics`",
         partners="partner counts by state (enabled, disabled, broken)",
         pools="pool name -> member hosts",
@@ -186,6 +187,23 @@ _ALL: tuple[Event, ...] = (
         file="the file concerned",
         problem="what is wrong",
         kept_last_good="on a reload: true when the partner keeps its previous, working policy",
+    ),
+    _e(
+        "partner_notice",
+        "info",
+        "an entry of a partner folder is ignored (a backup copy, a hidden name); said once, "
+        "at start or on the reload that first saw it",
+        partner="the partner id",
+        file="the entry concerned",
+        notice="what the edge does with it",
+    ),
+    _e(
+        "config_warning",
+        "warning",
+        "edge.toml loads but something in it deserves attention (a private key file other "
+        "users can read); at start and after every configuration reload",
+        config="the configuration file",
+        warning="what to look at, and what to do",
     ),
     _e(
         "config_reloaded",

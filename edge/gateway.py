@@ -31,6 +31,7 @@ import trio
 from edge.admission import Admission, partner_label
 from edge.core.config import Config, Listener
 from edge.core.policies import PolicyFolderError, PolicySnapshot, load_policies
+from edge.core.readiness import decide_readiness
 from edge.core.snapshot import Snapshot, build_snapshot, policy_folders
 from edge.crlfetch import CrlFetcher
 from edge.current import Current, build_current
@@ -39,7 +40,9 @@ from edge.logs import EventLog
 from edge.metrics import Metrics, serve_metrics
 from edge.outbound_listener import OutboundListeners
 from edge.pools import PoolSet
-from edge.reload import Reloader
+from edge.reload import Reloader, log_config_warnings, log_new_notices
+from edge.sdnotify import Notifier
+from edge.version import version
 
 __all__ = ["Gateway", "StartupError", "export_snapshot_metrics"]
 
@@ -57,8 +60,12 @@ class Gateway:
         self._shutdown_why = ""
         # --workers: where this worker binds, with SO_REUSEPORT (None: alone).
         self.worker_listen: dict[str, tuple[str, int]] | None = None
-        revocation = config.revocation
-        self._crl_fetcher = CrlFetcher(revocation, log) if revocation.fetch else None
+        # systemd readiness (does nothing outside systemd, and in a --workers
+        # worker, whose NOTIFY_SOCKET the supervisor removes).
+        self.notifier = Notifier()
+        # Always built and always run: it idles while fetch = false, so a reload
+        # that turns fetching on (or off) applies without a restart.
+        self._crl_fetcher = CrlFetcher(config.revocation, log)
         self._pools = PoolSet(
             lambda: self.current.snapshot, lambda: self.current.client_context, metrics, log
         )
@@ -75,6 +82,7 @@ class Gateway:
             self._crl_fetcher,
             outbound=self._outbound,
         )
+        self._reloader.on_forced_done = self._reload_finished
         self._admission = Admission(
             lambda: self.current,
             self._pools,
@@ -98,6 +106,12 @@ class Gateway:
     def _swap(self, new: Current) -> None:
         self.current = new  # the swap: every next decision reads the new value
         self.export_reload_metrics()
+        # Fetch only for the partners now loaded whose revocation is not off.
+        self._crl_fetcher.update_partners(t.loaded for t in new.snapshot.folders.values())
+
+    def _reload_finished(self) -> None:
+        """A SIGHUP reload ended (applied or not): systemd may send the next one."""
+        self.notifier.ready("serving")
 
     # ------------------------------------------------------------------
     # Set-up
@@ -110,13 +124,14 @@ class Gateway:
         configuration as a whole (an address clash), is fatal.
         """
         config = self.config
+        log_config_warnings(self.log, config)
         loaded: dict[Path, PolicySnapshot] = {}
         for folder in policy_folders(config):
             try:
                 loaded[folder] = load_policies(folder)
             except PolicyFolderError as exc:
                 raise StartupError(str(exc)) from exc
-        fetched = self._crl_fetcher.crls() if self._crl_fetcher is not None else {}
+        fetched = self._crl_fetcher.crls()
         snapshot = build_snapshot(config, loaded, fetched)
         if snapshot.problems:
             raise StartupError("; ".join(snapshot.problems))
@@ -127,6 +142,7 @@ class Gateway:
                 file=str(problem.path),
                 problem=problem.message,
             )
+        log_new_notices(self.log, snapshot, None)
         self._swap(build_current(snapshot, self.current))
         self._reloader.remember_files()
         for pool in config.pools.values():
@@ -141,11 +157,19 @@ class Gateway:
         return partner_label(self.snapshot, listener, partner)
 
     def readiness(self) -> tuple[bool, str]:
-        if self._shutdown.is_set():
-            return False, "shutting down"
-        if not self.ready:
-            return False, "listeners not bound yet"
-        return self._pools.readiness()
+        """What /readyz answers: ``[metrics] ready_requires`` decides (edge.core.readiness)."""
+        metrics = self.config.metrics
+        requires = metrics.ready_requires if metrics is not None else "any_pool"
+        serving = self.ready and not self._shutdown.is_set()
+        up = self._pools.pools_up()
+        ready, why = decide_readiness(serving, up, requires)
+        if not serving:
+            why = "shutting down" if self._shutdown.is_set() else "listeners not bound yet"
+        elif not ready and up:
+            # Name each pool that is down, the way the member-up alert does.
+            down = "; ".join(f"pool {name} has no member up" for name, ok in up.items() if not ok)
+            why = f"{down} (ready_requires = {requires})"
+        return ready, why
 
     # ------------------------------------------------------------------
     # Running
@@ -156,6 +180,7 @@ class Gateway:
 
     def request_reload(self) -> None:
         """Reload configuration, identity and policies now (SIGHUP)."""
+        self.notifier.reloading("reloading")
         self._reloader.request()
 
     def request_shutdown(self, why: str) -> None:
@@ -174,8 +199,7 @@ class Gateway:
             if sockets.metrics:
                 root.start_soon(serve_metrics, sockets.metrics, self.metrics, self.readiness)
             root.start_soon(self._reloader.watch)
-            if self._crl_fetcher is not None:
-                root.start_soon(self._crl_fetcher.run, self._reloader.apply_fetched_crls)
+            root.start_soon(self._crl_fetcher.run, self._reloader.apply_fetched_crls)
             root.start_soon(self._pools.run)
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as acceptors:
@@ -192,14 +216,17 @@ class Gateway:
                     self.ready = True
                     self.log.event(
                         "gateway_started",
+                        version=version(),
                         listeners=self.bound,
                         partners=self.snapshot.partner_summary(),
                         pools={
                             p.name: [m.host for m in p.members] for p in self.config.pools.values()
                         },
                     )
+                    self.notifier.ready("serving")
                     task_status.started(self.bound)
                     await self._shutdown.wait()
+                    self.notifier.stopping("draining")
                     acceptors.cancel_scope.cancel()
                 await sockets.aclose_listeners()
                 # Logged once accepting has really stopped.

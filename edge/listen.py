@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from edge.core.config import Config, Listener
+from edge.core.config import Config, Listener, bind_error
 from edge.logs import EventLog
 
 __all__ = ["Bound", "StartupError", "accept_loop", "bind", "format_address"]
@@ -69,22 +69,22 @@ async def bind(config: Config, worker_listen: dict[str, tuple[str, int]] | None)
     (with SO_REUSEPORT); its metrics are served by the supervisor.
     """
     bound = Bound()
+    # What is being bound, for the error message: the address and its purpose.
+    host, port, what = "", 0, ""
     try:
         for listener in config.listeners:
+            host, port, what = listener.host, listener.port, f"listener {listener.name}"
             if worker_listen is not None:
                 host, port = worker_listen[listener.name]
                 bound.listeners[listener.name] = [await _reuse_port_listener(host, port)]
                 continue
-            bound.listeners[listener.name] = await trio.open_tcp_listeners(
-                listener.port, host=listener.host
-            )
+            bound.listeners[listener.name] = await trio.open_tcp_listeners(port, host=host)
         if config.metrics is not None and worker_listen is None:
-            bound.metrics = await trio.open_tcp_listeners(
-                config.metrics.port, host=config.metrics.host
-            )
+            host, port, what = config.metrics.host, config.metrics.port, "metrics"
+            bound.metrics = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         await bound.aclose_listeners()
-        raise StartupError(f"cannot listen: {exc.strerror or exc}") from exc
+        raise StartupError(bind_error(host, port, what, exc)) from exc
     return bound
 
 

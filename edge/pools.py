@@ -220,10 +220,17 @@ class PoolSet:
 
     def readiness(self) -> tuple[bool, str]:
         """Ready when every pool has a member in rotation with an address."""
-        for name, state in self._pools.items():
-            if not any(m.health.up and m.addresses for m in state.members.values()):
+        for name, up in self.pools_up().items():
+            if not up:
                 return False, f"pool {name} has no member up"
         return True, "ready"
+
+    def pools_up(self) -> dict[str, bool]:
+        """Pool name -> whether a member is in rotation with an address (/readyz)."""
+        return {
+            name: any(m.health.up and m.addresses for m in state.members.values())
+            for name, state in self._pools.items()
+        }
 
     def members(self, pool: str) -> dict[tuple[str, int], dict[str, Any]]:
         """A read-only view of a pool's members (tests, diagnostics)."""

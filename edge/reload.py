@@ -42,7 +42,7 @@ from edge.metrics import Metrics
 from edge.outbound_listener import OutboundListeners
 from edge.watch import Fingerprint, fingerprint
 
-__all__ = ["Reloader", "config_files"]
+__all__ = ["Reloader", "config_files", "log_config_warnings", "log_new_notices"]
 
 # Live connections re-checked between two yields to the event loop.
 _RECHECK_BATCH = 200
@@ -58,7 +58,28 @@ def config_files(config: Config) -> list[Path]:
         ident.internal_cert,
         ident.internal_key,
         *ident.internal_roots,
+        # A changed passphrase is a changed identity, like the key it opens.
+        *ident.passphrase_files,
     ]
+
+
+def log_config_warnings(log: EventLog, config: Config) -> None:
+    """One ``config_warning`` per warning of a configuration just taken into use."""
+    for warning in config.warnings:
+        log.event("config_warning", config=str(config.path), warning=warning)
+
+
+def log_new_notices(log: EventLog, new: Snapshot, previous: Snapshot | None) -> None:
+    """One ``partner_notice`` per notice (an ignored file) not said for ``previous``."""
+    for folder, trust in new.folders.items():
+        before = previous.folders.get(folder) if previous is not None else None
+        for notice in trust.policies.new_notices(before.policies if before else None):
+            log.event(
+                "partner_notice",
+                partner=notice.partner,
+                file=str(notice.path),
+                notice=notice.message,
+            )
 
 
 class Reloader:
@@ -82,9 +103,15 @@ class Reloader:
         self._log = log
         self._crl_fetcher = crl_fetcher
         self._requested = trio.Event()
+        # One rebuild at a time: the watcher and the CRL fetcher both rebuild,
+        # and each must start from the snapshot the other swapped in (else the
+        # later swap would bring back what the earlier one replaced).
+        self._rebuilding = trio.Lock()
         self._policy_prints: dict[Path, Fingerprint] = {}
         self._config_print: Fingerprint = ()
         self._next_time_recheck = math.inf
+        # Called when a requested (SIGHUP) reload has finished, applied or not.
+        self.on_forced_done: Callable[[], None] = lambda: None
 
     def remember_files(self) -> None:
         """Fingerprint what was just loaded (startup), so only changes reload."""
@@ -112,6 +139,8 @@ class Reloader:
                 self._log.event(
                     "reload_failed", error=f"{type(exc).__name__}: {exc}", where=where(exc)
                 )
+            if forced:  # applied or failed, but not cancelled (shutting down)
+                self.on_forced_done()
 
     async def poll_once(self, *, forced: bool = False) -> None:
         """Reload whatever changed on disk (everything when ``forced``)."""
@@ -132,19 +161,20 @@ class Reloader:
         self, loaded: Mapping[Path, PolicySnapshot], config: Config | None = None
     ) -> Snapshot:
         """The next snapshot, built in a worker thread and swapped in; returned."""
-        current = self._current()
-        previous = current.snapshot
-        inputs = {f: t.loaded for f, t in previous.folders.items()}
-        inputs.update(loaded)
-        fetched = self._crl_fetcher.crls() if self._crl_fetcher is not None else {}
-        new = await trio.to_thread.run_sync(
-            lambda: build_snapshot(config or previous.config, inputs, fetched, previous)
-        )
-        self._swap(build_current(new, self._current()))  # the swap: one assignment
-        if self._outbound is not None:
-            # Outbound connections to partners the new snapshot no longer
-            # allows close now (trust_withdrawn), within this poll.
-            self._outbound.update(new)
+        async with self._rebuilding:
+            previous = self._current().snapshot
+            inputs = {f: t.loaded for f, t in previous.folders.items()}
+            inputs.update(loaded)
+            fetched = self._crl_fetcher.crls() if self._crl_fetcher is not None else {}
+            new = await trio.to_thread.run_sync(
+                lambda: build_snapshot(config or previous.config, inputs, fetched, previous)
+            )
+            self._swap(build_current(new, self._current()))  # the swap: one assignment
+            if self._outbound is not None:
+                # Outbound connections to partners the new snapshot no longer
+                # allows close now (trust_withdrawn), within this poll.
+                self._outbound.update(new)
+        log_new_notices(self._log, new, previous)
         return new
 
     async def _reload_policies(self, folder: Path, folder_print: Fingerprint) -> None:
@@ -216,7 +246,11 @@ class Reloader:
         # Every field compared (diff); what needs a restart keeps its running
         # value in the snapshot taken into use (carry_running).
         change = diff(current, dataclasses.replace(current, config=new))
-        await self._rebuild({}, carry_running(current.config, new))
+        running = carry_running(current.config, new)
+        if self._crl_fetcher is not None:
+            # [revocation] applies live: fetch turned off stops every fetch now.
+            self._crl_fetcher.configure(running.revocation)
+        await self._rebuild({}, running)
         self._config_print = config_print
         self._metrics.policy_reloads.labels("ok").inc()
         self._log.event(
@@ -225,6 +259,7 @@ class Reloader:
             applied=list(change.applied),
             needs_restart=list(change.needs_restart),
         )
+        log_config_warnings(self._log, new)
 
     async def recheck_live(self, folder: Path | None) -> None:
         """Re-authorize live connections (of ``folder``, or all); close the failures."""

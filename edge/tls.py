@@ -163,6 +163,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 
+from edge.core.config import is_ip_address
 from edge.core.policies import Revocation
 from edge.core.reasons import Reason
 from edge.core.trust import PartnerTrust, Verdict, crypto_floor_problem, reason_for_openssl_error
@@ -610,7 +611,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if cert is None:
             raise HostnameMismatchError("server sent no certificate")
         try:
-            if _is_ip_address(self.server_hostname):
+            if is_ip_address(self.server_hostname):
                 verify_certificate_ip_address(cert, self.server_hostname)
             else:
                 verify_certificate_hostname(cert, self.server_hostname)
@@ -819,19 +820,9 @@ async def _acquire(lock: trio.Lock | trio.StrictFIFOLock) -> None:
 def _sni_bytes(hostname: str) -> bytes:
     # SNI carries DNS names only (RFC 6066), never IP literals, and in A-label
     # form.
-    if _is_ip_address(hostname):
+    if is_ip_address(hostname):
         return b""
     return hostname.rstrip(".").encode("idna")
-
-
-def _is_ip_address(value: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------

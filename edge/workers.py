@@ -13,7 +13,8 @@ data path itself:
 * it serves ``/metrics``, ``/healthz`` and ``/readyz`` for all of them:
   workers write their samples to prometheus-client's multiprocess directory
   (``PROMETHEUS_MULTIPROC_DIR``, created empty at start, removed at exit) and
-  the supervisor's registry reads them with ``MultiProcessCollector``;
+  the supervisor's registry reads them with ``edge.metrics.LiveSeriesCollector``
+  (``MultiProcessCollector`` without the series no live worker still holds);
 * it forwards every worker log line, tagged ``worker=i``, to its own stdout,
   renaming each worker's ``gateway_started`` to ``worker_started`` and
   logging one ``gateway_started`` of its own once all workers are up;
@@ -21,6 +22,12 @@ data path itself:
   and a bounded back-off), forwards SIGHUP, and on SIGTERM/SIGINT forwards
   SIGTERM and waits for every worker to drain (``drain_timeout_s`` plus a
   margin, then SIGKILL).
+
+Only the supervisor speaks to systemd (sd_notify, ``edge.sdnotify``): workers
+get ``NOTIFY_SOCKET`` removed from their environment; the supervisor sends
+READY=1 once every worker is up, RELOADING=1 on SIGHUP and READY=1 again once
+every worker has finished that reload (or after ``_RELOAD_WAIT_S``), and
+STOPPING=1 at shutdown.
 
 Workers share nothing but the ports: each holds its own policy snapshot and
 reloads it by itself (the watcher runs in every worker).
@@ -46,10 +53,11 @@ from typing import Any
 
 import trio
 
-from edge.core.config import Config
+from edge.core.config import Config, bind_error
 from edge.core.policies import PolicyFolderError, load_policies
 from edge.core.snapshot import build_snapshot, policy_folders
 from edge.logs import EventLog, LogFormat
+from edge.sdnotify import Notifier
 
 __all__ = ["WORKER_ENV", "WORKER_LISTEN_ENV", "cpu_count", "supervise", "supervise_command"]
 
@@ -61,6 +69,10 @@ WORKER_LISTEN_ENV = "EDGE_WORKER_LISTEN"
 _STOP_MARGIN_S = 10.0
 # Back-off between restarts of one worker slot: doubles up to this.
 _MAX_BACKOFF_S = 30.0
+# Longest the supervisor waits for the workers to report a SIGHUP reload.
+_RELOAD_WAIT_S = 60.0
+# A worker's log events that end its reload (applied or not).
+_RELOAD_ENDS = frozenset({"config_reloaded", "config_reload_failed", "reload_failed"})
 
 
 def cpu_count() -> int:
@@ -116,6 +128,10 @@ class _Supervisor:
         self.listen: dict[str, tuple[str, int]] = {}
         self.bound: dict[str, list[str]] = {}
         self.all_ready = trio.Event()
+        self.notifier = Notifier()
+        # Workers whose SIGHUP reload has not been reported yet.
+        self.reloading: set[int] = set()
+        self.reloaded = trio.Event()
 
     # -- metrics ---------------------------------------------------------
 
@@ -126,10 +142,11 @@ class _Supervisor:
             ProcessCollector,
             generate_latest,
         )
-        from prometheus_client.multiprocess import MultiProcessCollector
+
+        from edge.metrics import LiveSeriesCollector
 
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
+        LiveSeriesCollector(self.metrics_dir, registry)
         ProcessCollector(registry=registry)  # the supervisor's own process
         PlatformCollector(registry=registry)
         return generate_latest(registry)
@@ -149,6 +166,7 @@ class _Supervisor:
 
     def _env(self, slot: _Slot) -> dict[str, str]:
         env = dict(os.environ)
+        env.pop("NOTIFY_SOCKET", None)  # only the supervisor speaks to systemd
         env["PROMETHEUS_MULTIPROC_DIR"] = str(self.metrics_dir)
         env[WORKER_ENV] = str(slot.index)
         env[WORKER_LISTEN_ENV] = json.dumps(self.listen)
@@ -157,6 +175,8 @@ class _Supervisor:
 
     async def run_slot(self, slot: _Slot) -> None:
         from prometheus_client.multiprocess import mark_process_dead
+
+        from edge.metrics import forget_process
 
         backoff = 0.5
         while not self.stopping:
@@ -172,6 +192,8 @@ class _Supervisor:
             code = await process.wait()
             slot.ready = False
             mark_process_dead(process.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
+            forget_process(process.pid, self.metrics_dir)
+            self._reload_reported(slot.index)  # a dead worker is not reloading
             if self.stopping:
                 self.log.event("worker_stopped", worker=slot.index, pid=process.pid, code=code)
                 return
@@ -213,6 +235,31 @@ class _Supervisor:
                 self.all_ready.set()
         record.setdefault("ts", "")
         self.log.emit(record)
+        if record.get("event") in _RELOAD_ENDS:  # after its line: READY=1 comes last
+            self._reload_reported(slot.index)
+
+    def begin_reload(self) -> None:
+        """SIGHUP: tell systemd, forward it; ``finish_reload`` says READY=1 again."""
+        self.notifier.reloading("reloading")
+        self.reloaded = trio.Event()
+        self.reloading = {
+            s.index for s in self.slots if s.process is not None and s.process.returncode is None
+        }
+        self.signal_workers(signal.SIGHUP)
+        if not self.reloading:
+            self.reloaded.set()
+
+    def _reload_reported(self, index: int) -> None:
+        if index in self.reloading:
+            self.reloading.discard(index)
+            if not self.reloading:
+                self.reloaded.set()
+
+    async def finish_reload(self) -> None:
+        with trio.move_on_after(_RELOAD_WAIT_S):
+            await self.reloaded.wait()
+        if not self.stopping:
+            self.notifier.ready("serving")
 
     def signal_workers(self, signum: int) -> None:
         for slot in self.slots:
@@ -223,6 +270,7 @@ class _Supervisor:
 
     async def stop(self) -> None:
         self.stopping = True
+        self.notifier.stopping("draining")
         self.log.event("shutdown_started", why="signal", workers=len(self.slots))
         self.signal_workers(signal.SIGTERM)
         with trio.move_on_after(self.config.limits.drain_timeout_s + _STOP_MARGIN_S):
@@ -240,14 +288,18 @@ async def _main(sup: _Supervisor) -> int:
     from edge.metrics import serve_metrics
 
     reservations: list[socket.socket] = []
+    # What is being bound, for the error message: the address and its purpose.
+    where: tuple[str, int, str] = ("", 0, "")
     try:
         for listener in sup.config.listeners:
+            where = (listener.host, listener.port, f"listener {listener.name}")
             sock, host, port = _reserve(listener.host, listener.port)
             reservations.append(sock)
             sup.listen[listener.name] = (host, port)
             sup.bound[listener.name] = [_address(host, port)]
         metrics_listeners: list[trio.SocketListener] = []
         if sup.config.metrics is not None:
+            where = (sup.config.metrics.host, sup.config.metrics.port, "metrics")
             metrics_listeners = await trio.open_tcp_listeners(
                 sup.config.metrics.port, host=sup.config.metrics.host
             )
@@ -255,8 +307,11 @@ async def _main(sup: _Supervisor) -> int:
                 _address(*s.socket.getsockname()[:2]) for s in metrics_listeners
             ]
     except OSError as exc:
-        print(f"edge: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-        sup.log.event("startup_failed", config=str(sup.config_path), problems=[str(exc)])
+        for sock in reservations:
+            sock.close()
+        problem = bind_error(*where, exc)
+        print(f"edge: {problem}", file=sys.stderr)
+        sup.log.event("startup_failed", config=str(sup.config_path), problems=[problem])
         return 1
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
@@ -273,6 +328,7 @@ async def _main(sup: _Supervisor) -> int:
                         listeners=sup.bound,
                         workers=[s.pid for s in sup.slots],
                     )
+                    sup.notifier.ready("serving")
 
                 announcing = trio.CancelScope()
 
@@ -283,7 +339,8 @@ async def _main(sup: _Supervisor) -> int:
                 workers.start_soon(announce_once)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        sup.signal_workers(signal.SIGHUP)
+                        sup.begin_reload()
+                        workers.start_soon(sup.finish_reload)
                         continue
                     # Workers drain and exit; their slots return once the
                     # last log line has been forwarded (no cancellation here).
@@ -304,7 +361,8 @@ def supervise(config: Config, config_path: Path, log: EventLog, count: int) -> i
         if given:
             metrics_dir = Path(given)
             metrics_dir.mkdir(parents=True, exist_ok=True)
-            for stale in metrics_dir.glob("*.db"):  # values of a previous run
+            # Values (and live-series lists) of a previous run.
+            for stale in [*metrics_dir.glob("*.db"), *metrics_dir.glob("live_series_*.json")]:
                 stale.unlink()
         else:
             metrics_dir = Path(tempfile.mkdtemp(prefix="edge-metrics-"))

@@ -163,9 +163,6 @@ def test_systemd_unit_is_notify_reloadable_and_hardened() -> None:
         shutil.rmtree(copy.parent)
 
 
-# The gateway's own calls (READY=1 after gateway_started, the version field)
-# are wired by the lead in edge/gateway.py; these fail until then.
-@pytest.mark.xfail(strict=True, reason="wiring in edge/gateway.py pending (report: sdnotify)")
 async def test_gateway_sends_ready_over_notify_socket(
     tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -187,7 +184,6 @@ async def test_gateway_sends_ready_over_notify_socket(
         shutil.rmtree(folder)
 
 
-@pytest.mark.xfail(strict=True, reason="wiring in edge/gateway.py pending (report: version)")
 async def test_gateway_started_carries_version(tmp_path: Path, pki: Pki) -> None:
     config = write_federation(tmp_path, pki, [("fe1.corp.test", 1)])
     async with trio.open_nursery() as nursery:
@@ -521,7 +517,6 @@ def test_tcp_probes_counter_per_listener() -> None:
     assert registry.get_sample_value("edge_tcp_probes_total", {"listener": "federation"}) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="wiring in edge/gateway.py pending (report: probes)")
 async def test_gateway_counts_tcp_probes_without_logging_them(tmp_path: Path, pki: Pki) -> None:
     import httpx
 
@@ -598,7 +593,6 @@ def test_bind_error_names_address_and_purpose() -> None:
     )
 
 
-@pytest.mark.xfail(strict=True, reason="wiring in edge/gateway.py pending (report: bind_error)")
 @pytest.mark.parametrize("which", ["listener", "metrics"])
 def test_edge_run_bind_error_names_the_address(site: Path, which: str) -> None:
     with socket.socket() as taken:

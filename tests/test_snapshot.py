@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge.core.config import Dns, RevocationSettings, load_config
+from edge.core.config import Dns, MetricsSettings, RevocationSettings, load_config
 from edge.core.policies import load_policies
 from edge.core.reasons import Reason
 from edge.core.snapshot import (
@@ -97,15 +97,21 @@ def test_diff_reports_every_top_level_config_field(tmp_path: Path, pki: Pki) -> 
     cfg = old.config
     dns = dataclasses.replace(cfg, dns=Dns(nameservers=(("127.0.0.1", 53),)))
     rev = dataclasses.replace(cfg, revocation=RevocationSettings(fetch=True))
+    met = dataclasses.replace(cfg, metrics=MetricsSettings("127.0.0.1", 1))
     assert diff(old, dataclasses.replace(old, config=dns)).applied == ("dns",)
-    assert diff(old, dataclasses.replace(old, config=rev)).needs_restart == ("revocation",)
+    # [revocation] goes to the CRL fetcher live (CrlFetcher.configure).
+    assert diff(old, dataclasses.replace(old, config=rev)).applied == ("revocation",)
+    assert diff(old, dataclasses.replace(old, config=met)).needs_restart == ("metrics",)
     assert not diff(old, old)
     # A reload of the same files: nothing changed (keys compare by their public half).
     again = _snapshot(cfg.path)
     assert not diff(old, again), diff(old, again)
     # Restart-only fields keep their running value in the snapshot taken into use.
-    carried = carry_running(cfg, dataclasses.replace(cfg, dns=dns.dns, revocation=rev.revocation))
-    assert carried.dns == dns.dns and carried.revocation == cfg.revocation
+    carried = carry_running(
+        cfg, dataclasses.replace(cfg, dns=dns.dns, revocation=rev.revocation, metrics=met.metrics)
+    )
+    assert carried.dns == dns.dns and carried.revocation == rev.revocation
+    assert carried.metrics == cfg.metrics
 
 
 def test_unknown_pool_makes_the_partner_broken(tmp_path: Path, pki: Pki) -> None:
@@ -193,7 +199,7 @@ async def test_partner_with_unknown_pool_is_broken_not_internal_error(
             nursery.cancel_scope.cancel()
 
 
-async def test_config_reload_keeps_dns_and_revocation(tmp_path: Path, pki: Pki) -> None:
+async def test_config_reload_applies_dns_and_revocation(tmp_path: Path, pki: Pki) -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             port = await _start_pool(nursery, pki, pki.member_leaf("fe1.corp.test"))
@@ -208,11 +214,11 @@ async def test_config_reload_keeps_dns_and_revocation(tmp_path: Path, pki: Pki) 
             )
             await edge.gateway.poll_once(forced=True)
             reloaded = await edge.wait_for(lambda e: e["event"] == "config_reloaded")
-            assert reloaded["applied"] == ["dns"]
-            assert reloaded["needs_restart"] == ["revocation"]
+            assert reloaded["applied"] == ["dns", "revocation"]
+            assert reloaded["needs_restart"] == []
             current = edge.gateway.snapshot.config
             assert current.dns.nameservers == (("127.0.0.1", 5353),)
-            assert current.revocation == running and not running.fetch  # needs a restart
+            assert not running.fetch and current.revocation.fetch  # applied live
             nursery.cancel_scope.cancel()
 
 

@@ -19,8 +19,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-__all__ = ["has_private_key", "is_pem", "load_certificates", "load_crls", "load_private_key"]
+__all__ = [
+    "NO_CRL_BLOCK",
+    "has_private_key",
+    "is_pem",
+    "load_certificates",
+    "load_crls",
+    "load_private_key",
+]
 
+# load_crls' message for PEM text without a complete CRL block (callers report it as is).
+NO_CRL_BLOCK = "PEM file without an 'X509 CRL' block"
 _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 
 
@@ -30,8 +39,12 @@ def is_pem(data: bytes) -> bool:
 
 
 def has_private_key(data: bytes) -> bool:
-    """Does this PEM text carry a private key block (of any kind)?"""
-    return is_pem(data) and b"PRIVATE KEY-----" in data
+    """Do these bytes carry a PEM private key block (of any kind), anywhere?
+
+    Anywhere, not only at the start: a key pasted below notes or a
+    certificate is still a key that must not sit in a partner folder.
+    """
+    return b"PRIVATE KEY-----" in data
 
 
 def load_certificates(data: bytes) -> tuple[x509.Certificate, ...]:
@@ -52,7 +65,7 @@ def load_crls(data: bytes) -> tuple[x509.CertificateRevocationList, ...]:
     if is_pem(data):
         blocks = _PEM_CRL.findall(data)
         if not blocks:
-            raise ValueError("PEM file without an 'X509 CRL' block")
+            raise ValueError(NO_CRL_BLOCK)
         return tuple(x509.load_pem_x509_crl(b) for b in blocks)
     return (x509.load_der_x509_crl(data),)
 

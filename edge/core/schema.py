@@ -104,7 +104,7 @@ TABLES: tuple[Table, ...] = (
        "identity files."),
     _t(EDGE_TOML, "dns", "[dns]", False, "restart",
        "Where the edge sends its DNS queries for pool members and SRV discovery."),
-    _t(EDGE_TOML, "revocation", "[revocation]", False, "restart",
+    _t(EDGE_TOML, "revocation", "[revocation]", False, "live",
        "Fetching partners' CRLs from the distribution points named in their certificates."),
     _t(EDGE_TOML, "sip", "[sip]", False, "restart",
        "Bounds and our own domains for listeners with protocol = \"sip\"."),
@@ -306,22 +306,22 @@ KEYS: tuple[Key, ...] = (
         allowed='"ip:port" strings, IPv6 as "[v6]:port"',
         meaning="DNS servers for every pool lookup (UDP, TCP on truncation)."),
     # --- [revocation]
-    Key(_E, "revocation", "fetch", "boolean", default=False, apply="restart",
+    Key(_E, "revocation", "fetch", "boolean", default=False, apply="live",
         meaning="Fetch the http:// CRL distribution points of partners' certificates in the "
         "background; off: only CRLs dropped into partner folders count."),
-    Key(_E, "revocation", "cache_dir", "path", default="crl-cache", apply="restart",
+    Key(_E, "revocation", "cache_dir", "path", default="crl-cache", apply="live",
         allowed="a writable folder (relative to edge.toml)",
         meaning="Fetched CRLs are kept here, one folder per partner, and reloaded after a "
         "restart."),
-    Key(_E, "revocation", "refresh_interval_s", "number", default=3600.0, apply="restart",
+    Key(_E, "revocation", "refresh_interval_s", "number", default=3600.0, apply="live",
         allowed="> 0",
         meaning="Refetch at least this often, and before each CRL's next update."),
-    Key(_E, "revocation", "timeout_s", "number", default=10.0, apply="restart", allowed="> 0",
+    Key(_E, "revocation", "timeout_s", "number", default=10.0, apply="live", allowed="> 0",
         meaning="One fetch's total deadline, from name resolution to the last byte."),
-    Key(_E, "revocation", "allow_private_networks", "boolean", default=False, apply="restart",
+    Key(_E, "revocation", "allow_private_networks", "boolean", default=False, apply="live",
         meaning="Allow CRL fetches to private, loopback and link-local addresses (checked "
         "after resolution). Off: a partner CA cannot make the edge fetch internal URLs."),
-    Key(_E, "revocation", "min_rebuild_interval_s", "number", default=30.0, apply="restart",
+    Key(_E, "revocation", "min_rebuild_interval_s", "number", default=30.0, apply="live",
         allowed="> 0",
         meaning="Fetched CRLs rebuild the verifiers and re-check live connections at most once "
         "per interval, and no CRL is refetched sooner."),

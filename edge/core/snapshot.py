@@ -279,8 +279,9 @@ _EFFECTS: dict[str, tuple[Effect, str]] = {
     "config.limits": ("live", "limits"),
     "config.policies": ("live", "policies"),
     "config.dns": ("live", "dns"),
-    # The CRL fetcher is built once with these settings (edge.crlfetch).
-    "config.revocation": ("restart", "revocation"),
+    # The gateway hands every reloaded [revocation] to its CRL fetcher
+    # (edge.crlfetch CrlFetcher.configure): fetch = false stops fetching at once.
+    "config.revocation": ("live", "revocation"),
     "config.sip": ("restart", "sip"),
     "config.tls": ("restart", "tls"),
     "config.warnings": ("derived", "warnings"),

@@ -106,6 +106,7 @@ from service_identity.cryptography import (
     verify_certificate_ip_address,
 )
 
+from edge.core.names import subject as _subject
 from edge.core.policies import PartnerPolicy, PolicySnapshot
 from edge.core.reasons import Reason
 from edge.core.revocation import CrlSet
@@ -227,13 +228,6 @@ _SPECIFICITY: Mapping[Reason, int] = {
 def reason_for_openssl_error(code: int) -> Reason:
     """The reason code for an OpenSSL X509_V_ERR_* verification error code."""
     return _OPENSSL_REASONS.get(code, Reason.INVALID_CHAIN)
-
-
-def _subject(cert: x509.Certificate) -> str:
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if cns:
-        return f"CN={cns[0].value!s}"
-    return cert.subject.rfc4514_string() or "(empty subject)"
 
 
 def _stamp(when: _dt.datetime) -> str:
