@@ -200,7 +200,10 @@ helper "$CONTEXT/deploy/example/make-certs.py" "$RUN/world" \
   --member "fe1.corp.example=127.0.0.1:$POOL_PORT" --owner 10001:10001 | sed 's/^/   /'
 W=$RUN/world
 PARTNERS=$W/partners
-helper "$CONTEXT/deploy/example/echo-pool.py" --listen "127.0.0.1:$POOL_PORT" \
+# The pool lives for the whole run (the cleanup trap stops it), not for one
+# helper's 60 s: on a loaded machine the checks below take longer than that,
+# and a pool killed half-way made the new-partner and drain checks fail.
+HELPER_TIMEOUT=1800 helper "$CONTEXT/deploy/example/echo-pool.py" --listen "127.0.0.1:$POOL_PORT" \
   --cert "$W/pool/fe1.corp.example.pem" --key "$W/pool/fe1.corp.example.key" \
   --client-root "$W/pool/enterprise-root.pem" >"$RUN/pool.log" 2>&1 &
 POOL_PID=$!
