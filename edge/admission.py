@@ -50,7 +50,16 @@ from edge.relay import RelayControl, relay
 from edge.sip_listener import RelayFunction, SipPeer, sip_relay_for
 from edge.tls import TLSError, TLSStream, TLSTruncatedError
 
-__all__ = ["Admission", "Conn", "LiveConnection", "partner_label", "where"]
+__all__ = [
+    "Admission",
+    "Conn",
+    "LiveConnection",
+    "partner_label",
+    "peer_of",
+    "source_ip",
+    "source_limits",
+    "where",
+]
 
 # Log fields an unauthenticated peer can fill are clipped: a stranger's 80 kB
 # subject must not become a 240 kB log line per handshake.
@@ -147,13 +156,13 @@ class Admission:
         self._handshakes_in_progress = 0
         limits = current().snapshot.config.limits
         self._sources_for = limits
-        self._sources = _source_limits(limits)
+        self._sources = source_limits(limits)
         # Relayed connections, for re-authorization after a reload (edge.reload).
         self.live: dict[int, LiveConnection] = {}
 
     async def handle(self, listener: Listener, tcp: trio.SocketStream) -> None:
         """Serve one accepted connection to its end (never raises but Cancelled)."""
-        conn = Conn(listener=listener.name, peer=_peer_of(tcp), started=trio.current_time())
+        conn = Conn(listener=listener.name, peer=peer_of(tcp), started=trio.current_time())
         self.active_total += 1
         if self.idle.is_set():
             self.idle = trio.Event()
@@ -199,7 +208,7 @@ class Admission:
         if limits != self._sources_for:
             # A new table for new connections; live ones release into the
             # table that admitted them, which goes when they have ended.
-            self._sources_for, self._sources = limits, _source_limits(limits)
+            self._sources_for, self._sources = limits, source_limits(limits)
         return self._sources
 
     async def _serve(self, listener: Listener, tcp: trio.SocketStream, conn: Conn) -> None:
@@ -214,7 +223,7 @@ class Admission:
             self._reject(listener, conn, Reason.OVER_LIMIT, refusal)
             await trio.aclose_forcefully(tcp)
             return
-        source = _source_ip(tcp)
+        source = source_ip(tcp)
         sources = self._sources_table(limits)  # release into the table that admitted it
         refusal = sources.admit(source, trio.current_time())
         if refusal is not None:
@@ -465,7 +474,7 @@ def where(exc: BaseException) -> str:
     return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
 
 
-def _peer_of(stream: trio.SocketStream) -> str:
+def peer_of(stream: trio.SocketStream) -> str:
     try:
         addr = stream.socket.getpeername()
     except OSError:
@@ -474,14 +483,14 @@ def _peer_of(stream: trio.SocketStream) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _source_ip(stream: trio.SocketStream) -> str:
+def source_ip(stream: trio.SocketStream) -> str:
     try:
         return str(stream.socket.getpeername()[0])
     except OSError:
         return "unknown"
 
 
-def _source_limits(limits: Limits) -> SourceLimits:
+def source_limits(limits: Limits) -> SourceLimits:
     return SourceLimits(
         max_per_source=limits.max_connections_per_source,
         rate_per_s=limits.new_connections_per_source_per_s,

@@ -31,7 +31,7 @@ from typing import Any
 import trio
 from OpenSSL import SSL
 
-from edge.admission import partner_label, where
+from edge.admission import partner_label, peer_of, source_ip, source_limits, where
 from edge.core.config import Identity, Limits, Listener
 from edge.core.limits import SourceLimits
 from edge.core.reasons import Reason
@@ -378,7 +378,7 @@ class OutboundListeners:
         self._handshakes_in_progress = 0
         limits = current().snapshot.config.limits
         self._sources_for = limits
-        self._sources = _source_limits(limits)
+        self._sources = source_limits(limits)
 
     def outbound(self, listener: Listener) -> Outbound | None:
         """The listener's `Outbound`, built from the current snapshot on first use
@@ -418,7 +418,7 @@ class OutboundListeners:
 
     def _sources_table(self, limits: Limits) -> SourceLimits:
         if limits != self._sources_for:
-            self._sources_for, self._sources = limits, _source_limits(limits)
+            self._sources_for, self._sources = limits, source_limits(limits)
         return self._sources
 
     async def handle(self, listener: Listener, tcp: trio.SocketStream) -> None:
@@ -428,9 +428,9 @@ class OutboundListeners:
         if self.idle.is_set():
             self.idle = trio.Event()
         session: OutboundSession | None = None
-        peer = _peer_of(tcp)
+        peer = peer_of(tcp)
         try:
-            source = _source_ip(tcp)
+            source = source_ip(tcp)
             sources = self._admit(listener, source)
             if isinstance(sources, str):
                 self._reject(listener, peer, Reason.OVER_LIMIT, sources)
@@ -526,27 +526,3 @@ def _version(stream: TLSStream | None) -> str | None:
         return stream.version if stream is not None else None
     except Exception:  # not handshaken (never for a relayed connection)
         return None
-
-
-def _peer_of(stream: trio.SocketStream) -> str:
-    try:
-        addr = stream.socket.getpeername()
-    except OSError:
-        return "unknown"
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _source_ip(stream: trio.SocketStream) -> str:
-    try:
-        return str(stream.socket.getpeername()[0])
-    except OSError:
-        return "unknown"
-
-
-def _source_limits(limits: Limits) -> SourceLimits:
-    return SourceLimits(
-        max_per_source=limits.max_connections_per_source,
-        rate_per_s=limits.new_connections_per_source_per_s,
-        burst=limits.new_connections_per_source_burst,
-    )
