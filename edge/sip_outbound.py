@@ -17,7 +17,7 @@ Must never: decide routing, trust or SIP answers itself (the core does),
 rewrite or reorder a relayed byte (each connection has exactly one writer
 task fed in the order the router decided), send a pool byte to a partner
 before its certificate was accepted, buffer without bound (each writer holds
-at most `_OUTLET_BYTES` before its producer waits), log anything itself (the
+at most `edge.sip_partner._OUTLET_BYTES` before its producer waits), log anything itself (the
 caller's callbacks do, with the core's sanitized strings), or leave a partner
 connection open once the pool connection ended.
 
