@@ -17,7 +17,7 @@ Must never: decide routing, trust or SIP answers itself (the core does),
 rewrite or reorder a relayed byte (each connection has exactly one writer
 task fed in the order the router decided), send a pool byte to a partner
 before its certificate was accepted, buffer without bound (each writer holds
-at most `_OUTLET_BYTES` before its producer waits), log anything itself (the
+at most `edge.sip_partner._OUTLET_BYTES` before its producer waits), log anything itself (the
 caller's callbacks do, with the core's sanitized strings), or leave a partner
 connection open once the pool connection ended.
 
@@ -40,7 +40,7 @@ from typing import Any
 import trio
 
 from edge.core.config import SipSettings
-from edge.core.policies import PartnerPolicy, PolicySnapshot
+from edge.core.policies import PolicySnapshot
 from edge.core.reasons import Reason
 from edge.core.sip_route import (
     Action,
@@ -52,13 +52,8 @@ from edge.core.sip_route import (
     SendToPool,
     SipRouter,
 )
-from edge.outbound import (
-    Outbound,
-    OutboundRejected,
-    _LiveOutbound,
-    admit_member,
-    dial_partner,
-)
+from edge.outbound import Outbound, OutboundRejected, _LiveOutbound, admit_member
+from edge.sip_partner import Outlet, PartnerConn, SipPartnerClosed, clip, dial_conn
 from edge.tls import TLSStream, TLSTruncatedError
 
 __all__ = [
@@ -71,61 +66,9 @@ __all__ = [
 # Dials in flight at once for one pool connection (each is bounded in time too).
 MAX_CONCURRENT_DIALS = 4
 RECEIVE_SIZE = 64 * 1024
-# Bytes one writer may hold before whoever feeds it waits (backpressure).
-_OUTLET_BYTES = 1024 * 1024
-# Most bytes joined into one write (several messages, one TLS record or a few).
-_WRITE_CHUNK = 64 * 1024
 # The most spent flushing the pool's last answers, and closing a stream.
 _CLOSE_TIMEOUT_S = 2.0
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-_MAX_DETAIL = 600
-
-
-def _clip(text: str) -> str:
-    text = "".join(c if c.isprintable() else "?" for c in text)
-    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
-
-
-@dataclass
-class SipPartnerClosed:
-    """One partner connection of a fan-out ended (a `connection_closed` event).
-
-    `end`: `partner_closed` (clean EOF), `partner_error`, `partner_truncated`,
-    `pool_closed` (the pool connection ended first), `idle_timeout`,
-    `trust_withdrawn` (with `reason`), a SIP reason code the partner's input
-    earned (`sip_malformed`, `sip_too_large`), or `cancelled`.
-    """
-
-    listener: str
-    peer: str  # the pool member's address
-    member: str
-    partner: str
-    partner_edge: str
-    end: str
-    duration_s: float
-    bytes_from_partner: int
-    bytes_to_partner: int
-    reason: str | None = None
-    detail: str = ""
-
-    def log_fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "listener": self.listener,
-            "direction": "outbound",
-            "peer": self.peer,
-            "member": self.member,
-            "partner": self.partner,
-            "partner_edge": self.partner_edge,
-            "bytes_from_partner": self.bytes_from_partner,
-            "bytes_to_partner": self.bytes_to_partner,
-            "duration_s": round(self.duration_s, 3),
-            "end": self.end,
-        }
-        if self.reason is not None:
-            fields["reason"] = self.reason
-        if self.detail:
-            fields["detail"] = _clip(self.detail)
-        return fields
 
 
 @dataclass
@@ -163,95 +106,12 @@ class SipOutboundClosed:
             "end": self.end,
         }
         if self.detail:
-            fields["detail"] = _clip(self.detail)
+            fields["detail"] = clip(self.detail)
         return fields
-
-
-class _Outlet:
-    """The one writer of one connection: bytes in the order they were put."""
-
-    def __init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel[bytes](math.inf)
-        self.pending = 0
-        self.sent = 0
-        self.dead = False
-        self._lot = trio.lowlevel.ParkingLot()
-
-    def put(self, data: bytes) -> None:
-        if self.dead or not data:
-            return
-        try:
-            self._send.send_nowait(data)
-        except trio.ClosedResourceError:
-            return
-        self.pending += len(data)
-
-    def close(self) -> None:
-        """No more puts; the writer ends once it wrote what it holds."""
-        self._send.close()
-
-    async def room(self) -> None:
-        while self.pending > _OUTLET_BYTES and not self.dead:
-            await self._lot.park()
-
-    async def pump(self, stream: trio.abc.SendStream, progress: Callable[[], None]) -> None:
-        """Write until closed and drained; raises the stream's error (then dead)."""
-        try:
-            async for first in self._receive:
-                parts = [first]
-                size = len(first)
-                while size < _WRITE_CHUNK:
-                    try:
-                        more = self._receive.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    parts.append(more)
-                    size += len(more)
-                await stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
-                self.pending -= size
-                self.sent += size
-                self._lot.unpark_all()
-                progress()
-        finally:
-            self.dead = True
-            self._lot.unpark_all()
-
-
-@dataclass(eq=False)
-class _PartnerConn:
-    partner: str
-    host: str  # the Request-URI host that opened it
-    live: _LiveOutbound
-    outlet: _Outlet = field(default_factory=_Outlet)
-    stream: TLSStream | None = None
-    edge: str = ""
-    opened_at: float = 0.0
-    received: int = 0
-    end: str = ""
-    detail: str = ""
-    reason: str | None = None
-    idle: trio.CancelScope | None = None
-
-    @property
-    def scope(self) -> trio.CancelScope:
-        return self.live.scope
-
-    def stop(self, end: str, detail: str = "", reason: str | None = None) -> None:
-        if not self.end:
-            self.end, self.detail, self.reason = end, detail, reason
-        self.scope.cancel()
 
 
 def _enabled(snapshot: PolicySnapshot) -> dict[str, tuple[str, ...]]:
     return {pid: p.domains for pid, p in snapshot.partners.items() if p.enabled}
-
-
-def _domain_for(policy: PartnerPolicy, host: str) -> str:
-    """The partner domain whose SRV name finds its edge for `host` (longest match)."""
-    inside = [d for d in policy.domains if host == d or host.endswith("." + d)]
-    if inside:
-        return max(inside, key=len)
-    return policy.domains[0] if policy.domains else host
 
 
 class _FanOut:
@@ -287,8 +147,8 @@ class _FanOut:
             max_message_bytes=sip.max_message_bytes,
             max_headers=sip.max_headers,
         )
-        self.pool_out = _Outlet()
-        self.conns: dict[str, _PartnerConn] = {}  # the router's current connections
+        self.pool_out = Outlet()
+        self.conns: dict[str, PartnerConn] = {}  # the router's current connections
         self.dials = trio.CapacityLimiter(MAX_CONCURRENT_DIALS)
         self.nursery: trio.Nursery | None = None
         self.reader_scope = trio.CancelScope()
@@ -324,13 +184,7 @@ class _FanOut:
                 conn = self.conns.pop(action.partner, None)
                 if conn is None:
                     continue
-                if action.reason == "pool_closed" or self.router.closed:
-                    why = "" if action.reason == "pool_closed" else action.reason
-                    conn.stop("pool_closed", why)
-                elif conn.live.withdrawn is not None:
-                    conn.stop("trust_withdrawn", conn.live.withdrawn[1], action.reason)
-                else:  # the partner's own input could not be framed (sip_malformed...)
-                    conn.stop(action.reason, "unframeable input from the partner")
+                conn.close_for(action.reason, pool_closing=self.router.closed)
             elif isinstance(action, ClosePool):
                 self.ending = True
                 self.stop(action.reason, f"from the pool: {action.detail}")
@@ -348,73 +202,25 @@ class _FanOut:
     def open(self, partner: str, host: str) -> None:
         assert self.nursery is not None
         live = _LiveOutbound(partner, "", trio.CancelScope())
-        conn = self.conns[partner] = _PartnerConn(partner, host, live)
+        conn = self.conns[partner] = PartnerConn(partner, host, live)
         # Registered now, so a reload before the task starts still withdraws it.
         self.outbound._register(live)
         self.nursery.start_soon(self.partner_task, conn)
 
-    def current(self, conn: _PartnerConn) -> bool:
+    def current(self, conn: PartnerConn) -> bool:
         return not self.ending and self.conns.get(conn.partner) is conn
 
     # --- one partner connection ------------------------------------------------------------
 
-    def failed(self, conn: _PartnerConn, reason: str, detail: str) -> None:
+    def failed(self, conn: PartnerConn, reason: str, detail: str) -> None:
         if self.current(conn):
             del self.conns[conn.partner]
             self.sync()
-            self.perform(self.router.partner_failed(conn.partner, reason, _clip(detail)))
+            self.perform(self.router.partner_failed(conn.partner, reason, clip(detail)))
 
-    async def dial(self, conn: _PartnerConn) -> bool:
+    async def dial(self, conn: PartnerConn) -> bool:
         """Dial and verify; on failure tell the router (503 to the waiters)."""
-        pid = conn.partner
-        policy = self.outbound.snapshot.partners.get(pid)
-        limit = self.outbound.config.limits.max_outbound_connections_per_partner
-        rejection: OutboundRejected | None = None
-        if policy is None or not policy.enabled:
-            rejection = OutboundRejected(
-                Reason.PARTNER_DISABLED if policy is not None else Reason.UNKNOWN_DESTINATION,
-                f"partner {pid} is not enabled",
-                partner=pid,
-            )
-        elif self.outbound.live_count(pid) > limit:  # this connection is counted already
-            rejection = OutboundRejected(
-                Reason.OVER_LIMIT,
-                f"partner {pid} has {limit} outbound connections "
-                "(max_outbound_connections_per_partner)",
-                partner=pid,
-            )
-        else:
-            trust = self.outbound.trust
-            try:
-                async with self.dials:
-                    assert self.outbound.discovery is not None
-                    stream, edge = await dial_partner(
-                        policy,
-                        _domain_for(policy, conn.host),
-                        identity=self.outbound.config.identity,
-                        trust=trust,
-                        discovery=self.outbound.discovery,
-                        handshake_timeout_s=self.outbound.config.limits.handshake_timeout_s,
-                        context=self.outbound.context_for(policy),
-                        rng=self.outbound.rng,
-                        log=self.outbound.log,
-                    )
-            except OutboundRejected as exc:
-                rejection = exc
-            else:
-                conn.stream, conn.edge = stream, edge.label
-                conn.live.host = edge.host
-                conn.live.chain = tuple(stream.peer_chain)
-                if self.outbound.trust is not trust:
-                    # A reload landed while we dialled: judge the edge by the new policy.
-                    verdict = self.outbound.trust.verify(pid, conn.live.chain, edge.host)
-                    if not verdict.accepted:
-                        rejection = OutboundRejected(
-                            Reason.PARTNER_UNTRUSTED,
-                            f"{verdict.reason}: {verdict.detail} (policy reloaded while dialling)",
-                            partner=pid,
-                            partner_edge=edge.label,
-                        )
+        rejection = await dial_conn(conn, self.outbound, self.dials)
         if rejection is None:
             return True
         rejection.member = self.member
@@ -423,7 +229,7 @@ class _FanOut:
         self.failed(conn, str(rejection.reason), rejection.detail)
         return False
 
-    async def partner_task(self, conn: _PartnerConn) -> None:
+    async def partner_task(self, conn: PartnerConn) -> None:
         opened = False
         try:
             with conn.scope:
@@ -465,45 +271,21 @@ class _FanOut:
                 self.partner_bytes[0] += conn.received
                 self.partner_bytes[1] += conn.outlet.sent
                 if self.on_partner_closed is not None:
-                    self.on_partner_closed(
-                        SipPartnerClosed(
-                            listener=self.listener,
-                            peer=self.peer,
-                            member=self.member,
-                            partner=conn.partner,
-                            partner_edge=conn.edge,
-                            end=conn.end or "cancelled",
-                            duration_s=trio.current_time() - conn.opened_at,
-                            bytes_from_partner=conn.received,
-                            bytes_to_partner=conn.outlet.sent,
-                            reason=conn.reason,
-                            detail=conn.detail,
-                        )
-                    )
+                    self.on_partner_closed(conn.closed_event(self.listener, self.peer, self.member))
 
-    async def partner_io(self, conn: _PartnerConn, stream: TLSStream) -> None:
+    async def partner_io(self, conn: PartnerConn, stream: TLSStream) -> None:
         with trio.CancelScope() as idle:
             conn.idle = idle
             self.touch(idle)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.partner_writer, conn, stream, idle)
+                nursery.start_soon(conn.write, stream, lambda: self.touch(idle), _STREAM_ERRORS)
                 await self.partner_reader(conn, stream)
                 nursery.cancel_scope.cancel()
         if idle.cancelled_caught and not conn.end:
             conn.end = "idle_timeout"
             conn.detail = f"no byte either way for idle_timeout_s={self.idle_timeout_s:g}"
 
-    async def partner_writer(
-        self, conn: _PartnerConn, stream: TLSStream, idle: trio.CancelScope
-    ) -> None:
-        try:
-            await conn.outlet.pump(stream, lambda: self.touch(idle))
-        except TLSTruncatedError as exc:
-            conn.stop("partner_truncated", str(exc))
-        except _STREAM_ERRORS as exc:
-            conn.stop("partner_error", str(exc))
-
-    async def partner_reader(self, conn: _PartnerConn, stream: TLSStream) -> None:
+    async def partner_reader(self, conn: PartnerConn, stream: TLSStream) -> None:
         while True:
             try:
                 data = await stream.receive_some(RECEIVE_SIZE)

@@ -4,7 +4,8 @@ Owns `PartnerLoader`: reading `policy.toml` against its keys, the root
 certificates and CRLs of one partner (through `edge.core.pem`), each problem
 naming its file (with a line number where the file has lines), and what is
 left when only root files fail (the fail-closed rule, `edge.core.policies`).
-Also `parse_edge`, the `edge = "host:port"` value.
+The checks of the `policy.toml` values live in `edge.core.partner_settings`
+(`parse_edge` is re-exported from there).
 
 Must never: stop at the first problem (collect them all), keep or echo key
 material, read a file except through `edge.core.folder_files.read_regular`,
@@ -14,16 +15,13 @@ or decide trust (`edge.core.trust`).
 from __future__ import annotations
 
 import datetime as _dt
-import ipaddress
 import stat
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography import x509
 
-from edge.core.config import parse_address
 from edge.core.domains import normalize_domain
 from edge.core.folder_files import (
     SNIFF_BYTES,
@@ -38,6 +36,14 @@ from edge.core.folder_files import (
     world_writable,
 )
 from edge.core.names import subject
+from edge.core.partner_settings import (
+    POLICY_KEYS,
+    SINGLE_FILE_KEYS,
+    PolicySettings,
+    is_domain,
+    parse_edge,
+    read_settings,
+)
 from edge.core.pem import NO_CRL_BLOCK, has_private_key, is_pem, load_certificates, load_crls
 from edge.core.policy_model import (
     CRL_SUFFIXES,
@@ -53,9 +59,6 @@ from edge.core.revocation import crl_problems
 
 __all__ = ["PartnerLoader", "parse_edge"]
 
-_POLICY_KEYS = ("domains", "enabled", "pool", "max_connections", "revocation", "edge")
-# A single-file partner (`ID.toml` at the top of the policies folder) adds these.
-_SINGLE_FILE_KEYS = ("roots", "crls")
 # Names that hold private keys (PEM, PKCS#8, PKCS#12, Java keystores): never opened.
 _KEY_SUFFIXES = frozenset({".key", ".p8", ".pk8", ".p12", ".pfx", ".jks", ".keystore"})
 
@@ -98,6 +101,10 @@ class PartnerLoader:
             and path.suffix.lower() not in CRL_SUFFIXES
         )
 
+    def _reporter(self, path: Path) -> Callable[[str], None]:
+        """A fatal problem of `path`, as `read_settings` reports it."""
+        return lambda message: self.problem(path, message)
+
     def notice(self, path: Path, message: str) -> None:
         self.notices.append(PolicyProblem(self.pid, path, message, fatal=False))
 
@@ -105,13 +112,13 @@ class PartnerLoader:
         """A single-file partner: `ID.toml` with `roots` (and `crls`) as PEM text."""
         self._check_reserved()
         path = self.folder
-        settings = _Settings()
-        if _is_domain(self.pid):
+        settings = PolicySettings()
+        if is_domain(self.pid):
             settings.domains = (normalize_domain(self.pid),)
         raw = self._parse_toml(path)
         if raw is None:
             return None
-        for key in _SINGLE_FILE_KEYS:
+        for key in SINGLE_FILE_KEYS:
             value = raw.get(key)
             if value is None:
                 continue
@@ -124,8 +131,10 @@ class PartnerLoader:
                 self._load_roots(path, value.encode("ascii", "replace"))
             else:
                 self._load_crls(path, value.encode("ascii", "replace"))
-        policy = {k: v for k, v in raw.items() if k not in _SINGLE_FILE_KEYS}
-        settings = self._settings(policy, path, settings, _POLICY_KEYS + _SINGLE_FILE_KEYS)
+        policy = {k: v for k, v in raw.items() if k not in SINGLE_FILE_KEYS}
+        settings = read_settings(
+            policy, settings, POLICY_KEYS + SINGLE_FILE_KEYS, self.pid, self._reporter(path)
+        )
         if not self.roots:
             self.problem(path, "roots: missing (the partner's CA certificates, PEM text)")
         return self._finish(settings)
@@ -214,7 +223,7 @@ class PartnerLoader:
             return False
         return has_private_key(data)
 
-    def _finish(self, settings: _Settings) -> PartnerPolicy | None:
+    def _finish(self, settings: PolicySettings) -> PartnerPolicy | None:
         self._check_crls(settings.revocation)
         if self.roots:
             self.partial = self._policy(settings)
@@ -222,7 +231,7 @@ class PartnerLoader:
             return None
         return self.partial
 
-    def _policy(self, settings: _Settings) -> PartnerPolicy:
+    def _policy(self, settings: PolicySettings) -> PartnerPolicy:
         return PartnerPolicy(
             id=self.pid,
             folder=self.folder,
@@ -281,36 +290,11 @@ class PartnerLoader:
                 if len(certs) > 1
                 else (f"certificate {subject(cert, full=True)}")
             )
-            try:
-                bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-                is_ca = bc.ca
-            except x509.ExtensionNotFound:
-                is_ca = False
-            except ValueError as exc:
-                self.problem(path, f"{where} has malformed extensions: {exc}")
+            usable, findings = _check_root(cert, where, self.now)
+            for message, fatal in findings:
+                self.problem(path, message, fatal=fatal)
+            if not usable:
                 continue
-            if not is_ca:
-                self.problem(
-                    path,
-                    f"{where} is not a CA certificate (basicConstraints CA:TRUE is "
-                    "required); put the partner's root or issuing CA here, not a leaf",
-                )
-                continue
-            if cert.not_valid_after_utc < self.now:
-                self.problem(
-                    path,
-                    f"{where} expired on {cert.not_valid_after_utc:%Y-%m-%d}; chains through "
-                    "it are rejected as expired",
-                    fatal=False,
-                )
-            if cert.not_valid_before_utc > self.now:
-                # Like an expired root: a warning (edge check exits 1), the partner loads.
-                self.problem(
-                    path,
-                    f"{where} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M}Z; "
-                    "chains through it are rejected as not_yet_valid until then",
-                    fatal=False,
-                )
             if cert in self.roots:
                 continue  # the same root in two files is harmless
             self.roots.append(cert)
@@ -346,10 +330,10 @@ class PartnerLoader:
                 fatal=False,
             )
 
-    def _load_policy_toml(self, path: Path | None) -> _Settings:
+    def _load_policy_toml(self, path: Path | None) -> PolicySettings:
         """The validated settings from `policy.toml` (defaults where absent or wrong)."""
-        settings = _Settings()
-        if _is_domain(self.pid):
+        settings = PolicySettings()
+        if is_domain(self.pid):
             settings.domains = (normalize_domain(self.pid),)
         if path is None:
             if not settings.domains:
@@ -362,7 +346,7 @@ class PartnerLoader:
         raw = self._parse_toml(path)
         if raw is None:
             return settings
-        return self._settings(raw, path, settings, _POLICY_KEYS)
+        return read_settings(raw, settings, POLICY_KEYS, self.pid, self._reporter(path))
 
     def _parse_toml(self, path: Path) -> dict[str, object] | None:
         data = self._read(path)
@@ -374,105 +358,43 @@ class PartnerLoader:
             self.problem(path, f"not valid TOML: {exc}")
         return None
 
-    def _settings(
-        self,
-        raw: Mapping[str, object],
-        path: Path,
-        settings: _Settings,
-        known: tuple[str, ...],
-    ) -> _Settings:
-        """Validated policy settings from a parsed policy (folder or single file)."""
-        for key in raw:
-            if key not in known:
-                self.problem(path, f"{key}: unknown key (known keys: {', '.join(known)})")
-        if "domains" in raw:
-            value = raw["domains"]
-            if not isinstance(value, list) or not all(isinstance(d, str) for d in value):
-                self.problem(path, "domains: must be a list of strings")
-            elif not value:
-                self.problem(path, "domains: must not be empty")
-            else:
-                domains: list[str] = []
-                for d in value:
-                    try:
-                        norm = normalize_domain(d)
-                    except ValueError as exc:
-                        self.problem(path, f"domains: {exc}")
-                        continue
-                    if norm not in domains:
-                        domains.append(norm)
-                settings.domains = tuple(domains)
-        elif not settings.domains:
-            self.problem(
-                path, f"domains: missing, and the folder name {self.pid!r} is not a domain name"
-            )
-        if "enabled" in raw:
-            if isinstance(raw["enabled"], bool):
-                settings.enabled = raw["enabled"]
-            else:
-                self.problem(path, "enabled: must be true or false")
-        if "pool" in raw:
-            pool = raw["pool"]
-            if isinstance(pool, str) and pool:
-                settings.pool = pool
-            else:
-                self.problem(path, "pool: must be a non-empty string naming a [[pools]] entry")
-        if "max_connections" in raw:
-            limit = raw["max_connections"]
-            # bool is an int in Python; `max_connections = true` is a mistake, not 1.
-            if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
-                settings.max_connections = limit
-            else:
-                self.problem(path, "max_connections: must be an integer >= 1")
-        if "revocation" in raw:
-            value = raw["revocation"]
-            if isinstance(value, str) and value in _REVOCATION_VALUES:
-                settings.revocation = Revocation(value)
-            else:
-                choices = ", ".join(f'"{r}"' for r in _REVOCATION_VALUES)
-                self.problem(path, f"revocation: must be one of {choices}")
-        if "edge" in raw:
-            try:
-                settings.edge = parse_edge(raw["edge"])
-            except ValueError as exc:
-                self.problem(path, f"edge: {exc}")
-        return settings
 
-
-_REVOCATION_VALUES = tuple(r.value for r in Revocation)
-
-
-@dataclass
-class _Settings:
-    """policy.toml values while loading; defaults as docs/partners.md gives them."""
-
-    domains: tuple[str, ...] = ()
-    enabled: bool = True
-    pool: str | None = None
-    max_connections: int | None = None
-    revocation: Revocation = Revocation.CRL_IF_PRESENT
-    edge: tuple[str, int] | None = None
-
-
-def parse_edge(value: object) -> tuple[str, int]:
-    """`edge = "sip.fabrikam.com:5061"` (or "[v6]:port") -> (host, port), the host a
-    lowercase DNS name or an IP address. Raises ValueError saying why."""
-    if not isinstance(value, str) or not value:
-        raise ValueError('must be "host:port", e.g. "sip.fabrikam.com:5061"')
-    host, port = parse_address(value, allow_any_port=False)
+def _check_root(
+    cert: x509.Certificate, where: str, now: _dt.datetime
+) -> tuple[bool, list[tuple[str, bool]]]:
+    """Whether a root file's certificate may be trusted, and its problems
+    (message, fatal) in the order they are reported."""
+    findings: list[tuple[str, bool]] = []
     try:
-        return str(ipaddress.ip_address(host)), port
-    except ValueError:
-        pass
-    try:
-        return normalize_domain(host), port
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        is_ca = bc.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
     except ValueError as exc:
-        raise ValueError(f"{value!r}: {exc} (a host name or IP address, then :port)") from None
-
-
-def _is_domain(name: str) -> bool:
-    try:
-        normalize_domain(name)
-    except ValueError:
-        return False
-    return True
+        return False, [(f"{where} has malformed extensions: {exc}", True)]
+    if not is_ca:
+        return False, [
+            (
+                f"{where} is not a CA certificate (basicConstraints CA:TRUE is "
+                "required); put the partner's root or issuing CA here, not a leaf",
+                True,
+            )
+        ]
+    if cert.not_valid_after_utc < now:
+        findings.append(
+            (
+                f"{where} expired on {cert.not_valid_after_utc:%Y-%m-%d}; chains through "
+                "it are rejected as expired",
+                False,
+            )
+        )
+    if cert.not_valid_before_utc > now:
+        # Like an expired root: a warning (edge check exits 1), the partner loads.
+        findings.append(
+            (
+                f"{where} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M}Z; "
+                "chains through it are rejected as not_yet_valid until then",
+                False,
+            )
+        )
+    return True, findings

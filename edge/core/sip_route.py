@@ -53,22 +53,29 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
 
 from edge.core.reasons import Reason
 from edge.core.sip import (
     DEFAULT_MAX_HEADERS,
     DEFAULT_MAX_MESSAGE_BYTES,
     FramingError,
-    Head,
     KeepAlive,
     Message,
     NeedData,
     SipFramer,
-    build_response,
     check_request,
-    safe_text,
     uri_domain,
+)
+from edge.core.sip_actions import (
+    Action,
+    Actions,
+    ClosePartner,
+    ClosePool,
+    OpenPartner,
+    Report,
+    SendToPartner,
+    SendToPool,
+    describe,
 )
 
 __all__ = [
@@ -85,60 +92,6 @@ __all__ = [
 UNKNOWN = "unknown"  # the partner label when a message belongs to no partner
 
 
-@dataclass(frozen=True, slots=True)
-class OpenPartner:
-    """Open (discover, dial, verify) a connection to `partner`; `host` chose it."""
-
-    partner: str
-    host: str
-
-
-@dataclass(frozen=True, slots=True)
-class SendToPartner:
-    partner: str
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SendToPool:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ClosePartner:
-    partner: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class ClosePool:
-    reason: str
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class Report:
-    """One message's fate. Strings are sanitized (`safe_text`); `partner` is a
-    configured id or "unknown". `result` is "relayed" or a reason code;
-    `answered` the status the edge sent back itself, if any."""
-
-    direction: Literal["inbound", "outbound"]  # inbound: partner -> pool
-    partner: str
-    result: str
-    method: str = ""
-    call_id: str = ""
-    offending_domain: str = ""
-    answered: int | None = None
-    detail: str = ""
-
-    @property
-    def rejected(self) -> bool:
-        return self.result != "relayed"
-
-
-Action = OpenPartner | SendToPartner | SendToPool | ClosePartner | ClosePool | Report
-
-
 @dataclass
 class _Partner:
     framer: SipFramer
@@ -148,48 +101,49 @@ class _Partner:
     crlfs: int = 0  # CRLFs seen in the current keep-alive run
 
 
-@dataclass
-class _Send:
-    key: str | None  # None: the pool; else a partner id
-    parts: list[bytes]
+class _CallIds:
+    """Call-ID -> the partner it belongs to: first come, bounded LRU.
 
+    A partner cannot take over another's dialog by reusing its Call-ID: only
+    the owner's messages refresh an entry.
+    """
 
-class _Out:
-    """Actions in order, merging adjacent sends to the same connection."""
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._owners: OrderedDict[str, str] = OrderedDict()
 
-    def __init__(self) -> None:
-        self.items: list[Action | _Send] = []
+    def owner(self, call_id: str | None) -> str | None:
+        return self._owners.get(call_id) if call_id is not None else None
 
-    def send(self, key: str | None, data: bytes) -> None:
-        last = self.items[-1] if self.items else None
-        if isinstance(last, _Send) and last.key == key:
-            last.parts.append(data)
-        else:
-            self.items.append(_Send(key, [data]))
-
-    def add(self, action: Action) -> None:
-        if isinstance(action, Report) and self.items and isinstance(self.items[-1], _Send):
-            # Reports carry no bytes: keep the send open for merging by
-            # putting the report before it (the shell reports before sending).
-            self.items.insert(len(self.items) - 1, action)
+    def remember(self, message: Message, partner: str) -> None:
+        call_id = message.headers.get("call-id")
+        if call_id is None:
             return
-        self.items.append(action)
-
-    def done(self) -> list[Action]:
-        out: list[Action] = []
-        for item in self.items:
-            if isinstance(item, _Send):
-                data = item.parts[0] if len(item.parts) == 1 else b"".join(item.parts)
-                out.append(SendToPool(data) if item.key is None else SendToPartner(item.key, data))
-            else:
-                out.append(item)
-        return out
+        owner = self._owners.get(call_id)
+        if owner is None:
+            self._owners[call_id] = partner
+            while len(self._owners) > self.limit:
+                self._owners.popitem(last=False)
+        elif owner == partner:
+            self._owners.move_to_end(call_id)
 
 
-def _describe(head: Head | None) -> tuple[str, str]:
-    if head is None:
-        return "", ""
-    return safe_text(head.method or "", 32), safe_text(head.headers.get("call-id") or "")
+def _owner(host: str | None, table: Mapping[str, Collection[str]]) -> str | None:
+    """The partner whose domains hold `host` (longest domain wins; a tie: none)."""
+    if host is None or host.startswith("["):
+        return None
+    best: tuple[int, str] | None = None
+    tie = False
+    for pid, domains in table.items():
+        for domain in domains:
+            if host == domain or host.endswith("." + domain):
+                if best is None or len(domain) > best[0]:
+                    best, tie = (len(domain), pid), False
+                elif len(domain) == best[0] and pid != best[1]:
+                    tie = True
+    if best is None or tie:
+        return None
+    return best[1]
 
 
 class SipRouter:
@@ -218,7 +172,7 @@ class SipRouter:
         self._departed: dict[str, tuple[str, ...]] = {}  # dropped by a reload, still connected
         self._withdrawn: dict[str, tuple[tuple[str, ...], str]] = {}  # id -> (domains, reason)
         self._conns: dict[str, _Partner] = {}
-        self._call_ids: OrderedDict[str, str] = OrderedDict()  # Call-ID -> partner
+        self._call_ids = _CallIds(max_call_ids)
         self._pool = SipFramer(max_message_bytes=max_message_bytes, max_headers=max_headers)
         self._pool_crlfs = 0
         self.closed = False
@@ -252,7 +206,7 @@ class SipRouter:
     # --- events from the shell ---------------------------------------------------------
 
     def pool_data(self, data: bytes | bytearray | memoryview) -> list[Action]:
-        out = _Out()
+        out = Actions()
         if self.closed:
             return []
         self._pool.feed(data)
@@ -261,11 +215,11 @@ class SipRouter:
             if isinstance(event, NeedData):
                 break
             if isinstance(event, KeepAlive):
-                self._pool_crlfs = self._keepalive(out, None, event, self._pool_crlfs)
+                self._pool_crlfs = out.keepalive(None, event, self._pool_crlfs)
                 continue
             self._pool_crlfs = 0
             if isinstance(event, FramingError):
-                self._framing_error(out, None, UNKNOWN, event)
+                out.framing_error(None, UNKNOWN, event)
                 for pid in list(self._conns):
                     self._drop_partner(out, pid, event.reason.value, answer=False)
                 out.add(ClosePool(event.reason.value, event.detail))
@@ -280,7 +234,7 @@ class SipRouter:
 
     def pool_closed(self) -> list[Action]:
         """The pool connection ended: every partner connection it owns closes."""
-        out = _Out()
+        out = Actions()
         for pid in list(self._conns):
             self._drop_partner(out, pid, "pool_closed", answer=False)
         self.closed = True
@@ -290,31 +244,31 @@ class SipRouter:
         conn = self._conns.get(partner)
         if conn is None or not conn.open or self.closed:
             return []  # a late read after we closed it: nothing to route
-        out = _Out()
+        out = Actions()
         conn.framer.feed(data)
         for _ in range(conn.framer.buffered + 1):
             event = conn.framer.next_event()
             if isinstance(event, NeedData):
                 break
             if isinstance(event, KeepAlive):
-                conn.crlfs = self._keepalive(out, partner, event, conn.crlfs)
+                conn.crlfs = out.keepalive(partner, event, conn.crlfs)
                 continue
             conn.crlfs = 0
             if isinstance(event, FramingError):
-                self._framing_error(out, partner, partner, event)
+                out.framing_error(partner, partner, event)
                 self._drop_partner(out, partner, event.reason.value, answer=False)
                 break
             assert isinstance(event, Message)
-            method, call_id = _describe(event.head)
+            method, call_id = describe(event.head)
             if event.is_request:
                 domains = self._partners.get(partner)
                 if self.guard_partners:
                     # A partner no longer listed proves no domain: fail closed.
                     verdict = check_request(event, domains or ())
                     if verdict is not None:
-                        self._reject(out, "inbound", partner, event, verdict, reply_to=partner)
+                        out.reject("inbound", partner, event, verdict, reply_to=partner)
                         continue
-                self._remember(event, partner)
+                self._call_ids.remember(event, partner)
             out.send(None, event.raw)
             out.add(Report("inbound", partner, "relayed", method, call_id))
         return out.done()
@@ -324,10 +278,10 @@ class SipRouter:
         if conn is None or conn.open:
             return []
         conn.open = True
-        out = _Out()
+        out = Actions()
         for message in conn.queue:
             out.send(partner, message.raw)
-            method, call_id = _describe(message.head)
+            method, call_id = describe(message.head)
             out.add(Report("outbound", partner, "relayed", method, call_id))
         conn.queue.clear()
         conn.queued_bytes = 0
@@ -335,14 +289,14 @@ class SipRouter:
 
     def partner_failed(self, partner: str, reason: str, detail: str = "") -> list[Action]:
         """Opening failed (`partner_unreachable`, `partner_untrusted`...): 503 each waiter."""
-        out = _Out()
+        out = Actions()
         if partner in self._conns:
             self._drop_partner(out, partner, reason, answer=True, close=False, detail=detail)
         return out.done()
 
     def partner_closed(self, partner: str) -> list[Action]:
         """The partner connection ended; the next request to it opens a new one."""
-        out = _Out()
+        out = Actions()
         if partner in self._conns:
             self._drop_partner(
                 out, partner, "partner_unreachable", answer=True, close=False, detail="closed"
@@ -356,36 +310,35 @@ class SipRouter:
         if domains is None and partner in self._withdrawn:
             domains = self._withdrawn[partner][0]
         self._withdrawn[partner] = (domains or (), reason)
-        out = _Out()
+        out = Actions()
         if partner in self._conns:
             self._drop_partner(out, partner, reason, answer=True)
         return out.done()
 
     # --- routing -------------------------------------------------------------------------
 
-    def _pool_request(self, out: _Out, message: Message) -> None:
+    def _pool_request(self, out: Actions, message: Message) -> None:
         head = message.head
         verdict = check_request(message, self.our_domains)
         if verdict is not None:
-            self._reject(out, "outbound", UNKNOWN, message, verdict, reply_to=None)
+            out.reject("outbound", UNKNOWN, message, verdict, reply_to=None)
             return
         host = uri_domain(head.request_uri or "")[1]
-        partner = self._match(host, {p: d for p, d in self._partners.items()})
+        partner = _owner(host, {p: d for p, d in self._partners.items()})
         if partner is None:
-            withdrawn = self._match(host, {p: d for p, (d, _) in self._withdrawn.items()})
+            withdrawn = _owner(host, {p: d for p, (d, _) in self._withdrawn.items()})
             if withdrawn is not None:
-                self._unavailable(out, withdrawn, message, self._withdrawn[withdrawn][1])
+                out.unavailable(withdrawn, message, self._withdrawn[withdrawn][1])
                 return
             call_id = head.headers.get("call-id")
-            partner = self._call_ids.get(call_id) if call_id is not None else None
+            partner = self._call_ids.owner(call_id)
             if partner is not None and partner in self._withdrawn:
-                self._unavailable(out, partner, message, self._withdrawn[partner][1])
+                out.unavailable(partner, message, self._withdrawn[partner][1])
                 return
             if partner is not None and partner not in self._partners:
                 partner = None
         if partner is None:
-            self._answer(
-                out,
+            out.answer(
                 "outbound",
                 UNKNOWN,
                 message,
@@ -395,9 +348,9 @@ class SipRouter:
                 offending=host or "",
             )
             return
-        self._remember(message, partner)
+        self._call_ids.remember(message, partner)
         conn = self._conns.get(partner)
-        method, call_id = _describe(head)
+        method, call_id = describe(head)
         if conn is None:
             conn = self._conns[partner] = _Partner(
                 SipFramer(max_message_bytes=self.max_message_bytes, max_headers=self.max_headers)
@@ -411,17 +364,17 @@ class SipRouter:
             len(conn.queue) >= self.max_queued_messages
             or conn.queued_bytes + len(message.raw) > self.max_queued_bytes
         ):
-            self._unavailable(out, partner, message, Reason.OVER_LIMIT.value, "queue full")
+            out.unavailable(partner, message, Reason.OVER_LIMIT.value, "queue full")
             return
         conn.queue.append(message)
         conn.queued_bytes += len(message.raw)
         # Reported when it leaves the queue (relayed, or answered 503).
 
-    def _pool_response(self, out: _Out, message: Message) -> None:
+    def _pool_response(self, out: Actions, message: Message) -> None:
         call_id = message.headers.get("call-id")
-        partner = self._call_ids.get(call_id) if call_id is not None else None
+        partner = self._call_ids.owner(call_id)
         conn = self._conns.get(partner) if partner is not None else None
-        _, shown = _describe(message.head)
+        _, shown = describe(message.head)
         if partner is None or conn is None or not conn.open:
             out.add(
                 Report(
@@ -437,121 +390,9 @@ class SipRouter:
         out.send(partner, message.raw)
         out.add(Report("outbound", partner, "relayed", "", shown))
 
-    def _match(self, host: str | None, table: Mapping[str, Collection[str]]) -> str | None:
-        if host is None or host.startswith("["):
-            return None
-        best: tuple[int, str] | None = None
-        tie = False
-        for pid, domains in table.items():
-            for domain in domains:
-                if host == domain or host.endswith("." + domain):
-                    if best is None or len(domain) > best[0]:
-                        best, tie = (len(domain), pid), False
-                    elif len(domain) == best[0] and pid != best[1]:
-                        tie = True
-        if best is None or tie:
-            return None
-        return best[1]
-
-    def _remember(self, message: Message, partner: str) -> None:
-        call_id = message.headers.get("call-id")
-        if call_id is None:
-            return
-        owner = self._call_ids.get(call_id)
-        if owner is None:
-            self._call_ids[call_id] = partner
-            while len(self._call_ids) > self.max_call_ids:
-                self._call_ids.popitem(last=False)
-        elif owner == partner:
-            self._call_ids.move_to_end(call_id)
-
-    # --- answers and closes ----------------------------------------------------------------
-
-    def _keepalive(self, out: _Out, key: str | None, event: KeepAlive, crlfs: int) -> int:
-        crlfs += len(event.raw) // 2
-        while crlfs >= 2:
-            out.send(key, b"\r\n")  # RFC 5626 pong
-            crlfs -= 2
-        return crlfs
-
-    def _answer(
-        self,
-        out: _Out,
-        direction: Literal["inbound", "outbound"],
-        partner: str,
-        message: Message,
-        reason: str,
-        status: int,
-        reply_to: str | None,
-        *,
-        offending: str = "",
-        detail: str = "",
-    ) -> None:
-        answer = build_response(message, status, reason)
-        if answer is not None:
-            out.send(reply_to, answer)
-        method, call_id = _describe(message.head)
-        out.add(
-            Report(
-                direction,
-                partner,
-                reason,
-                method,
-                call_id,
-                safe_text(offending),
-                status if answer is not None else None,
-                detail,
-            )
-        )
-
-    def _reject(
-        self,
-        out: _Out,
-        direction: Literal["inbound", "outbound"],
-        partner: str,
-        message: Message,
-        verdict: tuple[Reason, str],
-        *,
-        reply_to: str | None,
-    ) -> None:
-        reason, offending = verdict
-        status = 403 if reason is Reason.SIP_DOMAIN_MISMATCH else 400
-        self._answer(
-            out, direction, partner, message, reason.value, status, reply_to, offending=offending
-        )
-
-    def _unavailable(
-        self, out: _Out, partner: str, message: Message, reason: str, detail: str = ""
-    ) -> None:
-        self._answer(out, "outbound", partner, message, reason, 503, None, detail=detail)
-
-    def _framing_error(
-        self, out: _Out, reply_to: str | None, partner: str, error: FramingError
-    ) -> None:
-        answer = (
-            build_response(error.head, error.status_code, error.reason.value)
-            if error.head is not None
-            else None
-        )
-        if answer is not None:
-            out.send(reply_to, answer)
-        method, call_id = _describe(error.head)
-        out.add(
-            Report(
-                "outbound" if reply_to is None else "inbound",
-                partner,
-                error.reason.value,
-                method,
-                call_id,
-                "",
-                error.status_code if answer is not None else None,
-                error.detail,
-            )
-        )
-
     def _drop_partner(
         self,
-        out: _Out,
+        out: Actions,
         partner: str,
         reason: str,
         *,
@@ -562,6 +403,6 @@ class SipRouter:
         conn = self._conns.pop(partner)
         if answer:
             for message in conn.queue:
-                self._unavailable(out, partner, message, reason, detail)
+                out.unavailable(partner, message, reason, detail)
         if close:
             out.add(ClosePartner(partner, reason))
