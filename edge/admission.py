@@ -4,13 +4,21 @@ Owns the life of one partner (or client) connection:
 
 1. refuse at once (``over_limit``) when the gateway, the handshake slots or
    the source's share (``edge.core.limits.SourceLimits``) are full;
-2. TLS handshake, then ``PartnerTrust.verify_client`` (the core's one partner
-   decision) on the chain the peer sent, both inside one
-   ``handshake_timeout_s`` cancel scope. No application byte is read before
+2. TLS handshake inside one ``handshake_timeout_s`` cancel scope. On an mtls
+   listener the core (``PartnerTrust.verify_client``, the folder's verifier
+   in the listener's context) decides inside the handshake, so a refused
+   partner gets the alert that says why; ``TLSStream.handshake_verdict`` is
+   THE verdict (never a second verification), and a completed handshake
+   without an accepted verdict is refused. No application byte is read before
    the verdict; then the partner's own connection limit;
 3. a verified stream to a member of the partner's pool (``edge.pools``, whose
-   dial takes ``ServerTrust``'s decision); only then is the partner read;
-4. the relay (``edge.relay``), registered as live so a reload can withdraw it;
+   dial takes ``ServerTrust``'s decision); if a reload swapped the folder's
+   verifier meanwhile (during the handshake or the dial), the chain is
+   re-checked against the new one before the first relayed byte
+   (``trust_withdrawn``); only then is the partner read;
+4. the relay (``edge.relay``), registered as live so a reload can withdraw it,
+   and ended at ``Verdict.not_after`` (the earliest expiry on the verified
+   path, root included: ``trust_withdrawn``, reason ``expired``);
 5. one ``connection_closed`` or ``connection_rejected`` event, with the
    handshake metric and the clipped subject and detail.
 
@@ -40,6 +48,7 @@ from edge.core.config import Limits, Listener
 from edge.core.limits import SourceLimits
 from edge.core.reasons import Reason
 from edge.core.snapshot import Snapshot
+from edge.core.trust import PartnerTrust, Verdict
 from edge.crlfetch import CrlFetcher
 from edge.current import Current
 from edge.logs import EventLog
@@ -82,6 +91,10 @@ class Conn:
     # against every new snapshot (edge.reload).
     chain: tuple[x509.Certificate, ...] = ()
     withdrawn_reason: str | None = None
+    # The verifier that judged the handshake (the listener context's), and its
+    # verdict: a reload that replaced the verifier means a re-check before relaying.
+    judge: PartnerTrust | None = None
+    verdict: Verdict | None = None
 
 
 @dataclass
@@ -223,7 +236,10 @@ class Admission:
     async def _serve_admitted_source(
         self, listener: Listener, tcp: trio.SocketStream, conn: Conn
     ) -> None:
-        tls = TLSStream(tcp, self._current().server_contexts[listener.name], server_side=True)
+        current = self._current()
+        tls = TLSStream(tcp, current.server_contexts[listener.name], server_side=True)
+        folder = current.snapshot.folder_of(listener)
+        conn.judge = folder.verifier if folder is not None else None  # the context's verifier
         try:
             self._handshakes_in_progress += 1
             try:
@@ -232,7 +248,7 @@ class Admission:
                 # Released before anything is logged: whoever reads the verdict
                 # may count on the slot being free again.
                 self._handshakes_in_progress -= 1
-            origin = proxy_info(tcp, tls, partner, conn.tls_version, conn.chain)
+            origin = proxy_info(tcp, tls, partner, conn.tls_version, conn.chain, conn.verdict)
         except _Rejected as rej:
             self._reject(listener, conn, rej.reason, rej.detail)
             # No close_notify: a refusal is not a graceful end of stream.
@@ -266,8 +282,9 @@ class Admission:
                 raise
             conn.member = member.host
             self._metrics.handshakes.labels(listener.name, label, "ok").inc()
+            withdrawn = self._recheck_if_reloaded(listener, conn)
             with member:  # the member's active count, for balancing and max_connections
-                await self._relay_and_report(listener, label, conn, tls, upstream)
+                await self._relay_and_report(listener, label, conn, tls, upstream, withdrawn)
         finally:
             self._active_by_partner[label] -= 1
 
@@ -281,45 +298,69 @@ class Admission:
         limits = self._current().snapshot.config.limits
         t0 = trio.current_time()
         timeout = limits.handshake_timeout_s if limits.handshake_timeout_s > 0 else math.inf
+        failure: _Rejected | None = None
         with trio.move_on_after(timeout) as scope:
-            await _handshake(tls)
-            conn.tls_version = tls.version
-            if listener.mode != "mtls":
-                self._metrics.handshake_duration.labels(listener.name).observe(
-                    trio.current_time() - t0
-                )
-                return None, listener.pool
             try:
-                chain = tls.peer_chain
-                if chain:
-                    conn.leaf_subject = _clip(chain[0].subject.rfc4514_string(), _MAX_SUBJECT)
-                    conn.fingerprint_sha256 = chain[0].fingerprint(hashes.SHA256()).hex()
-            except ValueError as exc:  # DER that OpenSSL took but cryptography will not
-                raise _Rejected(Reason.INVALID_CHAIN, f"unparsable certificate: {exc}") from exc
-            conn.chain = tuple(chain)
-            # The folder as it is now: this verdict and this policy go together.
-            trust = self._current().snapshot.folder_of(listener)
-            if trust is None:  # fail closed: an mtls listener without its folder
-                raise _Rejected(Reason.INTERNAL_ERROR, "no policies loaded for this listener")
-            verdict = trust.verifier.verify_client(chain)
+                await _handshake(tls)
+            except _Rejected as rej:
+                failure = rej
+            else:
+                conn.tls_version = tls.version
+                if listener.mode != "mtls":
+                    self._metrics.handshake_duration.labels(listener.name).observe(
+                        trio.current_time() - t0
+                    )
+                    return None, listener.pool
+                try:
+                    conn.chain = tuple(tls.peer_chain)
+                except ValueError as exc:  # DER that OpenSSL took but cryptography will not
+                    raise _Rejected(Reason.INVALID_CHAIN, f"unparsable certificate: {exc}") from exc
         if scope.cancelled_caught:
             raise _Rejected(
                 Reason.HANDSHAKE_TIMEOUT,
                 f"handshake not finished within handshake_timeout_s={limits.handshake_timeout_s:g}",
             )
+        # THE verdict: the one the core reached inside the handshake (edge.tls),
+        # never a second verification of the same chain.
+        verdict = tls.handshake_verdict if listener.mode == "mtls" else None
+        if verdict is not None:
+            conn.verdict = verdict
+            leaf = conn.chain[0] if conn.chain else (verdict.chain[0] if verdict.chain else None)
+            if leaf is not None:
+                conn.leaf_subject = _clip(leaf.subject.rfc4514_string(), _MAX_SUBJECT)
+                conn.fingerprint_sha256 = leaf.fingerprint(hashes.SHA256()).hex()
+            conn.partner = verdict.partner
+            if (
+                self._crl_fetcher is not None
+                and verdict.partner is not None
+                and (verdict.accepted or verdict.reason in (Reason.CRL_UNAVAILABLE, Reason.REVOKED))
+            ):
+                # Learn where this partner's CRLs live (a crl_unavailable refusal
+                # too: the next attempt succeeds once the CRL has been fetched).
+                self._crl_fetcher.note_chain(verdict.partner, verdict.chain or conn.chain)
+        if failure is not None:
+            # Refused inside the handshake: the verdict says why (the partner got
+            # the matching alert); any other failure stays what OpenSSL said.
+            if verdict is not None and not verdict.accepted and verdict.reason is not None:
+                raise _Rejected(verdict.reason, verdict.detail)
+            raise failure
         self._metrics.handshake_duration.labels(listener.name).observe(trio.current_time() - t0)
-        if (
-            self._crl_fetcher is not None
-            and verdict.partner is not None
-            and (verdict.accepted or verdict.reason in (Reason.CRL_UNAVAILABLE, Reason.REVOKED))
-        ):
-            # Learn where this partner's CRLs live (a crl_unavailable refusal
-            # too: the next attempt succeeds once the CRL has been fetched).
-            self._crl_fetcher.note_chain(verdict.partner, verdict.chain or conn.chain)
-        conn.partner = verdict.partner
+        # The folder as it is now: this verdict and this policy go together.
+        trust = self._current().snapshot.folder_of(listener)
+        if trust is None or conn.judge is None:  # fail closed: an mtls listener without its folder
+            raise _Rejected(Reason.INTERNAL_ERROR, "no policies loaded for this listener")
+        if verdict is None:  # fail closed: a completed handshake never relays without one
+            raise _Rejected(Reason.INTERNAL_ERROR, "handshake completed without a verdict")
         if not verdict.accepted:
             assert verdict.reason is not None
             raise _Rejected(verdict.reason, verdict.detail)
+        if trust.verifier is not conn.judge:
+            # A reload replaced the verifier during the handshake: the new one decides.
+            verdict = trust.verifier.verify_client(conn.chain)
+            conn.judge, conn.verdict, conn.partner = trust.verifier, verdict, verdict.partner
+            if not verdict.accepted:
+                assert verdict.reason is not None
+                raise _Rejected(verdict.reason, verdict.detail)
         assert verdict.partner is not None and trust is not None
         policy = trust.policies.partners[verdict.partner]
         limit = limits.max_connections_per_partner
@@ -332,8 +373,39 @@ class Admission:
             )
         return verdict.partner, policy.pool or listener.pool
 
+    def _recheck_if_reloaded(self, listener: Listener, conn: Conn) -> tuple[str, str] | None:
+        """(reason, detail) if a reload since the verdict withdrew trust, else None.
+
+        Issue 15's race: a connection admitted under snapshot N was still dialling
+        the pool when N+1 (the partner removed) arrived, then relayed. Called after
+        the dial and before the first relayed byte, with no await in between."""
+        if conn.judge is None:  # a "tls" listener: no partner to re-check
+            return None
+        trust = self._current().snapshot.folder_of(listener)
+        if trust is None:
+            return Reason.INTERNAL_ERROR.value, "the listener's policies folder is gone"
+        if trust.verifier is conn.judge:
+            return None
+        verdict = trust.verifier.verify_client(conn.chain)
+        if not verdict.accepted:
+            assert verdict.reason is not None
+            return verdict.reason.value, verdict.detail
+        if verdict.partner != conn.partner:
+            return (
+                Reason.PARTNER_CHANGED.value,
+                f"the chain now identifies partner {verdict.partner}, not {conn.partner}",
+            )
+        conn.judge, conn.verdict = trust.verifier, verdict
+        return None
+
     async def _relay_and_report(
-        self, listener: Listener, label: str, conn: Conn, partner: TLSStream, upstream: TLSStream
+        self,
+        listener: Listener,
+        label: str,
+        conn: Conn,
+        partner: TLSStream,
+        upstream: TLSStream,
+        withdrawn: tuple[str, str] | None = None,
     ) -> None:
         m = self._metrics
         active = m.connections_active.labels(listener.name, label)
@@ -354,8 +426,13 @@ class Admission:
         key = id(conn)
         try:
             if conn.chain:
-                self.live[key] = LiveConnection(listener, conn, control)
-                self._on_live(conn.chain)
+                live = self.live[key] = LiveConnection(listener, conn, control)
+                # The verified path, root included: the reloader closes the
+                # connection when its earliest certificate expires.
+                verified = conn.verdict.chain if conn.verdict is not None else ()
+                self._on_live(verified or conn.chain)
+                if withdrawn is not None:  # ends the relay before its first byte
+                    live.withdraw(*withdrawn)
             outcome = await relay(
                 partner,
                 upstream,

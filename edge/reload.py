@@ -8,7 +8,10 @@ points), building the next ``Snapshot`` off to the side in a worker thread
 swaps it in with one assignment, and then the re-authorization of every live
 connection against the new snapshot with the chain it presented (closing,
 ``trust_withdrawn``, those that no longer pass). It also re-checks when the
-clock alone changes a verdict (a CRL's next update, a certificate's expiry).
+clock alone changes a verdict (a CRL's next update, a certificate's expiry):
+the watch loop wakes then, not at its next poll, so a live connection closes
+when the earliest certificate of its verified path (root included) expires
+(``trust_withdrawn``, reason ``expired``).
 
 What a configuration change takes is ``edge.core.snapshot.diff``'s answer:
 ``config_reloaded`` logs what applied live and what needs a restart (the
@@ -45,6 +48,8 @@ __all__ = ["Reloader", "config_files"]
 
 # Live connections re-checked between two yields to the event loop.
 _RECHECK_BATCH = 200
+# A certificate is valid through its notAfter second: re-check this long after it.
+_EXPIRY_SLACK_S = 1.0
 
 
 def config_files(config: Config) -> list[Path]:
@@ -82,6 +87,8 @@ class Reloader:
         self._policy_prints: dict[Path, Fingerprint] = {}
         self._config_print: Fingerprint = ()
         self._next_time_recheck = math.inf
+        # The watch loop's current sleep, so a new expiry can wake it earlier.
+        self._sleep: trio.CancelScope | None = None
 
     def remember_files(self) -> None:
         """Fingerprint what was just loaded (startup), so only changes reload."""
@@ -98,8 +105,11 @@ class Reloader:
         """Poll for changes every poll_interval_s, or at once on ``request``."""
         while True:
             interval = self._current().snapshot.config.policies.poll_interval_s
-            with trio.move_on_after(interval):
+            with trio.move_on_after(interval) as sleep:
+                sleep.deadline = min(sleep.deadline, self._next_time_recheck)
+                self._sleep = sleep
                 await self._requested.wait()
+            self._sleep = None
             forced = self._requested.is_set()
             self._requested = trio.Event()
             try:
@@ -249,13 +259,16 @@ class Reloader:
         self._next_time_recheck = self._earliest_time_event(now)
 
     def note_expiry(self, chain: tuple[x509.Certificate, ...]) -> None:
-        """A connection went live with ``chain``: re-check when its first cert expires."""
+        """A connection went live with ``chain`` (its verified path, root included):
+        re-check just after its first certificate expires, waking the watch loop."""
         expiries = [c.not_valid_after_utc.timestamp() for c in chain]
         if expiries:
             self._next_time_recheck = min(
                 self._next_time_recheck,
-                trio.current_time() + max(0.0, min(expiries) - time.time()),
+                trio.current_time() + max(0.0, min(expiries) + _EXPIRY_SLACK_S - time.time()),
             )
+            if self._sleep is not None:
+                self._sleep.deadline = min(self._sleep.deadline, self._next_time_recheck)
 
     def _earliest_time_event(self, now: float) -> float:
         """When the next re-check is due even if no file changes (trio clock)."""
@@ -269,8 +282,10 @@ class Reloader:
                         if t > wall:
                             soonest = min(soonest, t)
         for live in self._live().values():
-            for cert in live.conn.chain:
-                t = cert.not_valid_after_utc.timestamp()
+            verdict = live.conn.verdict
+            for cert in (verdict.chain if verdict is not None else ()) or live.conn.chain:
+                # Valid through notAfter itself: the verifier refuses just after it.
+                t = cert.not_valid_after_utc.timestamp() + _EXPIRY_SLACK_S
                 if t > wall:
                     soonest = min(soonest, t)
         return now + (soonest - wall) if soonest != math.inf else math.inf

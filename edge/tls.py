@@ -165,7 +165,13 @@ from OpenSSL import SSL
 
 from edge.core.policies import Revocation
 from edge.core.reasons import Reason
-from edge.core.trust import PartnerTrust, Verdict, crypto_floor_problem, reason_for_openssl_error
+from edge.core.trust import (
+    MAX_CHAIN_LENGTH,
+    PartnerTrust,
+    Verdict,
+    crypto_floor_problem,
+    reason_for_openssl_error,
+)
 
 if TYPE_CHECKING:
     from OpenSSL.crypto import X509
@@ -888,6 +894,8 @@ _DEFINITIVE_ERRORS = frozenset(
         68,  # CA signature digest too weak (MD5, SHA-1) -> bad_certificate
     }
 )
+# "No issuer found" codes: for a lone leaf, also what an unreadable certificate gives.
+_NO_ISSUER_ERRORS = frozenset({2, 20, 21})
 # The codes the core reports for them.
 _OPENSSL_ONLY_REASONS = {66: Reason.WEAK_CRYPTO, 67: Reason.WEAK_CRYPTO, 68: Reason.WEAK_CRYPTO}
 
@@ -948,6 +956,26 @@ class _HandshakeJudge:
                 chain = [judgement.path[d] for d in sorted(judgement.path)]
                 judgement.verdict = self.trust.verify_client(chain)
                 return judgement.verdict.accepted
+            if depth >= MAX_CHAIN_LENGTH:
+                # OpenSSL stopped at its depth limit: the peer sent more than the
+                # core accepts (the core's rule and reason; the alert stays OpenSSL's).
+                judgement.verdict = Verdict(
+                    False,
+                    Reason.INVALID_CHAIN,
+                    f"the peer sent more than {MAX_CHAIN_LENGTH} certificates "
+                    f"(OpenSSL stopped at depth {depth}); at most {MAX_CHAIN_LENGTH} "
+                    "are accepted",
+                )
+                return False
+            if depth == 0 and len(judgement.path) == 1 and err in _NO_ISSUER_ERRORS:
+                # OpenSSL found no issuer for the leaf itself: a certificate it
+                # cannot read (a malformed extension) looks the same, so the core
+                # names the reason. A refusal either way: the core may only
+                # sharpen OpenSSL's refusal here, never overrule it.
+                core = self.trust.verify_client([judgement.path[0]])
+                if not core.accepted:
+                    judgement.verdict = core
+                    return False
             # Earlier (building the path, checking CRLs) only this certificate is
             # known: OpenSSL's fact about it is the verdict.
             reason = _OPENSSL_ONLY_REASONS.get(err) or reason_for_openssl_error(err)

@@ -696,9 +696,8 @@ async def test_proxy_v2_header_reaches_the_member(tmp_path: Path, pki: Pki) -> N
             assert tlv[PP2_TYPE_EDGE_PARTNER] == b"fabrikam.com"
             assert tlv.ssl.has_ssl and tlv.ssl.has_cert_conn and tlv.ssl.verified
             assert tlv.ssl.version == closed["tls_version"]
-            # Never the raw CN (issue 15). Once proxy_info uses
-            # edge.core.proxy_protocol.authorized_identity this is "sip.fabrikam.com".
-            assert tlv.ssl.cn != "Fabrikam SIP Edge"
+            # The authorized name (the SAN that matched), never the raw CN (issue 15).
+            assert tlv.ssl.cn == "sip.fabrikam.com"
             assert fe1.app_bytes == 5
             await _stop(edge)
             nursery.cancel_scope.cancel()
