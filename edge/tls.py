@@ -894,8 +894,6 @@ _DEFINITIVE_ERRORS = frozenset(
         68,  # CA signature digest too weak (MD5, SHA-1) -> bad_certificate
     }
 )
-# "No issuer found" codes: for a lone leaf, also what an unreadable certificate gives.
-_NO_ISSUER_ERRORS = frozenset({2, 20, 21})
 # The codes the core reports for them.
 _OPENSSL_ONLY_REASONS = {66: Reason.WEAK_CRYPTO, 67: Reason.WEAK_CRYPTO, 68: Reason.WEAK_CRYPTO}
 
@@ -967,13 +965,16 @@ class _HandshakeJudge:
                     "are accepted",
                 )
                 return False
-            if depth == 0 and len(judgement.path) == 1 and err in _NO_ISSUER_ERRORS:
-                # OpenSSL found no issuer for the leaf itself: a certificate it
-                # cannot read (a malformed extension) looks the same, so the core
-                # names the reason. A refusal either way: the core may only
-                # sharpen OpenSSL's refusal here, never overrule it.
+            if depth == 0 and len(judgement.path) == 1:
+                # An error on the leaf before OpenSSL's walk (no issuer found,
+                # wrong purpose, unreadable extension): only the leaf is known.
+                # The core, building the path itself, may name the reason and the
+                # partner better (bad_purpose from fabrikam's own root; invalid_chain
+                # for a malformed SAN); it may only sharpen OpenSSL's refusal, never
+                # overrule it, and an unknown_ca from it (the intermediates it was
+                # not shown) says less than OpenSSL's fact. The alert stays OpenSSL's.
                 core = self.trust.verify_client([judgement.path[0]])
-                if not core.accepted:
+                if not core.accepted and core.reason is not Reason.UNKNOWN_CA:
                     judgement.verdict = core
                     return False
             # Earlier (building the path, checking CRLs) only this certificate is

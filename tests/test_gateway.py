@@ -31,6 +31,8 @@ from tests.gateway_harness import (
     edge_command,
     http_get,
     partner_stream,
+    sample,
+    scrape,
     start_edge,
     start_gateway,
     start_pool,
@@ -185,6 +187,10 @@ async def _rejected_reason(edge: EdgeProcess, pki: Pki, leaf: object) -> dict[st
     return await edge.event_for_port(port, "connection_rejected")
 
 
+# Refusals after the partner's own root verified the chain (issue 16 item 4).
+_FROM_THE_PARTNERS_ROOT = ("expired", "bad_purpose", "name_mismatch")
+
+
 async def test_rejections_carry_exact_reason_codes(tmp_path: Path, pki: Pki) -> None:
     policies = {
         "fabrikam.com": 'domains = ["fabrikam.com"]\n',
@@ -213,6 +219,17 @@ async def test_rejections_carry_exact_reason_codes(tmp_path: Path, pki: Pki) -> 
                 event = await _rejected_reason(edge, pki, leaf)
                 assert event["reason"] == expected, event
                 assert event["detail"]
+                if expected in _FROM_THE_PARTNERS_ROOT:
+                    # The partner's own root verified the chain: the refusal is
+                    # labelled with the partner, in the log and in the metric.
+                    assert event.get("partner") == "fabrikam.com", event
+            samples = await scrape(edge)
+            for reason in _FROM_THE_PARTNERS_ROOT:
+                labels = {"listener": "federation", "result": reason}
+                assert sample(samples, "edge_handshakes_total", partner="fabrikam.com", **labels)
+                assert not sample(samples, "edge_handshakes_total", partner="unknown", **labels)
+            unknown = {"listener": "federation", "result": "unknown_ca", "partner": "unknown"}
+            assert sample(samples, "edge_handshakes_total", **unknown) == 1
             # No client certificate: the handshake itself fails (TLS 1.3 alert).
             port = await _no_cert_connection(edge, pki)
             event = await edge.event_for_port(port, "connection_rejected")
