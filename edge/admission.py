@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives import hashes
 from edge.core.config import Limits, Listener
 from edge.core.limits import SourceLimits
 from edge.core.reasons import Reason
-from edge.core.snapshot import Snapshot
+from edge.core.snapshot import FolderTrust, Snapshot
 from edge.core.trust import PartnerTrust, Verdict
 from edge.crlfetch import CrlFetcher
 from edge.current import Current
@@ -95,6 +95,7 @@ class Conn:
     # verdict: a reload that replaced the verifier means a re-check before relaying.
     judge: PartnerTrust | None = None
     verdict: Verdict | None = None
+    withdrawn: tuple[str, str] | None = None  # (reason, detail): trust lost before relaying
 
 
 @dataclass
@@ -282,9 +283,10 @@ class Admission:
                 raise
             conn.member = member.host
             self._metrics.handshakes.labels(listener.name, label, "ok").inc()
-            withdrawn = self._recheck_if_reloaded(listener, conn)
+            folder = self._current().snapshot.folder_of(listener)
+            conn.withdrawn = withdrawal_after_reload(folder, conn)  # no await until the relay
             with member:  # the member's active count, for balancing and max_connections
-                await self._relay_and_report(listener, label, conn, tls, upstream, withdrawn)
+                await self._relay_and_report(listener, label, conn, tls, upstream)
         finally:
             self._active_by_partner[label] -= 1
 
@@ -322,45 +324,20 @@ class Admission:
             )
         # THE verdict: the one the core reached inside the handshake (edge.tls),
         # never a second verification of the same chain.
-        verdict = tls.handshake_verdict if listener.mode == "mtls" else None
-        if verdict is not None:
-            conn.verdict = verdict
-            leaf = conn.chain[0] if conn.chain else (verdict.chain[0] if verdict.chain else None)
-            if leaf is not None:
-                conn.leaf_subject = _clip(leaf.subject.rfc4514_string(), _MAX_SUBJECT)
-                conn.fingerprint_sha256 = leaf.fingerprint(hashes.SHA256()).hex()
-            conn.partner = verdict.partner
-            if (
-                self._crl_fetcher is not None
-                and verdict.partner is not None
-                and (verdict.accepted or verdict.reason in (Reason.CRL_UNAVAILABLE, Reason.REVOKED))
-            ):
-                # Learn where this partner's CRLs live (a crl_unavailable refusal
-                # too: the next attempt succeeds once the CRL has been fetched).
-                self._crl_fetcher.note_chain(verdict.partner, verdict.chain or conn.chain)
-        if failure is not None:
-            # Refused inside the handshake: the verdict says why (the partner got
-            # the matching alert); any other failure stays what OpenSSL said.
-            if verdict is not None and not verdict.accepted and verdict.reason is not None:
-                raise _Rejected(verdict.reason, verdict.detail)
-            raise failure
-        self._metrics.handshake_duration.labels(listener.name).observe(trio.current_time() - t0)
+        verdict = _take_verdict(tls, conn) if listener.mode == "mtls" else None
+        if (
+            verdict is not None
+            and self._crl_fetcher is not None
+            and verdict.partner is not None
+            and (verdict.accepted or verdict.reason in (Reason.CRL_UNAVAILABLE, Reason.REVOKED))
+        ):
+            # Learn where this partner's CRLs live (a crl_unavailable refusal
+            # too: the next attempt succeeds once the CRL has been fetched).
+            self._crl_fetcher.note_chain(verdict.partner, verdict.chain or conn.chain)
         # The folder as it is now: this verdict and this policy go together.
         trust = self._current().snapshot.folder_of(listener)
-        if trust is None or conn.judge is None:  # fail closed: an mtls listener without its folder
-            raise _Rejected(Reason.INTERNAL_ERROR, "no policies loaded for this listener")
-        if verdict is None:  # fail closed: a completed handshake never relays without one
-            raise _Rejected(Reason.INTERNAL_ERROR, "handshake completed without a verdict")
-        if not verdict.accepted:
-            assert verdict.reason is not None
-            raise _Rejected(verdict.reason, verdict.detail)
-        if trust.verifier is not conn.judge:
-            # A reload replaced the verifier during the handshake: the new one decides.
-            verdict = trust.verifier.verify_client(conn.chain)
-            conn.judge, conn.verdict, conn.partner = trust.verifier, verdict, verdict.partner
-            if not verdict.accepted:
-                assert verdict.reason is not None
-                raise _Rejected(verdict.reason, verdict.detail)
+        verdict = _admitted(verdict, failure, trust, conn)
+        self._metrics.handshake_duration.labels(listener.name).observe(trio.current_time() - t0)
         assert verdict.partner is not None and trust is not None
         policy = trust.policies.partners[verdict.partner]
         limit = limits.max_connections_per_partner
@@ -373,39 +350,8 @@ class Admission:
             )
         return verdict.partner, policy.pool or listener.pool
 
-    def _recheck_if_reloaded(self, listener: Listener, conn: Conn) -> tuple[str, str] | None:
-        """(reason, detail) if a reload since the verdict withdrew trust, else None.
-
-        Issue 15's race: a connection admitted under snapshot N was still dialling
-        the pool when N+1 (the partner removed) arrived, then relayed. Called after
-        the dial and before the first relayed byte, with no await in between."""
-        if conn.judge is None:  # a "tls" listener: no partner to re-check
-            return None
-        trust = self._current().snapshot.folder_of(listener)
-        if trust is None:
-            return Reason.INTERNAL_ERROR.value, "the listener's policies folder is gone"
-        if trust.verifier is conn.judge:
-            return None
-        verdict = trust.verifier.verify_client(conn.chain)
-        if not verdict.accepted:
-            assert verdict.reason is not None
-            return verdict.reason.value, verdict.detail
-        if verdict.partner != conn.partner:
-            return (
-                Reason.PARTNER_CHANGED.value,
-                f"the chain now identifies partner {verdict.partner}, not {conn.partner}",
-            )
-        conn.judge, conn.verdict = trust.verifier, verdict
-        return None
-
     async def _relay_and_report(
-        self,
-        listener: Listener,
-        label: str,
-        conn: Conn,
-        partner: TLSStream,
-        upstream: TLSStream,
-        withdrawn: tuple[str, str] | None = None,
+        self, listener: Listener, label: str, conn: Conn, partner: TLSStream, upstream: TLSStream
     ) -> None:
         m = self._metrics
         active = m.connections_active.labels(listener.name, label)
@@ -431,8 +377,8 @@ class Admission:
                 # connection when its earliest certificate expires.
                 verified = conn.verdict.chain if conn.verdict is not None else ()
                 self._on_live(verified or conn.chain)
-                if withdrawn is not None:  # ends the relay before its first byte
-                    live.withdraw(*withdrawn)
+                if conn.withdrawn is not None:  # ends the relay before its first byte
+                    live.withdraw(*conn.withdrawn)
             outcome = await relay(
                 partner,
                 upstream,
@@ -481,6 +427,69 @@ class Admission:
             fields["detail"] = _clip(conn.detail, _MAX_DETAIL)
         conn.reported = True
         self._log.event("connection_closed", **fields)
+
+
+def _take_verdict(tls: TLSStream, conn: Conn) -> Verdict | None:
+    """The verdict reached inside ``tls``'s handshake, written down on ``conn``."""
+    verdict = tls.handshake_verdict
+    if verdict is not None:
+        conn.verdict, conn.partner = verdict, verdict.partner
+        leaf = conn.chain[0] if conn.chain else (verdict.chain[0] if verdict.chain else None)
+        if leaf is not None:
+            conn.leaf_subject = _clip(leaf.subject.rfc4514_string(), _MAX_SUBJECT)
+            conn.fingerprint_sha256 = leaf.fingerprint(hashes.SHA256()).hex()
+    return verdict
+
+
+def _admitted(
+    verdict: Verdict | None, failure: _Rejected | None, trust: FolderTrust | None, conn: Conn
+) -> Verdict:
+    """The accepted verdict an mtls connection relays under, or ``_Rejected``."""
+    if failure is not None:
+        # Refused inside the handshake: the verdict says why (the partner got
+        # the matching alert); any other failure stays what OpenSSL said.
+        if verdict is not None and not verdict.accepted and verdict.reason is not None:
+            raise _Rejected(verdict.reason, verdict.detail)
+        raise failure
+    if trust is None or conn.judge is None:  # fail closed: an mtls listener without its folder
+        raise _Rejected(Reason.INTERNAL_ERROR, "no policies loaded for this listener")
+    if verdict is None:  # fail closed: a completed handshake never relays without one
+        raise _Rejected(Reason.INTERNAL_ERROR, "handshake completed without a verdict")
+    if not verdict.accepted:
+        assert verdict.reason is not None
+        raise _Rejected(verdict.reason, verdict.detail)
+    withdrawn = withdrawal_after_reload(trust, conn)  # a reload during the handshake
+    if withdrawn is not None:
+        raise _Rejected(Reason(withdrawn[0]), withdrawn[1])
+    assert conn.verdict is not None
+    return conn.verdict
+
+
+def withdrawal_after_reload(trust: FolderTrust | None, conn: Conn) -> tuple[str, str] | None:
+    """(reason, detail) if the folder ``trust`` (now current) no longer admits
+    ``conn``, whose verdict came from ``conn.judge``; None if it still does.
+
+    Issue 15's race: a connection admitted under snapshot N was still dialling
+    the pool when N+1 (the partner removed) arrived, then relayed. Called after
+    the handshake and after the dial, before the first relayed byte: a reload
+    that replaced the verifier meanwhile gets its say."""
+    if conn.judge is None:  # a "tls" listener: no partner to re-check
+        return None
+    if trust is None:
+        return Reason.INTERNAL_ERROR.value, "the listener's policies folder is gone"
+    if trust.verifier is conn.judge:
+        return None
+    verdict = trust.verifier.verify_client(conn.chain)
+    if not verdict.accepted:
+        assert verdict.reason is not None
+        return verdict.reason.value, verdict.detail
+    if verdict.partner != conn.partner:
+        return (
+            Reason.PARTNER_CHANGED.value,
+            f"the chain now identifies partner {verdict.partner}, not {conn.partner}",
+        )
+    conn.judge, conn.verdict = trust.verifier, verdict
+    return None
 
 
 async def _handshake(tls: TLSStream) -> None:
