@@ -88,8 +88,11 @@ async def test_partner_removed_while_dialling_never_relays(tmp_path: Path, pki: 
             await stream.send_all(b"sent before the withdrawal")
             await member.arrived.wait()
             # Snapshot N+1 without the partner, while the dial is in progress.
+            before = edge.gateway.current.server_contexts["federation"]
             shutil.rmtree(tmp_path / "federation_policies" / "fabrikam.com")
             await edge.gateway.poll_once(forced=True)
+            # A new verifier, so a new context (a used one cannot be changed).
+            assert edge.gateway.current.server_contexts["federation"] is not before
             reloaded = await edge.wait_for(lambda e: e["event"] == "policies_reloaded")
             assert reloaded["removed"] == ["fabrikam.com"], reloaded
             release.set()  # the dial completes now
@@ -131,3 +134,77 @@ async def test_live_connection_closes_when_its_path_expires(
             assert _dt.datetime.now(_dt.UTC) > soon  # closed only once it expired
             await stream.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_completed_handshake_without_a_verdict_never_relays(tmp_path: Path, pki: Pki) -> None:
+    """Fail closed: a listener context without the judge (no verdict reached in
+    the handshake) lets a handshake complete, and the gateway still refuses."""
+    leaf = pki.fabrikam.issue(dns=["sip.fabrikam.com"])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            edge, member = await _gateway(nursery, tmp_path, pki)
+            gateway = edge.gateway
+            ident = gateway.config.identity
+            judgeless = server_context(
+                ident.public_chain, ident.public_private_key, require_client_cert=True
+            )
+            contexts = {"federation": judgeless}
+            gateway.current = dataclasses.replace(gateway.current, server_contexts=contexts)
+            stream, port = await partner_stream(edge, pki, leaf)
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(b"let me in")
+            rejected = await edge.event_for_port(port, "connection_rejected")
+            assert rejected["reason"] == "internal_error", rejected
+            assert "without a verdict" in rejected["detail"], rejected
+            assert member.app_bytes == 0
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_tls_profile_reaches_the_listener_and_rebuilds_contexts(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """`[tls] profile = "modern"`: a TLS 1.2 partner is refused by the real listener;
+    a profile change builds new contexts (pyOpenSSL forbids changing a used one)."""
+    from OpenSSL import SSL
+
+    from edge.core.config import load_config
+    from edge.core.snapshot import build_snapshot
+    from edge.current import build_current
+    from edge.tls import client_context
+    from tests.gateway_harness import EDGE_NAME
+
+    leaf = pki.fabrikam.issue(dns=["sip.fabrikam.com"])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            member = SlowMember(pki)
+            port = await nursery.start(member.serve)
+            modern = write_federation(
+                tmp_path, pki, [(MEMBER, port)], extra='[tls]\nprofile = "modern"\n'
+            )
+            edge = await start_gateway(nursery, modern)
+            old = client_context([pki.edge_ca.cert], leaf.chain, leaf.key)
+            old.set_max_proto_version(SSL.TLS1_2_VERSION)
+            tcp = await trio.open_tcp_stream(*edge.address)
+            local = tcp.socket.getsockname()[1]
+            stream = TLSStream(tcp, old, server_side=False, server_hostname=EDGE_NAME)
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.do_handshake()
+            rejected = await edge.event_for_port(local, "connection_rejected")
+            assert rejected["reason"] == "tls_error", rejected
+            # TLS 1.3 is relayed.
+            stream13, _ = await partner_stream(edge, pki, leaf)
+            assert await echo_roundtrip(stream13, b"1.3") == b"1.3"
+            await stream13.aclose()
+            nursery.cancel_scope.cancel()
+    snapshot = build_snapshot(load_config(modern), {})
+    current = build_current(snapshot)
+    assert build_current(snapshot, current).server_contexts == current.server_contexts
+    assert build_current(snapshot, current).client_context is current.client_context
+    # Only the profile differs (same folders, same verifier, same identity).
+    tls = dataclasses.replace(snapshot.config.tls, profile="intermediate")
+    other = dataclasses.replace(snapshot, config=dataclasses.replace(snapshot.config, tls=tls))
+    rebuilt = build_current(other, current)
+    assert rebuilt.client_context is not current.client_context
+    for name, ctx in rebuilt.server_contexts.items():
+        assert ctx is not current.server_contexts[name]
