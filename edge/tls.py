@@ -126,6 +126,11 @@ callback (``_HandshakeJudge``):
   refuses at once, so OpenSSL's own code picks the alert: ``unknown_ca``,
   ``certificate_expired``, ``bad_certificate``, ``certificate_revoked``,
   ``decrypt_error``, ``unsupported_certificate``;
+* when such an error comes before the walk, with only the leaf known (wrong
+  purpose, no issuer, an unreadable extension), asks the core on the leaf
+  alone: its reason (and partner) replaces OpenSSL's only when it is a
+  refusal other than ``unknown_ca``, so the core sharpens, never overrules;
+  an error at a depth past ``MAX_CHAIN_LENGTH`` is ``invalid_chain``;
 * overrules every other OpenSSL error (a missing CRL, a stale CRL, ...) and
   lets the walk go on;
 * at the last call (depth 0, OpenSSL satisfied) asks the core,
@@ -134,8 +139,14 @@ callback (``_HandshakeJudge``):
   sees (name outside the partner's domains, disabled, ambiguous, weak
   signature, profile) has no X509 error of its own at that point: OpenSSL
   3.0+ then reports ``X509_V_ERR_UNSPECIFIED``, alert ``internal_error``
-  (measured; see tests/test_tls.py). pyOpenSSL offers no public way to set
-  the error (``X509_STORE_CTX_set_error``) from the callback.
+  (measured; see tests/test_tls.py and tests/test_alerts.py). pyOpenSSL
+  offers no public way to set the error (``X509_STORE_CTX_set_error``), and
+  resets it to OK whenever the callback accepts, so an error seen earlier
+  cannot be kept for a later refusal; the checks OpenSSL runs after the last
+  call (name constraints, policies) cannot be made to fail per connection,
+  and a store clock moved to force an error at the leaf would turn every
+  ``certificate_expired`` into ``bad_certificate``. docs/operations.md lists
+  what a refused partner sees per reason.
 
 The connection's verdict (the core's, or for an OpenSSL refusal one built
 from its error code) is kept for the gateway: ``TLSStream.handshake_verdict``.
