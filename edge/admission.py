@@ -334,10 +334,10 @@ class Admission:
             # Learn where this partner's CRLs live (a crl_unavailable refusal
             # too: the next attempt succeeds once the CRL has been fetched).
             self._crl_fetcher.note_chain(verdict.partner, verdict.chain or conn.chain)
-        # The folder as it is now: this verdict and this policy go together.
-        trust = self._current().snapshot.folder_of(listener)
+        if failure is None or verdict is not None:  # authorized, or refused by the verdict
+            self._metrics.handshake_duration.labels(listener.name).observe(trio.current_time() - t0)
+        trust = self._current().snapshot.folder_of(listener)  # goes with this verdict
         verdict = _admitted(verdict, failure, trust, conn)
-        self._metrics.handshake_duration.labels(listener.name).observe(trio.current_time() - t0)
         assert verdict.partner is not None and trust is not None
         policy = trust.policies.partners[verdict.partner]
         limit = limits.max_connections_per_partner

@@ -25,6 +25,7 @@ block the event loop with parsing or verifier building (worker thread).
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -241,6 +242,10 @@ class Reloader:
             conn = live.conn
             if conn.end is not None:
                 continue
+            expired = _expired_path(conn.verdict.not_after if conn.verdict else None)
+            if expired is not None:  # the verdict itself stopped being true
+                live.withdraw(Reason.EXPIRED.value, expired)
+                continue
             trust = snapshot.folder_of(listener)
             if trust is None:
                 continue
@@ -289,6 +294,18 @@ class Reloader:
                 if t > wall:
                     soonest = min(soonest, t)
         return now + (soonest - wall) if soonest != math.inf else math.inf
+
+
+def _expired_path(not_after: _dt.datetime | None) -> str | None:
+    """Why a live connection's verified path (root included) is no longer valid, or
+    None: it is closed at the path's earliest notAfter, whatever else a re-check
+    would say first."""
+    if not_after is None or _dt.datetime.now(_dt.UTC) <= not_after:
+        return None
+    return (
+        f"the verified path expired at {not_after.strftime('%Y-%m-%dT%H:%M:%SZ')} "
+        "(its earliest notAfter, the partner's root included)"
+    )
 
 
 def _same_policy(a: PartnerPolicy, b: PartnerPolicy) -> bool:
