@@ -239,8 +239,7 @@ class Admission:
     ) -> None:
         current = self._current()
         tls = TLSStream(tcp, current.server_contexts[listener.name], server_side=True)
-        folder = current.snapshot.folder_of(listener)
-        conn.judge = folder.verifier if folder is not None else None  # the context's verifier
+        conn.judge = _verifier(current.snapshot.folder_of(listener))  # the context's verifier
         try:
             self._handshakes_in_progress += 1
             try:
@@ -283,8 +282,7 @@ class Admission:
                 raise
             conn.member = member.host
             self._metrics.handshakes.labels(listener.name, label, "ok").inc()
-            folder = self._current().snapshot.folder_of(listener)
-            conn.withdrawn = withdrawal_after_reload(folder, conn)  # no await until the relay
+            conn.withdrawn = withdrawal_after_reload(self._current().snapshot, listener, conn)
             with member:  # the member's active count, for balancing and max_connections
                 await self._relay_and_report(listener, label, conn, tls, upstream)
         finally:
@@ -322,8 +320,7 @@ class Admission:
                 Reason.HANDSHAKE_TIMEOUT,
                 f"handshake not finished within handshake_timeout_s={limits.handshake_timeout_s:g}",
             )
-        # THE verdict: the one the core reached inside the handshake (edge.tls),
-        # never a second verification of the same chain.
+        # THE verdict, reached inside the handshake (edge.tls): never verify twice.
         verdict = _take_verdict(tls, conn) if listener.mode == "mtls" else None
         if (
             verdict is not None
@@ -373,10 +370,7 @@ class Admission:
         try:
             if conn.chain:
                 live = self.live[key] = LiveConnection(listener, conn, control)
-                # The verified path, root included: the reloader closes the
-                # connection when its earliest certificate expires.
-                verified = conn.verdict.chain if conn.verdict is not None else ()
-                self._on_live(verified or conn.chain)
+                self._on_live(_verified_path(conn))  # closed when its first cert expires
                 if conn.withdrawn is not None:  # ends the relay before its first byte
                     live.withdraw(*conn.withdrawn)
             outcome = await relay(
@@ -458,21 +452,38 @@ def _admitted(
     if not verdict.accepted:
         assert verdict.reason is not None
         raise _Rejected(verdict.reason, verdict.detail)
-    withdrawn = withdrawal_after_reload(trust, conn)  # a reload during the handshake
+    withdrawn = _withdrawal(trust, conn)  # a reload during the handshake
     if withdrawn is not None:
         raise _Rejected(Reason(withdrawn[0]), withdrawn[1])
     assert conn.verdict is not None
     return conn.verdict
 
 
-def withdrawal_after_reload(trust: FolderTrust | None, conn: Conn) -> tuple[str, str] | None:
-    """(reason, detail) if the folder ``trust`` (now current) no longer admits
-    ``conn``, whose verdict came from ``conn.judge``; None if it still does.
+def _verifier(trust: FolderTrust | None) -> PartnerTrust | None:
+    return trust.verifier if trust is not None else None
+
+
+def _verified_path(conn: Conn) -> tuple[x509.Certificate, ...]:
+    """The path the verdict verified (root included), else the chain the peer sent."""
+    return (conn.verdict.chain if conn.verdict is not None else ()) or conn.chain
+
+
+def withdrawal_after_reload(
+    snapshot: Snapshot, listener: Listener, conn: Conn
+) -> tuple[str, str] | None:
+    """(reason, detail) if ``snapshot`` (now current) no longer admits ``conn``.
 
     Issue 15's race: a connection admitted under snapshot N was still dialling
     the pool when N+1 (the partner removed) arrived, then relayed. Called after
-    the handshake and after the dial, before the first relayed byte: a reload
-    that replaced the verifier meanwhile gets its say."""
+    the dial with no await until the relay: the first relayed byte never
+    precedes this re-check."""
+    return _withdrawal(snapshot.folder_of(listener), conn)
+
+
+def _withdrawal(trust: FolderTrust | None, conn: Conn) -> tuple[str, str] | None:
+    """(reason, detail) if the folder ``trust`` (now current) no longer admits
+    ``conn``, whose verdict came from ``conn.judge``; None if it still does (a
+    reload that replaced the verifier since the handshake gets its say)."""
     if conn.judge is None:  # a "tls" listener: no partner to re-check
         return None
     if trust is None:
