@@ -4,13 +4,21 @@ Owns the life of one partner (or client) connection:
 
 1. refuse at once (``over_limit``) when the gateway, the handshake slots or
    the source's share (``edge.core.limits.SourceLimits``) are full;
-2. TLS handshake, then ``PartnerTrust.verify_client`` (the core's one partner
-   decision) on the chain the peer sent, both inside one
-   ``handshake_timeout_s`` cancel scope. No application byte is read before
+2. TLS handshake inside one ``handshake_timeout_s`` cancel scope. On an mtls
+   listener the core (``PartnerTrust.verify_client``, the folder's verifier
+   in the listener's context) decides inside the handshake, so a refused
+   partner gets the alert that says why; ``TLSStream.handshake_verdict`` is
+   THE verdict (never a second verification), and a completed handshake
+   without an accepted verdict is refused. No application byte is read before
    the verdict; then the partner's own connection limit;
 3. a verified stream to a member of the partner's pool (``edge.pools``, whose
-   dial takes ``ServerTrust``'s decision); only then is the partner read;
-4. the relay (``edge.relay``), registered as live so a reload can withdraw it;
+   dial takes ``ServerTrust``'s decision); if a reload swapped the folder's
+   verifier meanwhile (during the handshake or the dial), the chain is
+   re-checked against the new one before the first relayed byte
+   (``trust_withdrawn``); only then is the partner read;
+4. the relay (``edge.relay``), registered as live so a reload can withdraw it,
+   and ended at ``Verdict.not_after`` (the earliest expiry on the verified
+   path, root included: ``trust_withdrawn``, reason ``expired``);
 5. one ``connection_closed`` or ``connection_rejected`` event, with the
    handshake metric and the clipped subject and detail.
 
@@ -39,7 +47,8 @@ from cryptography.hazmat.primitives import hashes
 from edge.core.config import Limits, Listener
 from edge.core.limits import SourceLimits
 from edge.core.reasons import Reason
-from edge.core.snapshot import Snapshot
+from edge.core.snapshot import FolderTrust, Snapshot
+from edge.core.trust import PartnerTrust, Verdict
 from edge.crlfetch import CrlFetcher
 from edge.current import Current
 from edge.logs import EventLog
@@ -93,6 +102,11 @@ class Conn:
     # against every new snapshot (edge.reload).
     chain: tuple[x509.Certificate, ...] = ()
     withdrawn_reason: str | None = None
+    # The verifier that judged the handshake (the listener context's), and its
+    # verdict: a reload that replaced the verifier means a re-check before relaying.
+    judge: PartnerTrust | None = None
+    verdict: Verdict | None = None
+    withdrawn: tuple[str, str] | None = None  # (reason, detail): trust lost before relaying
 
 
 @dataclass
@@ -238,7 +252,9 @@ class Admission:
     async def _serve_admitted_source(
         self, listener: Listener, tcp: trio.SocketStream, conn: Conn
     ) -> None:
-        tls = TLSStream(tcp, self._current().server_contexts[listener.name], server_side=True)
+        current = self._current()
+        tls = TLSStream(tcp, current.server_contexts[listener.name], server_side=True)
+        conn.judge = _verifier(current.snapshot.folder_of(listener))  # the context's verifier
         try:
             self._handshakes_in_progress += 1
             try:
@@ -247,7 +263,7 @@ class Admission:
                 # Released before anything is logged: whoever reads the verdict
                 # may count on the slot being free again.
                 self._handshakes_in_progress -= 1
-            origin = proxy_info(tcp, tls, partner, conn.tls_version, conn.chain)
+            origin = proxy_info(tcp, tls, partner, conn.tls_version, conn.chain, conn.verdict)
         except _Probe:
             self._metrics.tcp_probes.labels(listener.name).inc()
             await trio.aclose_forcefully(tls.transport_stream)
@@ -285,6 +301,7 @@ class Admission:
                 raise
             conn.member = member.host
             self._metrics.handshakes.labels(listener.name, label, "ok", "inbound").inc()
+            conn.withdrawn = withdrawal_after_reload(self._current().snapshot, listener, conn)
             with member:  # the member's active count, for balancing and max_connections
                 await self._relay_and_report(listener, label, conn, tls, upstream)
         finally:
@@ -300,43 +317,40 @@ class Admission:
         limits = self._current().snapshot.config.limits
         t0 = trio.current_time()
         timeout = limits.handshake_timeout_s if limits.handshake_timeout_s > 0 else math.inf
+        failure: _Rejected | None = None
         with trio.move_on_after(timeout) as scope:
             if await closed_before_sending(tls.transport_stream):
                 raise _Probe  # a load balancer's TCP check: counted, never logged
-            await _handshake(tls)
-            conn.tls_version = tls.version
-            if listener.mode != "mtls":
-                self._metrics.handshake_duration.labels(listener.name).observe(
-                    trio.current_time() - t0
-                )
-                return None, listener.pool
             try:
-                chain = tls.peer_chain
-                if chain:
-                    conn.leaf_subject = _clip(chain[0].subject.rfc4514_string(), _MAX_SUBJECT)
-                    conn.fingerprint_sha256 = chain[0].fingerprint(hashes.SHA256()).hex()
-            except ValueError as exc:  # DER that OpenSSL took but cryptography will not
-                raise _Rejected(Reason.INVALID_CHAIN, f"unparsable certificate: {exc}") from exc
-            conn.chain = tuple(chain)
-            # The folder as it is now: this verdict and this policy go together.
-            trust = self._current().snapshot.folder_of(listener)
-            if trust is None:  # fail closed: an mtls listener without its folder
-                raise _Rejected(Reason.INTERNAL_ERROR, "no policies loaded for this listener")
-            verdict = trust.verifier.verify_client(chain)
+                await _handshake(tls)
+            except _Rejected as rej:
+                failure = rej
+            else:
+                conn.tls_version = tls.version
+                if listener.mode != "mtls":
+                    self._metrics.handshake_duration.labels(listener.name).observe(
+                        trio.current_time() - t0
+                    )
+                    return None, listener.pool
+                try:
+                    conn.chain = tuple(tls.peer_chain)
+                except ValueError as exc:  # DER that OpenSSL took but cryptography will not
+                    raise _Rejected(Reason.INVALID_CHAIN, f"unparsable certificate: {exc}") from exc
         if scope.cancelled_caught:
             raise _Rejected(
                 Reason.HANDSHAKE_TIMEOUT,
                 f"handshake not finished within handshake_timeout_s={limits.handshake_timeout_s:g}",
             )
-        self._metrics.handshake_duration.labels(listener.name).observe(trio.current_time() - t0)
-        if self._crl_fetcher is not None:
+        # THE verdict, reached inside the handshake (edge.tls): never verify twice.
+        verdict = _take_verdict(tls, conn) if listener.mode == "mtls" else None
+        if verdict is not None and self._crl_fetcher is not None:
             # Learn where this partner's CRLs live (a crl_unavailable refusal
             # too: the next attempt succeeds once the CRL has been fetched).
             self._crl_fetcher.note_verdict(verdict)
-        conn.partner = verdict.partner
-        if not verdict.accepted:
-            assert verdict.reason is not None
-            raise _Rejected(verdict.reason, verdict.detail)
+        if failure is None or verdict is not None:  # authorized, or refused by the verdict
+            self._metrics.handshake_duration.labels(listener.name).observe(trio.current_time() - t0)
+        trust = self._current().snapshot.folder_of(listener)  # goes with this verdict
+        verdict = _admitted(verdict, failure, trust, conn)
         assert verdict.partner is not None and trust is not None
         policy = trust.policies.partners[verdict.partner]
         limit = limits.max_connections_per_partner
@@ -371,8 +385,10 @@ class Admission:
         key = id(conn)
         try:
             if conn.chain:
-                self.live[key] = LiveConnection(listener, conn, control)
-                self._on_live(conn.chain)
+                live = self.live[key] = LiveConnection(listener, conn, control)
+                self._on_live(_verified_path(conn))  # closed when its first cert expires
+                if conn.withdrawn is not None:  # ends the relay before its first byte
+                    live.withdraw(*conn.withdrawn)
             run_relay: RelayFunction = relay
             if listener.protocol == "sip":
                 who = SipPeer(conn.partner, label, conn.peer)
@@ -425,6 +441,86 @@ class Admission:
             fields["detail"] = _clip(conn.detail, _MAX_DETAIL)
         conn.reported = True
         self._log.event("connection_closed", **fields)
+
+
+def _take_verdict(tls: TLSStream, conn: Conn) -> Verdict | None:
+    """The verdict reached inside ``tls``'s handshake, written down on ``conn``."""
+    verdict = tls.handshake_verdict
+    if verdict is not None:
+        conn.verdict, conn.partner = verdict, verdict.partner
+        leaf = conn.chain[0] if conn.chain else (verdict.chain[0] if verdict.chain else None)
+        if leaf is not None:
+            conn.leaf_subject = _clip(leaf.subject.rfc4514_string(), _MAX_SUBJECT)
+            conn.fingerprint_sha256 = leaf.fingerprint(hashes.SHA256()).hex()
+    return verdict
+
+
+def _admitted(
+    verdict: Verdict | None, failure: _Rejected | None, trust: FolderTrust | None, conn: Conn
+) -> Verdict:
+    """The accepted verdict an mtls connection relays under, or ``_Rejected``."""
+    if failure is not None:
+        # Refused inside the handshake: the verdict says why (the partner got
+        # the matching alert); any other failure stays what OpenSSL said.
+        if verdict is not None and not verdict.accepted and verdict.reason is not None:
+            raise _Rejected(verdict.reason, verdict.detail)
+        raise failure
+    if trust is None or conn.judge is None:  # fail closed: an mtls listener without its folder
+        raise _Rejected(Reason.INTERNAL_ERROR, "no policies loaded for this listener")
+    if verdict is None:  # fail closed: a completed handshake never relays without one
+        raise _Rejected(Reason.INTERNAL_ERROR, "handshake completed without a verdict")
+    if not verdict.accepted:
+        assert verdict.reason is not None
+        raise _Rejected(verdict.reason, verdict.detail)
+    withdrawn = _withdrawal(trust, conn)  # a reload during the handshake
+    if withdrawn is not None:
+        raise _Rejected(Reason(withdrawn[0]), withdrawn[1])
+    assert conn.verdict is not None
+    return conn.verdict
+
+
+def _verifier(trust: FolderTrust | None) -> PartnerTrust | None:
+    return trust.verifier if trust is not None else None
+
+
+def _verified_path(conn: Conn) -> tuple[x509.Certificate, ...]:
+    """The path the verdict verified (root included), else the chain the peer sent."""
+    return (conn.verdict.chain if conn.verdict is not None else ()) or conn.chain
+
+
+def withdrawal_after_reload(
+    snapshot: Snapshot, listener: Listener, conn: Conn
+) -> tuple[str, str] | None:
+    """(reason, detail) if ``snapshot`` (now current) no longer admits ``conn``.
+
+    Issue 15's race: a connection admitted under snapshot N was still dialling
+    the pool when N+1 (the partner removed) arrived, then relayed. Called after
+    the dial with no await until the relay: the first relayed byte never
+    precedes this re-check."""
+    return _withdrawal(snapshot.folder_of(listener), conn)
+
+
+def _withdrawal(trust: FolderTrust | None, conn: Conn) -> tuple[str, str] | None:
+    """(reason, detail) if the folder ``trust`` (now current) no longer admits
+    ``conn``, whose verdict came from ``conn.judge``; None if it still does (a
+    reload that replaced the verifier since the handshake gets its say)."""
+    if conn.judge is None:  # a "tls" listener: no partner to re-check
+        return None
+    if trust is None:
+        return Reason.INTERNAL_ERROR.value, "the listener's policies folder is gone"
+    if trust.verifier is conn.judge:
+        return None
+    verdict = trust.verifier.verify_client(conn.chain)
+    if not verdict.accepted:
+        assert verdict.reason is not None
+        return verdict.reason.value, verdict.detail
+    if verdict.partner != conn.partner:
+        return (
+            Reason.PARTNER_CHANGED.value,
+            f"the chain now identifies partner {verdict.partner}, not {conn.partner}",
+        )
+    conn.judge, conn.verdict = trust.verifier, verdict
+    return None
 
 
 async def _handshake(tls: TLSStream) -> None:

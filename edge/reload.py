@@ -8,7 +8,10 @@ points), building the next ``Snapshot`` off to the side in a worker thread
 swaps it in with one assignment, and then the re-authorization of every live
 connection against the new snapshot with the chain it presented (closing,
 ``trust_withdrawn``, those that no longer pass). It also re-checks when the
-clock alone changes a verdict (a CRL's next update, a certificate's expiry).
+clock alone changes a verdict (a CRL's next update, a certificate's expiry):
+the watch loop wakes then, not at its next poll, so a live connection closes
+when the earliest certificate of its verified path (root included) expires
+(``trust_withdrawn``, reason ``expired``).
 
 What a configuration change takes is ``edge.core.snapshot.diff``'s answer:
 ``config_reloaded`` logs what applied live and what needs a restart (the
@@ -22,6 +25,7 @@ block the event loop with parsing or verifier building (worker thread).
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -46,6 +50,8 @@ __all__ = ["Reloader", "config_files", "log_config_warnings", "log_new_notices"]
 
 # Live connections re-checked between two yields to the event loop.
 _RECHECK_BATCH = 200
+# A certificate is valid through its notAfter second: re-check this long after it.
+_EXPIRY_SLACK_S = 1.0
 
 
 def config_files(config: Config) -> list[Path]:
@@ -112,6 +118,8 @@ class Reloader:
         self._next_time_recheck = math.inf
         # Called when a requested (SIGHUP) reload has finished, applied or not.
         self.on_forced_done: Callable[[], None] = lambda: None
+        # The watch loop's current sleep, so a new expiry can wake it earlier.
+        self._sleep: trio.CancelScope | None = None
 
     def remember_files(self) -> None:
         """Fingerprint what was just loaded (startup), so only changes reload."""
@@ -128,8 +136,11 @@ class Reloader:
         """Poll for changes every poll_interval_s, or at once on ``request``."""
         while True:
             interval = self._current().snapshot.config.policies.poll_interval_s
-            with trio.move_on_after(interval):
+            with trio.move_on_after(interval) as sleep:
+                sleep.deadline = min(sleep.deadline, self._next_time_recheck)
+                self._sleep = sleep
                 await self._requested.wait()
+            self._sleep = None
             forced = self._requested.is_set()
             self._requested = trio.Event()
             try:
@@ -273,6 +284,10 @@ class Reloader:
             conn = live.conn
             if conn.end is not None:
                 continue
+            expired = _expired_path(conn.verdict.not_after if conn.verdict else None)
+            if expired is not None:  # the verdict itself stopped being true
+                live.withdraw(Reason.EXPIRED.value, expired)
+                continue
             trust = snapshot.folder_of(listener)
             if trust is None:
                 continue
@@ -291,13 +306,16 @@ class Reloader:
         self._next_time_recheck = self._earliest_time_event(now)
 
     def note_expiry(self, chain: tuple[x509.Certificate, ...]) -> None:
-        """A connection went live with ``chain``: re-check when its first cert expires."""
+        """A connection went live with ``chain`` (its verified path, root included):
+        re-check just after its first certificate expires, waking the watch loop."""
         expiries = [c.not_valid_after_utc.timestamp() for c in chain]
         if expiries:
             self._next_time_recheck = min(
                 self._next_time_recheck,
-                trio.current_time() + max(0.0, min(expiries) - time.time()),
+                trio.current_time() + max(0.0, min(expiries) + _EXPIRY_SLACK_S - time.time()),
             )
+            if self._sleep is not None:
+                self._sleep.deadline = min(self._sleep.deadline, self._next_time_recheck)
 
     def _earliest_time_event(self, now: float) -> float:
         """When the next re-check is due even if no file changes (trio clock)."""
@@ -311,11 +329,25 @@ class Reloader:
                         if t > wall:
                             soonest = min(soonest, t)
         for live in self._live().values():
-            for cert in live.conn.chain:
-                t = cert.not_valid_after_utc.timestamp()
+            verdict = live.conn.verdict
+            for cert in (verdict.chain if verdict is not None else ()) or live.conn.chain:
+                # Valid through notAfter itself: the verifier refuses just after it.
+                t = cert.not_valid_after_utc.timestamp() + _EXPIRY_SLACK_S
                 if t > wall:
                     soonest = min(soonest, t)
         return now + (soonest - wall) if soonest != math.inf else math.inf
+
+
+def _expired_path(not_after: _dt.datetime | None) -> str | None:
+    """Why a live connection's verified path (root included) is no longer valid, or
+    None: it is closed at the path's earliest notAfter, whatever else a re-check
+    would say first."""
+    if not_after is None or _dt.datetime.now(_dt.UTC) <= not_after:
+        return None
+    return (
+        f"the verified path expired at {not_after.strftime('%Y-%m-%dT%H:%M:%SZ')} "
+        "(its earliest notAfter, the partner's root included)"
+    )
 
 
 def _same_policy(a: PartnerPolicy, b: PartnerPolicy) -> bool:

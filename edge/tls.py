@@ -126,6 +126,11 @@ callback (``_HandshakeJudge``):
   refuses at once, so OpenSSL's own code picks the alert: ``unknown_ca``,
   ``certificate_expired``, ``bad_certificate``, ``certificate_revoked``,
   ``decrypt_error``, ``unsupported_certificate``;
+* when such an error comes before the walk, with only the leaf known (wrong
+  purpose, no issuer, an unreadable extension), asks the core on the leaf
+  alone: its reason (and partner) replaces OpenSSL's only when it is a
+  refusal other than ``unknown_ca``, so the core sharpens, never overrules;
+  an error at a depth past ``MAX_CHAIN_LENGTH`` is ``invalid_chain``;
 * overrules every other OpenSSL error (a missing CRL, a stale CRL, ...) and
   lets the walk go on;
 * at the last call (depth 0, OpenSSL satisfied) asks the core,
@@ -134,8 +139,14 @@ callback (``_HandshakeJudge``):
   sees (name outside the partner's domains, disabled, ambiguous, weak
   signature, profile) has no X509 error of its own at that point: OpenSSL
   3.0+ then reports ``X509_V_ERR_UNSPECIFIED``, alert ``internal_error``
-  (measured; see tests/test_tls.py). pyOpenSSL offers no public way to set
-  the error (``X509_STORE_CTX_set_error``) from the callback.
+  (measured; see tests/test_tls.py and tests/test_alerts.py). pyOpenSSL
+  offers no public way to set the error (``X509_STORE_CTX_set_error``), and
+  resets it to OK whenever the callback accepts, so an error seen earlier
+  cannot be kept for a later refusal; the checks OpenSSL runs after the last
+  call (name constraints, policies) cannot be made to fail per connection,
+  and a store clock moved to force an error at the leaf would turn every
+  ``certificate_expired`` into ``bad_certificate``. docs/operations.md lists
+  what a refused partner sees per reason.
 
 The connection's verdict (the core's, or for an OpenSSL refusal one built
 from its error code) is kept for the gateway: ``TLSStream.handshake_verdict``.
@@ -166,7 +177,13 @@ from OpenSSL import SSL
 from edge.core.config import is_ip_address
 from edge.core.policies import Revocation
 from edge.core.reasons import Reason
-from edge.core.trust import PartnerTrust, Verdict, crypto_floor_problem, reason_for_openssl_error
+from edge.core.trust import (
+    MAX_CHAIN_LENGTH,
+    PartnerTrust,
+    Verdict,
+    crypto_floor_problem,
+    reason_for_openssl_error,
+)
 
 if TYPE_CHECKING:
     from OpenSSL.crypto import X509
@@ -939,6 +956,29 @@ class _HandshakeJudge:
                 chain = [judgement.path[d] for d in sorted(judgement.path)]
                 judgement.verdict = self.trust.verify_client(chain)
                 return judgement.verdict.accepted
+            if depth >= MAX_CHAIN_LENGTH:
+                # OpenSSL stopped at its depth limit: the peer sent more than the
+                # core accepts (the core's rule and reason; the alert stays OpenSSL's).
+                judgement.verdict = Verdict(
+                    False,
+                    Reason.INVALID_CHAIN,
+                    f"the peer sent more than {MAX_CHAIN_LENGTH} certificates "
+                    f"(OpenSSL stopped at depth {depth}); at most {MAX_CHAIN_LENGTH} "
+                    "are accepted",
+                )
+                return False
+            if depth == 0 and len(judgement.path) == 1:
+                # An error on the leaf before OpenSSL's walk (no issuer found,
+                # wrong purpose, unreadable extension): only the leaf is known.
+                # The core, building the path itself, may name the reason and the
+                # partner better (bad_purpose from fabrikam's own root; invalid_chain
+                # for a malformed SAN); it may only sharpen OpenSSL's refusal, never
+                # overrule it, and an unknown_ca from it (the intermediates it was
+                # not shown) says less than OpenSSL's fact. The alert stays OpenSSL's.
+                core = self.trust.verify_client([judgement.path[0]])
+                if not core.accepted and core.reason is not Reason.UNKNOWN_CA:
+                    judgement.verdict = core
+                    return False
             # Earlier (building the path, checking CRLs) only this certificate is
             # known: OpenSSL's fact about it is the verdict.
             reason = _OPENSSL_ONLY_REASONS.get(err) or reason_for_openssl_error(err)

@@ -27,10 +27,12 @@ from tests.gateway_harness import (
     EdgeProcess,
     InProcessEdge,
     Pki,
+    Samples,
     echo_roundtrip,
     edge_command,
     http_get,
     partner_stream,
+    scrape,
     start_edge,
     start_gateway,
     start_pool,
@@ -185,6 +187,18 @@ async def _rejected_reason(edge: EdgeProcess, pki: Pki, leaf: object) -> dict[st
     return await edge.event_for_port(port, "connection_rejected")
 
 
+# Refusals after the partner's own root verified the chain (issue 16 item 4).
+_FROM_THE_PARTNERS_ROOT = ("expired", "bad_purpose", "name_mismatch")
+
+
+def _handshakes(samples: Samples, **labels: str) -> float:
+    """edge_handshakes_total summed over the series carrying ``labels``."""
+    want = set(labels.items())
+    return sum(
+        v for (name, have), v in samples.items() if name == "edge_handshakes_total" and want <= have
+    )
+
+
 async def test_rejections_carry_exact_reason_codes(tmp_path: Path, pki: Pki) -> None:
     policies = {
         "fabrikam.com": 'domains = ["fabrikam.com"]\n',
@@ -213,6 +227,15 @@ async def test_rejections_carry_exact_reason_codes(tmp_path: Path, pki: Pki) -> 
                 event = await _rejected_reason(edge, pki, leaf)
                 assert event["reason"] == expected, event
                 assert event["detail"]
+                if expected in _FROM_THE_PARTNERS_ROOT:
+                    # The partner's own root verified the chain: the refusal is
+                    # labelled with the partner, in the log and in the metric.
+                    assert event.get("partner") == "fabrikam.com", event
+            samples = await scrape(edge)
+            for reason in _FROM_THE_PARTNERS_ROOT:
+                assert _handshakes(samples, partner="fabrikam.com", result=reason) == 1
+                assert _handshakes(samples, partner="unknown", result=reason) == 0
+            assert _handshakes(samples, partner="unknown", result="unknown_ca") == 1
             # No client certificate: the handshake itself fails (TLS 1.3 alert).
             port = await _no_cert_connection(edge, pki)
             event = await edge.event_for_port(port, "connection_rejected")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client import CollectorRegistry
 from proxyprotocol.result import ProxyResult, ProxyResultIPv4
 from proxyprotocol.v2 import ProxyProtocolV2
@@ -32,11 +36,13 @@ from edge.core.proxy_protocol import PP2_TYPE_EDGE_PARTNER
 from edge.core.snapshot import build_snapshot
 from edge.logs import EventLog
 from edge.metrics import Metrics
+from edge.pki import Leaf
 from edge.pools import PoolSet, UpstreamUnavailable
 from edge.tls import TLSStream, client_context, server_context
 from tests.gateway_harness import (
     EDGE_NAME,
     Pki,
+    echo_roundtrip,
     partner_stream,
     start_gateway,
     stop_edge,
@@ -696,9 +702,70 @@ async def test_proxy_v2_header_reaches_the_member(tmp_path: Path, pki: Pki) -> N
             assert tlv[PP2_TYPE_EDGE_PARTNER] == b"fabrikam.com"
             assert tlv.ssl.has_ssl and tlv.ssl.has_cert_conn and tlv.ssl.verified
             assert tlv.ssl.version == closed["tls_version"]
-            # Never the raw CN (issue 15). Once proxy_info uses
-            # edge.core.proxy_protocol.authorized_identity this is "sip.fabrikam.com".
-            assert tlv.ssl.cn != "Fabrikam SIP Edge"
+            # The authorized name (the SAN that matched), never the raw CN (issue 15).
+            assert tlv.ssl.cn == "sip.fabrikam.com"
             assert fe1.app_bytes == 5
+            await _stop(edge)
+            nursery.cancel_scope.cancel()
+
+
+def _leaf_with_raw_cn(pki: Pki, cn: str) -> Leaf:
+    """A fabrikam leaf (SAN sip.fabrikam.com) whose subject CN is ``cn`` unchecked:
+    CR/LF/NUL or 65,500 bytes, as a careless or hostile partner CA issues it."""
+    proto = pki.fabrikam.issue(dns=["sip.fabrikam.com"])
+    with warnings.catch_warnings():  # cryptography warns about the length: that is the point
+        warnings.simplefilter("ignore")
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn, _validate=False)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(pki.fabrikam.cert.subject)
+        .public_key(proto.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(proto.cert.not_valid_before_utc)
+        .not_valid_after(proto.cert.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("sip.fabrikam.com")]), False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(pki.fabrikam.key.public_key()),
+            False,
+        )
+        .sign(pki.fabrikam.key, hashes.SHA256())
+    )
+    return Leaf(cert, proto.key, (cert, *pki.fabrikam.chain))
+
+
+async def test_hostile_cn_never_reaches_the_pool(tmp_path: Path, pki: Pki) -> None:
+    """Issue 15: a CN with CR/LF/NUL reached the pool byte for byte and a 65,500-byte
+    CN overflowed the PROXY header (internal_error). The pool gets the authorized
+    SAN instead, and the connection is relayed as any other."""
+    cases = {
+        "CR/LF/NUL": "sip.fabrikam.com\r\nX-Injected: 1\x00evil",
+        "65,500 bytes": "a" * 65_500,
+    }
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            fe1 = Member(pki, "fe1.corp.test", proxy=True)
+            await fe1.start(nursery)
+            pools_toml = (
+                '[[pools]]\nname = "frontend"\nproxy_protocol = "v2"\n'
+                f"members = [{_member_line(fe1)}]\n"
+            )
+            edge = await start_gateway(nursery, _config(tmp_path, pki, pools_toml))
+            for what, cn in cases.items():
+                stream, port = await partner_stream(edge, pki, _leaf_with_raw_cn(pki, cn))
+                assert await echo_roundtrip(stream, b"hello") == b"hello", what
+                await stream.aclose()
+                closed = await edge.event_for_port(port, "connection_closed")
+                assert closed["partner"] == "fabrikam.com", (what, closed)
+                assert closed["end"] == "partner_closed", (what, closed)
+            proxied = [h for h in fe1.headers if h.proxied]
+            assert len(proxied) == len(cases)
+            for header in proxied:
+                assert header.tlv.ssl.cn == "sip.fabrikam.com"
+                assert header.tlv.ssl.verified
+            assert fe1.app_bytes == 5 * len(cases)
+            assert not [e for e in edge.events if e["event"] == "internal_error"]
             await _stop(edge)
             nursery.cancel_scope.cancel()

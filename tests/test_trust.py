@@ -867,3 +867,21 @@ def test_verdict_reports_the_earliest_expiry_including_the_root(tmp_path: Path) 
     assert verdict.accepted, verdict.line
     assert verdict.not_after == root.cert.not_valid_after_utc
     assert trust.verify_client(leaf.chain, at=NOW + 3 * DAY).reason is Reason.EXPIRED
+
+
+def test_refusals_after_the_partners_own_root_name_the_partner(world: World) -> None:
+    """Issue 16 item 4: when the partner's own root verified the path, the refusal
+    carries the partner (logs and metrics label it), and a stranger's never does."""
+    expired = world.fab_issuing.issue(dns=FAB, not_before=NOW - 10 * DAY, not_after=NOW - DAY)
+    cases = {
+        Reason.EXPIRED: expired,
+        Reason.BAD_PURPOSE: world.fab_issuing.issue(dns=FAB, eku=["server"]),
+        Reason.NAME_MISMATCH: world.fab_issuing.issue(dns=["sip.litware.com"]),
+    }
+    for reason, leaf in cases.items():
+        verdict = world.trust.verify_client(leaf.chain)
+        assert (verdict.accepted, verdict.reason) == (False, reason), verdict
+        assert verdict.partner == "fabrikam.com", (reason, verdict)
+    stranger = world.trust.verify_client(world.stranger.issue(dns=FAB).chain)
+    assert stranger.reason is Reason.UNKNOWN_CA
+    assert stranger.partner is None

@@ -753,7 +753,7 @@ class PartnerTrust:
         for pid, _ in matched:
             problem = _purpose_problem(verified[pid], ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth")
             if problem is not None:
-                return _reject(Reason.BAD_PURPOSE, problem, chain=verified[pid])
+                return _reject(Reason.BAD_PURPOSE, problem, pid, verified[pid])
         any_path = verified[matched[0][0]]
 
         if len(matched) > 1:
@@ -835,10 +835,10 @@ class PartnerTrust:
         assert result.reason is not None
         detail = result.detail
         if result.reason is not Reason.UNKNOWN_CA:
-            detail = f"{detail} (against partner {pid}'s roots)"
-        else:
-            detail = f"{detail}; not trusted by partner {pid}'s roots"
-        return _reject(result.reason, detail)
+            # The path reached this partner's own roots: the refusal is its (logs
+            # and metrics name the partner whose certificate expired, ...).
+            return _reject(result.reason, f"{detail} (against partner {pid}'s roots)", pid)
+        return _reject(result.reason, f"{detail}; not trusted by partner {pid}'s roots")
 
     def _name_mismatch(
         self,
@@ -851,11 +851,15 @@ class PartnerTrust:
         for pid in verified:
             domains = ", ".join(self._entries[pid].policy.domains)
             parts.append(f"{pid} ({domains})")
+        # One partner's root verified it: that partner is identified (its admins
+        # issued a name outside their domains); several: none is.
+        only = next(iter(verified)) if len(verified) == 1 else None
         return _reject(
             Reason.NAME_MISMATCH,
             f"leaf {_subject(leaf)} names [{shown}], none inside the domains of the "
             f"partner(s) whose root verified it: {'; '.join(parts)}",
-            chain=next(iter(verified.values())),
+            only,
+            next(iter(verified.values())),
         )
 
 
