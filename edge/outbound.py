@@ -178,15 +178,16 @@ class OutboundClosed:
 # --- contexts ---------------------------------------------------------------------------
 
 
-def outbound_server_context(identity: Identity) -> SSL.Context:
+def outbound_server_context(identity: Identity, profile: str = "intermediate") -> SSL.Context:
     """The outbound listener's context: the edge presents `internal_cert`; OpenSSL
     requires a client certificate chaining to `internal_roots` (a stranger fails
-    the handshake); `serve_outbound` then checks the topology."""
+    the handshake); `serve_outbound` then checks the topology. `profile`: `[tls]`."""
     return server_context(
         identity.internal_chain,
         identity.internal_private_key,
         require_client_cert=True,
         client_roots=identity.internal_root_certs,
+        profile=profile,
     )
 
 
@@ -196,10 +197,14 @@ def _core_decides(conn: SSL.Connection, cert: Any, err: int, depth: int, ok: int
     return True
 
 
-def outbound_client_context(identity: Identity, policy: PartnerPolicy) -> SSL.Context:
+def outbound_client_context(
+    identity: Identity, policy: PartnerPolicy, profile: str = "intermediate"
+) -> SSL.Context:
     """The client context toward one partner: presents `public_cert`, offers that
-    partner's roots only, and leaves the verdict to the core."""
-    ctx = client_context(policy.roots, identity.public_chain, identity.public_private_key)
+    partner's roots only, and leaves the verdict to the core. `profile`: `[tls]`."""
+    ctx = client_context(
+        policy.roots, identity.public_chain, identity.public_private_key, profile=profile
+    )
     ctx.set_verify(SSL.VERIFY_PEER, _core_decides)
     return ctx
 
@@ -357,7 +362,9 @@ class Outbound:
         """The client context toward a partner, built once per snapshot."""
         ctx = self._contexts.get(policy.id)
         if ctx is None:
-            ctx = self._contexts[policy.id] = outbound_client_context(self.config.identity, policy)
+            ctx = self._contexts[policy.id] = outbound_client_context(
+                self.config.identity, policy, self.config.tls.profile
+            )
         return ctx
 
     def live_count(self, partner: str) -> int:

@@ -371,7 +371,7 @@ class OutboundListeners:
         # Inbound connections open now, so max_connections bounds the whole gateway.
         self._others_active = others_active
         self._outbound: dict[str, Outbound] = {}
-        self._context: tuple[Identity, SSL.Context] | None = None
+        self._context: tuple[tuple[Identity, str], SSL.Context] | None = None
         self.active_total = 0
         self.idle = trio.Event()  # set while no outbound connection is open
         self.idle.set()
@@ -395,10 +395,11 @@ class OutboundListeners:
 
     def server_context(self) -> SSL.Context:
         """The outbound listeners' TLS context, rebuilt when the identity changes."""
-        identity = self._current().snapshot.config.identity
+        config = self._current().snapshot.config
+        key = (config.identity, config.tls.profile)
         cached = self._context
-        if cached is None or (cached[0] is not identity and cached[0] != identity):
-            cached = self._context = (identity, outbound_server_context(identity))
+        if cached is None or cached[0] != key:
+            cached = self._context = (key, outbound_server_context(*key))
         return cached[1]
 
     def update(self, snapshot: Snapshot) -> int:
