@@ -152,6 +152,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -192,6 +193,11 @@ _DEFAULT_RECEIVE_SIZE = 128 * 1024
 _WRITE_CHUNK = 128 * 1024
 # How much ciphertext one bio_read may take out of the outgoing BIO.
 _BIO_READ_SIZE = 1024 * 1024
+# One transport read lands here (see _transport_receive): shared by every
+# stream of the process, used only between two awaits.
+_SCRATCH = bytearray(_TRANSPORT_READ_SIZE)
+_SCRATCH_VIEW = memoryview(_SCRATCH)
+_SCRATCH_LIST = [_SCRATCH]
 # How long aclose() and an error path spend trying to deliver a close_notify or
 # an alert to a peer that does not read.
 _DEFAULT_CLOSE_TIMEOUT = 1.0
@@ -367,6 +373,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._outer_recv = _ConflictDetector("another task is receiving on this TLSStream")
         # Resumable progress of the send in flight (see _write_some).
         self._write_view: memoryview | None = None
+        # A trio SocketStream: ciphertext moves with os.readv/os.write on its
+        # descriptor (see "Data path" in the module docstring).
+        self._socket: trio.socket.SocketType | None = (
+            transport_stream.socket if isinstance(transport_stream, trio.SocketStream) else None
+        )
 
     # ------------------------------------------------------------------
     # What the handshake established
@@ -468,6 +479,62 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return b""
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def _transport_send(self, data: bytes) -> bool:
+        """Send all of ``data`` on the transport; True when it had to wait."""
+        sock = self._socket
+        if sock is None:
+            await self.transport_stream.send_all(data)
+            return True
+        waited = False
+        view = memoryview(data)
+        while view:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the transport is closed")
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"transport send failed: {exc}") from exc
+            view = view[n:]
+        return waited
+
+    async def _transport_receive(self) -> bool:
+        """Read once from the transport into the incoming BIO (end of stream:
+        ``bio_shutdown``); True when it had to wait."""
+        sock = self._socket
+        if sock is None:
+            data = await self.transport_stream.receive_some(_TRANSPORT_READ_SIZE)
+            if data:
+                self._conn.bio_write(data)
+            else:
+                self._conn.bio_shutdown()
+            return True
+        waited = False
+        while True:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the transport is closed")
+            try:
+                # Into one module-wide buffer: no 128 KiB allocation per read,
+                # and no await between filling it and handing it to OpenSSL.
+                n = os.readv(fd, _SCRATCH_LIST)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"transport receive failed: {exc}") from exc
+            break
+        if n:
+            self._conn.bio_write(_SCRATCH_VIEW[:n])
+        else:
+            self._conn.bio_shutdown()
+        return waited
+
     async def _flush_after_error(self) -> None:
         """Deliver an alert OpenSSL queued before failing, if we can, quickly."""
         try:
@@ -482,7 +549,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         with trio.move_on_after(self._close_timeout):
             async with self._send_lock:
                 with contextlib.suppress(*_TRANSPORT_GONE):
-                    await self.transport_stream.send_all(data)
+                    await self._transport_send(data)
 
     async def _fail(self, exc: SSL.Error) -> TLSError:
         self._state = _State.BROKEN
@@ -493,10 +560,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
         message, errors = _describe(exc)
         return TLSError(message, errors)
 
-    async def _retry(self, fn: Callable[[], T], *, is_handshake: bool = False) -> T | None:
+    async def _retry(
+        self, fn: Callable[[], T], *, is_handshake: bool = False, eager: bool = False
+    ) -> T | None:
         """Run ``fn`` until it completes, doing the I/O it asks for.
 
-        See the module docstring for the theory.
+        See the module docstring for the theory. ``eager``: no schedule point
+        when no I/O had to wait (the relay's data path, which yields by itself).
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         yielded = False
@@ -533,11 +603,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 try:
                     await _acquire(self._send_lock)
                     try:
-                        yielded = True
                         if self._delayed_outgoing is not None:
                             to_send = self._delayed_outgoing + to_send
                             self._delayed_outgoing = None
-                        await self.transport_stream.send_all(to_send)
+                        if await self._transport_send(to_send):
+                            yielded = True
                     finally:
                         self._send_lock.release()
                 except BaseException:
@@ -549,18 +619,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 recv_count = self._recv_count
                 await _acquire(self._recv_lock)
                 try:
-                    yielded = True
                     if recv_count == self._recv_count:
-                        data = await self.transport_stream.receive_some(_TRANSPORT_READ_SIZE)
-                        if data:
-                            self._conn.bio_write(data)
-                        else:
-                            self._conn.bio_shutdown()
+                        if await self._transport_receive():
+                            yielded = True
                         self._drained = False
                         self._recv_count += 1
                 finally:
                     self._recv_lock.release()
-        if not yielded:
+        if not yielded and not eager:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return ret
 
@@ -681,6 +747,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
         Raises ``TLSTruncatedError`` when the transport ends without a
         close_notify, ``TLSError`` on any other TLS failure.
         """
+        return await self._receive(max_bytes, eager=False)
+
+    async def relay_receive(self, max_bytes: int) -> bytes:
+        """``receive_some`` without a schedule point when the bytes were already
+        there (it still raises ``Cancelled`` when cancelled). For a caller that
+        yields by itself at least every few calls (``edge.relay``)."""
+        return await self._receive(max_bytes, eager=True)
+
+    async def _receive(self, max_bytes: int | None, *, eager: bool) -> bytes:
         with self._outer_recv:
             self._check_status()
             await self._ensure_handshake()
@@ -688,7 +763,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 max_bytes = _DEFAULT_RECEIVE_SIZE
             elif max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
-            data = await self._retry(lambda: self._read_plain(max_bytes))
+            data = await self._retry(lambda: self._read_plain(max_bytes), eager=eager)
             assert data is not None
             if self._session_cache is not None:
                 # TLS 1.3: the server's tickets came before these bytes.
@@ -730,6 +805,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
         Cancelled mid-way, the stream is broken (part of a record may have
         been sent).
         """
+        await self._send(data, eager=False)
+
+    async def relay_send(self, data: bytes | bytearray | memoryview) -> None:
+        """``send_all`` without a schedule point when the transport took
+        everything at once (it still raises ``Cancelled`` when cancelled)."""
+        await self._send(data, eager=True)
+
+    async def _send(self, data: bytes | bytearray | memoryview, *, eager: bool) -> None:
         with self._outer_send:
             self._check_status()
             await self._ensure_handshake()
@@ -741,7 +824,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._write_view = memoryview(data).cast("B")
             try:
                 while True:
-                    done = await self._retry(self._write_some)
+                    done = await self._retry(self._write_some, eager=eager)
                     if done:
                         break
             except BaseException:
@@ -795,7 +878,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     self._delayed_outgoing = None
                     if data:
                         async with self._send_lock:
-                            await self.transport_stream.send_all(data)
+                            await self._transport_send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, SSL.Error):
             pass
         finally:
