@@ -193,6 +193,9 @@ _DEFAULT_RECEIVE_SIZE = 128 * 1024
 _WRITE_CHUNK = 128 * 1024
 # How much ciphertext one bio_read may take out of the outgoing BIO.
 _BIO_READ_SIZE = 1024 * 1024
+# A relay read that returned data checks the outgoing BIO (a TLS 1.3
+# KeyUpdate answer) only once in this many reads; every write takes it anyway.
+_LAZY_READS = 8
 # One transport read lands here (see _transport_receive): shared by every
 # stream of the process, used only between two awaits.
 _SCRATCH = bytearray(_TRANSPORT_READ_SIZE)
@@ -371,6 +374,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._eof_sent = False
         self._outer_send = _ConflictDetector("another task is sending on this TLSStream")
         self._outer_recv = _ConflictDetector("another task is receiving on this TLSStream")
+        # Relay reads since the outgoing BIO was last checked (see _retry).
+        self._lazy_reads = 0
         # Resumable progress of the send in flight (see _write_some).
         self._write_view: memoryview | None = None
         # A trio SocketStream: ciphertext moves with os.readv/os.write on its
@@ -561,14 +566,21 @@ class TLSStream(trio.abc.HalfCloseableStream):
         return TLSError(message, errors)
 
     async def _retry(
-        self, fn: Callable[[], T], *, is_handshake: bool = False, eager: bool = False
+        self,
+        fn: Callable[[], T],
+        *,
+        is_handshake: bool = False,
+        eager: bool = False,
+        lazy_reads: bool = False,
     ) -> T | None:
         """Run ``fn`` until it completes, doing the I/O it asks for.
 
         See the module docstring for the theory. ``eager``: no schedule point
         when no I/O had to wait (the relay's data path, which yields by itself).
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
+        if not eager:
+            # The relay checks for cancellation at its own schedule points.
+            await trio.lowlevel.checkpoint_if_cancelled()
         yielded = False
         finished = False
         ret: T | None = None
@@ -587,8 +599,20 @@ class TLSStream(trio.abc.HalfCloseableStream):
             else:
                 finished = True
             # Every path drains the outgoing BIO right after calling OpenSSL,
-            # with no await in between: untouched, it is empty.
-            to_send = self._take_outgoing() if called_openssl else b""
+            # with no await in between, except a relay read that returned
+            # data: the outgoing BIO is then checked every _LAZY_READS reads
+            # only (see "Data path" in the module docstring).
+            if not called_openssl:
+                to_send = b""
+            elif lazy_reads and finished and ret:
+                self._lazy_reads += 1
+                if self._lazy_reads >= _LAZY_READS:
+                    self._lazy_reads = 0
+                    to_send = self._take_outgoing()
+                else:
+                    to_send = b""
+            else:
+                to_send = self._take_outgoing()
             if (
                 is_handshake
                 and finished
@@ -763,7 +787,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 max_bytes = _DEFAULT_RECEIVE_SIZE
             elif max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
-            data = await self._retry(lambda: self._read_plain(max_bytes), eager=eager)
+            data = await self._retry(
+                lambda: self._read_plain(max_bytes), eager=eager, lazy_reads=eager
+            )
             assert data is not None
             if self._session_cache is not None:
                 # TLS 1.3: the server's tickets came before these bytes.
