@@ -191,8 +191,13 @@ _TRANSPORT_READ_SIZE = 128 * 1024
 _DEFAULT_RECEIVE_SIZE = 128 * 1024
 # How much plaintext is encrypted before one transport send.
 _WRITE_CHUNK = 128 * 1024
-# How much ciphertext one bio_read may take out of the outgoing BIO.
-_BIO_READ_SIZE = 1024 * 1024
+# How much ciphertext one bio_read may take out of the outgoing BIO: a whole
+# _WRITE_CHUNK of records with their overhead (pyOpenSSL allocates this much
+# per call, and 1 MiB was above malloc's mmap threshold).
+_BIO_READ_SIZE = 132 * 1024
+# The most plaintext one SSL_read can return (one record): pyOpenSSL allocates
+# the size asked for on every call, so asking for more only costs.
+_RECORD_PLAINTEXT = 16 * 1024
 # A relay read that returned data checks the outgoing BIO (a TLS 1.3
 # KeyUpdate answer) only once in this many reads; every write takes it anyway.
 _LAZY_READS = 8
@@ -734,7 +739,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if self._drained:
             raise _NeedBytes
         try:
-            first = self._conn.recv(max_bytes)
+            first = self._conn.recv(min(max_bytes, _RECORD_PLAINTEXT))
         except SSL.ZeroReturnError:
             self._eof_received = True
             return b""
@@ -747,7 +752,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         chunks = [first]
         while got < max_bytes:
             try:
-                more = self._conn.recv(max_bytes - got)
+                more = self._conn.recv(min(max_bytes - got, _RECORD_PLAINTEXT))
             except SSL.WantReadError:
                 self._drained = True
                 break
