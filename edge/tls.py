@@ -786,8 +786,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     async def _receive(self, max_bytes: int | None, *, eager: bool) -> bytes:
         with self._outer_recv:
-            self._check_status()
-            await self._ensure_handshake()
+            if self._state is not _State.OK or not self._handshake_ok:
+                self._check_status()
+                await self._ensure_handshake()
             if max_bytes is None:
                 max_bytes = _DEFAULT_RECEIVE_SIZE
             elif max_bytes < 1:
@@ -845,8 +846,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     async def _send(self, data: bytes | bytearray | memoryview, *, eager: bool) -> None:
         with self._outer_send:
-            self._check_status()
-            await self._ensure_handshake()
+            if self._state is not _State.OK or not self._handshake_ok:
+                self._check_status()
+                await self._ensure_handshake()
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_eof() was called on this TLSStream")
             if not data:
