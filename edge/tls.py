@@ -106,6 +106,50 @@ and a memory BIO that gave less than asked for is empty, so draining the
 outgoing BIO takes one ``bio_read``. Each saves a call and an exception per
 record batch.
 
+Data path (issue 19: small messages on many live connections)
+=============================================================
+
+Per small record the cost was Python around the record, not crypto: trio's
+socket wrappers (a conflict detector, an error translator, a checkpoint and
+a cancel-shielded checkpoint per ``send``/``recv``), two ``trio.Lock``
+round trips, a schedule point per ``receive_some`` and per ``send_all``, an
+``SSL_read`` into a fresh 128 KiB buffer and a ``bio_read`` into a fresh
+1 MiB one. What the stream does now, once established:
+
+* Ciphertext moves with ``os.readv``/``os.write`` on the descriptor of the
+  ``trio.SocketStream`` underneath (trio is used for readiness only:
+  ``trio.lowlevel.wait_readable/wait_writable`` when the call would block,
+  so cancellation and ``aclose`` from another task behave as before). Reads
+  land in one module-wide buffer that is handed to ``bio_write`` before any
+  await, so it is never shared between two reads. Any other transport
+  (tests' memory streams) goes through its own ``send_all``/``receive_some``.
+* ``relay_receive``/``relay_send`` are ``receive_some``/``send_all`` without
+  the trailing schedule point when no I/O had to wait and without a cancel
+  check of their own; ``edge.relay`` yields itself every few chunks, so a
+  pump that always finds data cannot starve the other connections, and sees
+  cancellation there or at the next wait.
+* After a relay read that returned data OpenSSL can only have queued a TLS
+  1.3 KeyUpdate answer (renegotiation is off): the outgoing BIO is checked
+  every ``_LAZY_READS`` reads and after every transport read bigger than
+  ``_LAZY_FED_MAX`` (so a peer can make at most a few KiB wait there), and
+  every write takes whatever is queued before its own records, so the order
+  on the wire is OpenSSL's.
+* The two locks are ``_Gate``s (strict FIFO, no schedule point when free).
+* ``SSL_read`` is asked for one record (16 KiB), ``bio_read`` for one write
+  batch, since pyOpenSSL allocates the size asked for on every call.
+
+The other lever considered: a ``Connection`` over the socket itself
+(``Connection(ctx, sock)``), so that OpenSSL reads and writes the descriptor
+with no Python between records. pyOpenSSL cannot move an established
+memory-BIO connection onto a socket, so the handshake (the verify callback,
+the alert flush, the held-back tickets, the timeouts) would have to be
+rewritten for socket BIOs as well, and OpenSSL would then write records
+itself at times we no longer order under ``_send_lock``. What it would save
+over the descriptor path above is one ``bio_write`` and one ``bio_read`` per
+batch (about 10 of the ~130 Python calls a relayed record still costs,
+measured with cProfile; most of the rest is trio's wait machinery and
+pyOpenSSL's call wrappers), so it was not done.
+
 Verdict in the handshake
 ========================
 
@@ -201,6 +245,9 @@ _RECORD_PLAINTEXT = 16 * 1024
 # A relay read that returned data checks the outgoing BIO (a TLS 1.3
 # KeyUpdate answer) only once in this many reads; every write takes it anyway.
 _LAZY_READS = 8
+# ... and only when the transport read that fed it was at most this big, so
+# what a peer can make OpenSSL queue there meanwhile stays small.
+_LAZY_FED_MAX = 4096
 # One transport read lands here (see _transport_receive): shared by every
 # stream of the process, used only between two awaits.
 _SCRATCH = bytearray(_TRANSPORT_READ_SIZE)
@@ -379,8 +426,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._eof_sent = False
         self._outer_send = _ConflictDetector("another task is sending on this TLSStream")
         self._outer_recv = _ConflictDetector("another task is receiving on this TLSStream")
-        # Relay reads since the outgoing BIO was last checked (see _retry).
+        # Relay reads since the outgoing BIO was last checked, and the size of
+        # the last transport read (see _retry).
         self._lazy_reads = 0
+        self._last_fed = 0
         # Resumable progress of the send in flight (see _write_some).
         self._write_view: memoryview | None = None
         # A trio SocketStream: ciphertext moves with os.readv/os.write on its
@@ -518,6 +567,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         sock = self._socket
         if sock is None:
             data = await self.transport_stream.receive_some(_TRANSPORT_READ_SIZE)
+            self._last_fed = len(data)
             if data:
                 self._conn.bio_write(data)
             else:
@@ -539,6 +589,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise trio.BrokenResourceError(f"transport receive failed: {exc}") from exc
             break
+        self._last_fed = n
         if n:
             self._conn.bio_write(_SCRATCH_VIEW[:n])
         else:
@@ -609,7 +660,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             # only (see "Data path" in the module docstring).
             if not called_openssl:
                 to_send = b""
-            elif lazy_reads and finished and ret:
+            elif lazy_reads and finished and ret and self._last_fed <= _LAZY_FED_MAX:
                 self._lazy_reads += 1
                 if self._lazy_reads >= _LAZY_READS:
                     self._lazy_reads = 0
