@@ -574,6 +574,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 self._conn.bio_shutdown()
             return True
         waited = False
+        if self._last_fed < _TRANSPORT_READ_SIZE and self._last_fed > 0:
+            # The last read emptied the socket: with a message or two in
+            # flight per connection, asking again now would almost always be
+            # an EAGAIN (a system call and an exception) before the wait.
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the transport is closed")
+            await trio.lowlevel.wait_readable(fd)
+            waited = True
         while True:
             fd = sock.fileno()
             if fd < 0:
