@@ -514,6 +514,21 @@ def targets_19(medians: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(out)
 
 
+def before_after(base_runs: list[dict[str, float]], ours: dict[str, float | None]) -> str:
+    """edge-base (--baseline-edge) against edge-1w, medians of the same rounds."""
+    lines = ["before/after (edge-base = --baseline-edge, same run):"]
+    heads = ["edge-base", "edge-1w", "after/bef"]
+    lines.append(" ".join(["figure".ljust(28), *(h.rjust(10) for h in heads)]))
+    for key, label, fmt in FIGURES:
+        before = _median([r[key] for r in base_runs if key in r])
+        after = ours.get(key)
+        if before is None and after is None:
+            continue
+        cells = [_fmt(before, fmt), _fmt(after, fmt), _ratio(after, before)]
+        lines.append(" ".join([label.ljust(28), *(c.rjust(10) for c in cells)]))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------
 
 
@@ -648,6 +663,8 @@ def main() -> int:
         "",
     ]
     text = report(medians, workers, [h for h in header if h != ""] + [""])
+    if runs.get("edge-base"):
+        text += "\n\n" + before_after(runs["edge-base"], medians["edge-1w"])
     print()
     print(text)
     if args.json:
