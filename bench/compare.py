@@ -567,6 +567,7 @@ def main() -> int:
     lat_s = args.latency_seconds or (2.0 if args.quick else 3.0)
     idle_n = 1000 if args.quick and args.idle == 2000 else args.idle
     sip_s = args.sip_seconds or (2.0 if args.quick else 4.0)
+    sip_n, procs = args.sip_conns, args.load_procs
     rounds = max(args.rounds, 1)
     skip = set(args.skip.split(",")) - {""}
 
@@ -613,20 +614,23 @@ def main() -> int:
             for relay in order:
                 t = time.monotonic()
                 figures: dict[str, float] = {}
-                if "d" not in skip:
-                    figures |= run_idle(relay, partner, idle_n, budget=120)
-                if "a" not in skip:
-                    figures |= run_connections(relay, back, partner, conns, budget=120)
-                if "b" not in skip:
-                    figures |= run_stream(relay, back, partner, mib, budget=120)
-                if "c" not in skip:
-                    figures |= run_latency(relay, partner, 100, lat_s, 20000)
-                if "e" not in skip:
-                    figures |= run_saturate(relay, partner, args.sip_conns, args.load_procs, sip_s)
-                if "f" not in skip:
-                    figures |= run_paced(
-                        relay, partner, args.sip_conns, args.load_procs, args.paced_rate, sip_s
-                    )
+                phases: list[tuple[str, Callable[[], dict[str, float]]]] = [
+                    ("d", lambda r=relay: run_idle(r, partner, idle_n, budget=120)),
+                    ("a", lambda r=relay: run_connections(r, back, partner, conns, budget=120)),
+                    ("b", lambda r=relay: run_stream(r, back, partner, mib, budget=120)),
+                    ("c", lambda r=relay: run_latency(r, partner, 100, lat_s, 20000)),
+                    ("e", lambda r=relay: run_saturate(r, partner, sip_n, procs, sip_s)),
+                    ("f", lambda r=relay: run_paced(r, partner, sip_n, procs, args.paced_rate, sip_s)),
+                ]
+                for letter, phase in phases:
+                    if letter in skip:
+                        continue
+                    try:
+                        figures |= phase()
+                    except RuntimeError as exc:
+                        # One failed phase (too few samples on a loaded
+                        # machine, say) leaves that figure out of this round.
+                        print(f"  ({letter}) {relay.name}: {exc}", flush=True)
                 if not relay.alive():
                     raise RuntimeError(f"{relay.name} died: {relay.log_tail()}")
                 runs[relay.name].append(figures)
