@@ -567,7 +567,7 @@ def main() -> int:
     lat_s = args.latency_seconds or (2.0 if args.quick else 3.0)
     idle_n = 1000 if args.quick and args.idle == 2000 else args.idle
     sip_s = args.sip_seconds or (2.0 if args.quick else 4.0)
-    sip_n, procs = args.sip_conns, args.load_procs
+    sip_n, procs, rate = args.sip_conns, args.load_procs, args.paced_rate
     rounds = max(args.rounds, 1)
     skip = set(args.skip.split(",")) - {""}
 
@@ -620,7 +620,7 @@ def main() -> int:
                     ("b", lambda r=relay: run_stream(r, back, partner, mib, budget=120)),
                     ("c", lambda r=relay: run_latency(r, partner, 100, lat_s, 20000)),
                     ("e", lambda r=relay: run_saturate(r, partner, sip_n, procs, sip_s)),
-                    ("f", lambda r=relay: run_paced(r, partner, sip_n, procs, args.paced_rate, sip_s)),
+                    ("f", lambda r=relay: run_paced(r, partner, sip_n, procs, rate, sip_s)),
                 ]
                 for letter, phase in phases:
                     if letter in skip:
