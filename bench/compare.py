@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -615,12 +616,12 @@ def main() -> int:
                 t = time.monotonic()
                 figures: dict[str, float] = {}
                 phases: list[tuple[str, Callable[[], dict[str, float]]]] = [
-                    ("d", lambda r=relay: run_idle(r, partner, idle_n, budget=120)),
-                    ("a", lambda r=relay: run_connections(r, back, partner, conns, budget=120)),
-                    ("b", lambda r=relay: run_stream(r, back, partner, mib, budget=120)),
-                    ("c", lambda r=relay: run_latency(r, partner, 100, lat_s, 20000)),
-                    ("e", lambda r=relay: run_saturate(r, partner, sip_n, procs, sip_s)),
-                    ("f", lambda r=relay: run_paced(r, partner, sip_n, procs, rate, sip_s)),
+                    ("d", partial(run_idle, relay, partner, idle_n, budget=120)),
+                    ("a", partial(run_connections, relay, back, partner, conns, budget=120)),
+                    ("b", partial(run_stream, relay, back, partner, mib, budget=120)),
+                    ("c", partial(run_latency, relay, partner, 100, lat_s, 20000)),
+                    ("e", partial(run_saturate, relay, partner, sip_n, procs, sip_s)),
+                    ("f", partial(run_paced, relay, partner, sip_n, procs, rate, sip_s)),
                 ]
                 for letter, phase in phases:
                     if letter in skip:
