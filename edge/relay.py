@@ -6,8 +6,7 @@ chunk in flight per direction, so a slow side slows the other through TCP
 back-pressure instead of growing memory; end of stream propagated as
 half-close; the idle timeout; and naming how the exchange ended.
 
-Must never: look at, log or keep a payload byte (it only counts them, in
-batches: see ``_COUNT_EVERY_S``), decide
+Must never: look at, log or keep a payload byte (it only counts them), decide
 who may talk to whom (admission did, before the relay started), or close the
 streams (the caller does, so it can bound and shield the close and still log).
 
@@ -41,12 +40,6 @@ RELAY_CHUNK = 128 * 1024
 # already there); one explicit schedule point after this many chunks in a row
 # keeps a pump that always finds data from starving the other connections.
 _YIELD_EVERY = 16
-# Bytes relayed are handed to the on_bytes callbacks (metrics, the connection
-# record) at most once per this many seconds per direction while data flows,
-# and at the end: a prometheus Counter.inc takes a lock, once per record was
-# a measurable share of a small message's cost. The last chunk before a quiet
-# spell is counted with the next chunk or at the end.
-_COUNT_EVERY_S = 1.0
 # Transport failures of either stream: the relay ends, naming the side.
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -117,47 +110,36 @@ async def relay(
         receive = src.relay_receive if isinstance(src, TLSStream) else src.receive_some
         send = dst.relay_send if isinstance(dst, TLSStream) else dst.send_all
         chunks = 0
-        uncounted = 0
-        next_count = trio.current_time() + _COUNT_EVERY_S
-        try:
-            while True:
-                chunks += 1
-                if chunks >= _YIELD_EVERY:
-                    chunks = 0
-                    await trio.lowlevel.checkpoint()
+        while True:
+            chunks += 1
+            if chunks >= _YIELD_EVERY:
+                chunks = 0
+                await trio.lowlevel.checkpoint()
+            try:
+                data = await receive(RELAY_CHUNK)
+            except TLSTruncatedError:
+                finish(f"{src_name}_truncated", f"{src_name} closed TCP without close_notify")
+                return
+            except _GONE as exc:
+                finish(f"{src_name}_error", str(exc))
+                return
+            if not data:
+                first_eof.append(src_name)
                 try:
-                    data = await receive(RELAY_CHUNK)
-                except TLSTruncatedError:
-                    finish(f"{src_name}_truncated", f"{src_name} closed TCP without close_notify")
-                    return
-                except _GONE as exc:
-                    finish(f"{src_name}_error", str(exc))
-                    return
-                if not data:
-                    first_eof.append(src_name)
-                    try:
-                        await dst.send_eof()
-                    except _GONE as exc:
-                        finish(f"{dst_name}_error", str(exc))
-                    return
-                try:
-                    await send(data)
+                    await dst.send_eof()
                 except _GONE as exc:
                     finish(f"{dst_name}_error", str(exc))
-                    return
-                uncounted += len(data)
-                now = trio.current_time()
-                if now >= next_count:
-                    count(uncounted)
-                    uncounted = 0
-                    next_count = now + _COUNT_EVERY_S
-                if watch_idle:
-                    deadline = now + idle_timeout_s + slack
-                    if deadline - scope.deadline > slack:
-                        scope.deadline = deadline
-        finally:
-            if uncounted:
-                count(uncounted)
+                return
+            try:
+                await send(data)
+            except _GONE as exc:
+                finish(f"{dst_name}_error", str(exc))
+                return
+            count(len(data))
+            if watch_idle:
+                deadline = trio.current_time() + idle_timeout_s + slack
+                if deadline - scope.deadline > slack:
+                    scope.deadline = deadline
 
     a_name, b_name = names
     # One scope for the whole relay: an error in either pump, control.stop and
