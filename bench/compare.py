@@ -51,6 +51,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,11 @@ FIGURES: list[tuple[str, str, str]] = [
     ("c_p99", "    echo p99 ms, 100 busy", "{:.2f}"),
     ("c_cpu", "    CPU us / 1 KiB echo", "{:.0f}"),
     ("d_mem", "(d) KiB / idle connection", "{:.1f}"),
+    ("e_cpu", "(e) CPU us / msg, saturating", "{:.0f}"),
+    ("e_rate", "    messages / s, saturating", "{:.0f}"),
+    ("f_cpu", "(f) CPU us / msg, paced", "{:.0f}"),
+    ("f_p50", "    paced p50 ms", "{:.2f}"),
+    ("f_p99", "    paced p99 ms", "{:.2f}"),
 ]
 BUSY = [
     ("a_relay", "(a) relay"),
@@ -90,6 +96,10 @@ BUSY = [
     ("b_relay", "(b) relay"),
     ("b_backend", "(b) backend"),
     ("b_client", "(b) client"),
+    ("e_relay", "(e) relay"),
+    ("e_client", "(e) clients"),
+    ("f_relay", "(f) relay"),
+    ("f_client", "(f) clients"),
 ]
 
 
@@ -278,6 +288,95 @@ def run_latency(
     }
 
 
+def run_saturate(
+    relay: Relay, partner: load.Partner, conns: int, procs: int, seconds: float
+) -> dict[str, float]:
+    """(e) ``conns`` connections over ``procs`` load processes, each echoing
+    1 KiB back to back for ``seconds``: relay CPU per message, messages/s."""
+    quiesce(relay)
+    clients = Clients()
+    try:
+        share = [conns // procs + (1 if i < conns % procs else 0) for i in range(procs)]
+        pipes = [clients.spawn(load.busy, partner, relay.port, n, seconds + 30) for n in share if n]
+        for p in pipes:
+            clients.expect(p, 60)
+        relay.refresh()
+        for p in pipes:
+            p.send("go")
+        time.sleep(min(0.5, seconds / 4))  # every connection reaches its steady state
+        c0, t0 = relay.cpu(), time.monotonic()
+        # CPU is read over this window only (after the warm-up); the echoes
+        # are counted over each process's whole run and scaled to the window.
+        time.sleep(seconds)
+        cpu, wall = relay.cpu() - c0, time.monotonic() - t0
+        for p in pipes:
+            p.send("stop")
+        results = [clients.expect(p, 30) for p in pipes]
+    finally:
+        clients.close()
+    errors = [r["error"] for r in results if r["error"]]
+    if errors:
+        raise RuntimeError(f"{relay.name}: saturating run failed: {errors[:2]}")
+    # Each process ran for its own wall (warm-up + window + stop latency): its
+    # echo rate over that wall, times the window, is its share of the window.
+    rate = sum(r["echoes"] / r["wall"] for r in results if r["wall"] > 0)
+    messages = rate * wall
+    return {
+        "e_cpu": cpu * 1e6 / max(messages, 1.0),
+        "e_rate": rate,
+        "e_relay": cpu / wall,
+        "e_client": sum(r["cpu"] / r["wall"] for r in results if r["wall"] > 0),
+    }
+
+
+def run_paced(
+    relay: Relay, partner: load.Partner, conns: int, procs: int, rate: float, seconds: float
+) -> dict[str, float]:
+    """(f) ``rate`` 1 KiB messages/s spread over ``conns`` connections, open loop:
+    relay CPU per message and the latency percentiles."""
+    quiesce(relay)
+    clients = Clients()
+    try:
+        share = [conns // procs + (1 if i < conns % procs else 0) for i in range(procs)]
+        share = [n for n in share if n]
+        pipes = [
+            clients.spawn(
+                load.paced,
+                partner,
+                relay.port,
+                n,
+                rate * n / conns,
+                seconds,
+                i / len(share),
+            )
+            for i, n in enumerate(share)
+        ]
+        for p in pipes:
+            clients.expect(p, 60)
+        relay.refresh()
+        c0, t0 = relay.cpu(), time.monotonic()
+        for p in pipes:
+            p.send("go")
+        results = [clients.expect(p, seconds + 40) for p in pipes]
+        cpu, wall = relay.cpu() - c0, time.monotonic() - t0
+    finally:
+        clients.close()
+    errors = [r["error"] for r in results if r["error"]]
+    if errors:
+        raise RuntimeError(f"{relay.name}: paced run failed: {errors[:2]}")
+    latencies = sorted(x for r in results for x in r["latencies"])
+    if len(latencies) < 100:
+        raise RuntimeError(f"{relay.name}: paced run: only {len(latencies)} echoes")
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return {
+        "f_cpu": cpu * 1e6 / len(latencies),
+        "f_p50": statistics.median(latencies) * 1000,
+        "f_p99": q[98] * 1000,
+        "f_relay": cpu / wall,
+        "f_client": sum(r["cpu"] for r in results) / wall,
+    }
+
+
 def run_idle(relay: Relay, partner: load.Partner, count: int, budget: float) -> dict[str, float]:
     # A fresh relay: memory freed by earlier runs would otherwise be reused.
     relay.stop()
@@ -356,6 +455,8 @@ def report(
         lines.append(" ".join([label.ljust(28)] + [v.rjust(11) for v in vals]))
     lines.append("")
     lines.append(targets(medians))
+    lines.append("")
+    lines.append(targets_19(medians))
     return "\n".join(lines)
 
 
@@ -384,6 +485,51 @@ def targets(medians: dict[str, dict[str, float | None]]) -> str:
     return "\n".join(out)
 
 
+def targets_19(medians: dict[str, dict[str, float | None]]) -> str:
+    """Issue 19's targets: edge-1w against the best 1-worker peer (lower is better
+    except messages/s, where the ratio must be at least the limit)."""
+    ours = medians["edge-1w"]
+    peers = [medians["haproxy-1w"], medians["nginx-1w"]]
+    out = ["targets (issue 19; edge-1w against the best 1-worker peer):"]
+    for key, what, factor, higher_better in (
+        ("e_cpu", "CPU per small message, saturating <= 1.5 x", 1.5, False),
+        ("e_rate", "messages/s at saturation >= 0.67 x", 0.67, True),
+        ("f_cpu", "CPU per small message, paced <= 1.5 x", 1.5, False),
+        ("f_p99", "p99 at the paced load <= 2 x", 2.0, False),
+        ("a_cpu", "CPU per full MTLS connection <= 1.25 x", 1.25, False),
+        ("d_mem", "memory per idle connection <= 1.25 x", 1.25, False),
+        ("b_cpu", "bulk CPU per MiB <= 1.2 x", 1.2, False),
+    ):
+        values = [v for p in peers if (v := p.get(key)) is not None]
+        mine = ours.get(key)
+        if not values or mine is None:
+            out.append(f"  {what}: n/a")
+            continue
+        best = max(values) if higher_better else min(values)
+        ratio = mine / best if best else float("inf")
+        met = ratio >= factor if higher_better else ratio <= factor
+        out.append(
+            f"  {what}: edge {mine:.3g} vs best {best:.3g} -> {ratio:.2f} x "
+            f"(limit {factor:g}): {'met' if met else 'NOT met'}"
+        )
+    return "\n".join(out)
+
+
+def before_after(base_runs: list[dict[str, float]], ours: dict[str, float | None]) -> str:
+    """edge-base (--baseline-edge) against edge-1w, medians of the same rounds."""
+    lines = ["before/after (edge-base = --baseline-edge, same run):"]
+    heads = ["edge-base", "edge-1w", "after/bef"]
+    lines.append(" ".join(["figure".ljust(28), *(h.rjust(10) for h in heads)]))
+    for key, label, fmt in FIGURES:
+        before = _median([r[key] for r in base_runs if key in r])
+        after = ours.get(key)
+        if before is None and after is None:
+            continue
+        cells = [_fmt(before, fmt), _fmt(after, fmt), _ratio(after, before)]
+        lines.append(" ".join([label.ljust(28), *(c.rjust(10) for c in cells)]))
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------
 
 
@@ -395,6 +541,12 @@ def main() -> int:
     parser.add_argument("--mib", type=int, help="(b) MiB each way per run")
     parser.add_argument("--idle", type=int, default=2000, help="(d) idle connections held")
     parser.add_argument("--latency-seconds", type=float, help="(c) probe duration per run")
+    parser.add_argument("--sip-conns", type=int, default=100, help="(e)/(f) connections")
+    parser.add_argument("--sip-seconds", type=float, help="(e)/(f) seconds per run")
+    parser.add_argument("--paced-rate", type=float, default=2000.0, help="(f) messages/s")
+    parser.add_argument(
+        "--load-procs", type=int, default=2, help="(e)/(f) load-generator processes"
+    )
     parser.add_argument("--only", help="comma-separated relay names, e.g. edge-1w,haproxy-1w")
     parser.add_argument("--skip", default="", help="figures to skip, e.g. d or c,d")
     parser.add_argument("--budget", type=float, default=560.0, help="no new round after this")
@@ -415,6 +567,8 @@ def main() -> int:
     mib = args.mib or (64 if args.quick else 128)
     lat_s = args.latency_seconds or (2.0 if args.quick else 3.0)
     idle_n = 1000 if args.quick and args.idle == 2000 else args.idle
+    sip_s = args.sip_seconds or (2.0 if args.quick else 4.0)
+    sip_n, procs, rate = args.sip_conns, args.load_procs, args.paced_rate
     rounds = max(args.rounds, 1)
     skip = set(args.skip.split(",")) - {""}
 
@@ -461,14 +615,23 @@ def main() -> int:
             for relay in order:
                 t = time.monotonic()
                 figures: dict[str, float] = {}
-                if "d" not in skip:
-                    figures |= run_idle(relay, partner, idle_n, budget=120)
-                if "a" not in skip:
-                    figures |= run_connections(relay, back, partner, conns, budget=120)
-                if "b" not in skip:
-                    figures |= run_stream(relay, back, partner, mib, budget=120)
-                if "c" not in skip:
-                    figures |= run_latency(relay, partner, 100, lat_s, 20000)
+                phases: list[tuple[str, Callable[[], dict[str, float]]]] = [
+                    ("d", partial(run_idle, relay, partner, idle_n, budget=120)),
+                    ("a", partial(run_connections, relay, back, partner, conns, budget=120)),
+                    ("b", partial(run_stream, relay, back, partner, mib, budget=120)),
+                    ("c", partial(run_latency, relay, partner, 100, lat_s, 20000)),
+                    ("e", partial(run_saturate, relay, partner, sip_n, procs, sip_s)),
+                    ("f", partial(run_paced, relay, partner, sip_n, procs, rate, sip_s)),
+                ]
+                for letter, phase in phases:
+                    if letter in skip:
+                        continue
+                    try:
+                        figures |= phase()
+                    except RuntimeError as exc:
+                        # One failed phase (too few samples on a loaded
+                        # machine, say) leaves that figure out of this round.
+                        print(f"  ({letter}) {relay.name}: {exc}", flush=True)
                 if not relay.alive():
                     raise RuntimeError(f"{relay.name} died: {relay.log_tail()}")
                 runs[relay.name].append(figures)
@@ -498,11 +661,15 @@ def main() -> int:
         f"  nginx:   {versions['nginx']}",
         f"  clients: {versions['client']}",
         f"  load: (a) {conns} connections, 8 client threads; (b) {mib} MiB each way; "
-        f"(c) 100 busy + 1 probe for {lat_s:g}s; (d) {idle_n} idle",
+        f"(c) 100 busy + 1 probe for {lat_s:g}s; (d) {idle_n} idle; "
+        f"(e) {args.sip_conns} saturating for {sip_s:g}s; (f) {args.paced_rate:g} msg/s "
+        f"over {args.sip_conns} for {sip_s:g}s; {args.load_procs} load processes",
         "" if ours_two else "  edge-2w: n/a (`edge run --workers` does not exist yet)",
         "",
     ]
     text = report(medians, workers, [h for h in header if h != ""] + [""])
+    if runs.get("edge-base"):
+        text += "\n\n" + before_after(runs["edge-base"], medians["edge-1w"])
     print()
     print(text)
     if args.json:

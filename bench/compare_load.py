@@ -23,6 +23,7 @@ import ssl
 import statistics
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -269,6 +270,93 @@ def probe(partner: Partner, port: int, seconds: float, max_samples: int, pipe: C
         q = statistics.quantiles(samples, n=100, method="inclusive")
         result.update(p50=statistics.median(samples), p99=q[98])
     pipe.send(result)
+
+
+# ----------------------------------------------------------------------
+# (f) paced small messages: a fixed rate spread over many connections
+
+
+def paced(
+    partner: Partner,
+    port: int,
+    count: int,
+    rate: float,
+    seconds: float,
+    offset: float,
+    pipe: Connection,
+) -> None:
+    """``rate`` 1 KiB messages per second over ``count`` connections for ``seconds``.
+
+    Open loop, as SIP signalling is: message k leaves at ``t0 + (k + offset) /
+    rate`` on connection ``k % count`` whatever the relay does (a connection
+    whose previous echo is still out pipelines the next message), and its
+    latency is the time from that scheduled departure to the last byte of its
+    echo, so a late sender counts against the relay too (coordinated omission
+    avoided). ``offset`` (0..1) interleaves several load processes.
+    """
+    ctx = partner.context()
+    payload = b"f" * ECHO
+    socks = []
+    for _ in range(count):
+        ss = _connect(ctx, partner, port)
+        _echo(ss, payload, bytearray(ECHO))  # relay path established
+        ss.setblocking(False)
+        socks.append(ss)
+    sel = selectors.DefaultSelector()
+    for i, ss in enumerate(socks):
+        sel.register(ss, selectors.EVENT_READ, i)
+    out: list[deque[float]] = [deque() for _ in socks]  # scheduled departures in flight
+    got = [0] * count  # bytes of the oldest echo in flight received so far
+    buf = bytearray(64 * 1024)
+    latencies: list[float] = []
+    sent = 0
+    total = int(rate * seconds)
+    error = ""
+    pipe.send("ready")
+    pipe.recv()
+    c0, t0 = _cpu(), time.perf_counter()
+    hard_end = t0 + seconds + 10.0  # the last echoes get 10 s, then the run ends
+    try:
+        while time.perf_counter() < hard_end:
+            now = time.perf_counter()
+            while sent < total and t0 + (sent + offset) / rate <= now:
+                i = sent % count
+                due = t0 + (sent + offset) / rate
+                try:
+                    n = socks[i].send(payload)
+                except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    n = 0
+                if n != ECHO:
+                    raise ConnectionError("a paced send did not fit in the socket buffer")
+                out[i].append(due)
+                sent += 1
+            if sent >= total and not any(out):
+                break
+            wait = 0.05 if sent >= total else max(0.0, t0 + (sent + offset) / rate - now)
+            for key, _ in sel.select(min(wait, 0.05)):
+                i = key.data
+                try:
+                    while True:
+                        n = socks[i].recv_into(buf)
+                        if n == 0:
+                            raise ConnectionError("relay closed a paced connection")
+                        got[i] += n
+                except ssl.SSLWantReadError:
+                    pass
+                done = time.perf_counter()
+                while got[i] >= ECHO and out[i]:
+                    got[i] -= ECHO
+                    latencies.append(done - out[i].popleft())
+    except (OSError, ssl.SSLError, ConnectionError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    wall, cpu = time.perf_counter() - t0, _cpu() - c0
+    sel.close()
+    for ss in socks:
+        ss.close()
+    lost = sum(len(q) for q in out)
+    if lost and not error:
+        error = f"{lost} echoes never came back"
+    pipe.send({"sent": sent, "latencies": latencies, "wall": wall, "cpu": cpu, "error": error})
 
 
 # ----------------------------------------------------------------------

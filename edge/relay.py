@@ -30,12 +30,16 @@ from dataclasses import dataclass
 
 import trio
 
-from edge.tls import TLSTruncatedError
+from edge.tls import TLSStream, TLSTruncatedError
 
 __all__ = ["RELAY_CHUNK", "RelayControl", "RelayOutcome", "relay"]
 
 # One chunk in flight per direction: the relay's memory bound.
 RELAY_CHUNK = 128 * 1024
+# The pumps take TLSStream's eager calls (no schedule point when the bytes are
+# already there); one explicit schedule point after this many chunks in a row
+# keeps a pump that always finds data from starving the other connections.
+_YIELD_EVERY = 16
 # Transport failures of either stream: the relay ends, naming the side.
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -110,9 +114,22 @@ async def relay(
         count: Callable[[int], None],
         scope: trio.CancelScope,
     ) -> None:
+        receive = src.relay_receive if isinstance(src, TLSStream) else src.receive_some
+        send = dst.relay_send if isinstance(dst, TLSStream) else dst.send_all
+        chunks = 0
         while True:
+            # The eager calls below have no schedule point when bytes are
+            # already there, so a cancelled scope (control.stop before or
+            # during the relay, the idle deadline) must be looked at here:
+            # otherwise a withdrawn partner's buffered bytes would still go.
+            if scope.cancel_called:
+                return
+            chunks += 1
+            if chunks >= _YIELD_EVERY:
+                chunks = 0
+                await trio.lowlevel.checkpoint()
             try:
-                data = await src.receive_some(RELAY_CHUNK)
+                data = await receive(RELAY_CHUNK)
             except TLSTruncatedError:
                 finish(f"{src_name}_truncated", f"{src_name} closed TCP without close_notify")
                 return
@@ -127,7 +144,7 @@ async def relay(
                     finish(f"{dst_name}_error", str(exc))
                 return
             try:
-                await dst.send_all(data)
+                await send(data)
             except _GONE as exc:
                 finish(f"{dst_name}_error", str(exc))
                 return

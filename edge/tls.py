@@ -106,6 +106,50 @@ and a memory BIO that gave less than asked for is empty, so draining the
 outgoing BIO takes one ``bio_read``. Each saves a call and an exception per
 record batch.
 
+Data path (issue 19: small messages on many live connections)
+=============================================================
+
+Per small record the cost was Python around the record, not crypto: trio's
+socket wrappers (a conflict detector, an error translator, a checkpoint and
+a cancel-shielded checkpoint per ``send``/``recv``), two ``trio.Lock``
+round trips, a schedule point per ``receive_some`` and per ``send_all``, an
+``SSL_read`` into a fresh 128 KiB buffer and a ``bio_read`` into a fresh
+1 MiB one. What the stream does now, once established:
+
+* Ciphertext moves with ``os.readv``/``os.write`` on the descriptor of the
+  ``trio.SocketStream`` underneath (trio is used for readiness only:
+  ``trio.lowlevel.wait_readable/wait_writable`` when the call would block,
+  so cancellation and ``aclose`` from another task behave as before). Reads
+  land in one module-wide buffer that is handed to ``bio_write`` before any
+  await, so it is never shared between two reads. Any other transport
+  (tests' memory streams) goes through its own ``send_all``/``receive_some``.
+* ``relay_receive``/``relay_send`` are ``receive_some``/``send_all`` without
+  the trailing schedule point when no I/O had to wait and without a cancel
+  check of their own; ``edge.relay`` yields itself every few chunks, so a
+  pump that always finds data cannot starve the other connections, and sees
+  cancellation there or at the next wait.
+* After a relay read that returned data OpenSSL can only have queued a TLS
+  1.3 KeyUpdate answer (renegotiation is off): the outgoing BIO is checked
+  every ``_LAZY_READS`` reads and after every transport read bigger than
+  ``_LAZY_FED_MAX`` (so a peer can make at most a few KiB wait there), and
+  every write takes whatever is queued before its own records, so the order
+  on the wire is OpenSSL's.
+* The two locks are ``_Gate``s (strict FIFO, no schedule point when free).
+* ``SSL_read`` is asked for one record (16 KiB), ``bio_read`` for one write
+  batch, since pyOpenSSL allocates the size asked for on every call.
+
+The other lever considered: a ``Connection`` over the socket itself
+(``Connection(ctx, sock)``), so that OpenSSL reads and writes the descriptor
+with no Python between records. pyOpenSSL cannot move an established
+memory-BIO connection onto a socket, so the handshake (the verify callback,
+the alert flush, the held-back tickets, the timeouts) would have to be
+rewritten for socket BIOs as well, and OpenSSL would then write records
+itself at times we no longer order under ``_send_lock``. What it would save
+over the descriptor path above is one ``bio_write`` and one ``bio_read`` per
+batch (about 10 of the ~130 Python calls a relayed record still costs,
+measured with cProfile; most of the rest is trio's wait machinery and
+pyOpenSSL's call wrappers), so it was not done.
+
 Verdict in the handshake
 ========================
 
@@ -163,6 +207,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -208,8 +253,24 @@ _TRANSPORT_READ_SIZE = 128 * 1024
 _DEFAULT_RECEIVE_SIZE = 128 * 1024
 # How much plaintext is encrypted before one transport send.
 _WRITE_CHUNK = 128 * 1024
-# How much ciphertext one bio_read may take out of the outgoing BIO.
-_BIO_READ_SIZE = 1024 * 1024
+# How much ciphertext one bio_read may take out of the outgoing BIO: a whole
+# _WRITE_CHUNK of records with their overhead (pyOpenSSL allocates this much
+# per call, and 1 MiB was above malloc's mmap threshold).
+_BIO_READ_SIZE = 132 * 1024
+# The most plaintext one SSL_read can return (one record): pyOpenSSL allocates
+# the size asked for on every call, so asking for more only costs.
+_RECORD_PLAINTEXT = 16 * 1024
+# A relay read that returned data checks the outgoing BIO (a TLS 1.3
+# KeyUpdate answer) only once in this many reads; every write takes it anyway.
+_LAZY_READS = 8
+# ... and only when the transport read that fed it was at most this big, so
+# what a peer can make OpenSSL queue there meanwhile stays small.
+_LAZY_FED_MAX = 4096
+# One transport read lands here (see _transport_receive): shared by every
+# stream of the process, used only between two awaits.
+_SCRATCH = bytearray(_TRANSPORT_READ_SIZE)
+_SCRATCH_VIEW = memoryview(_SCRATCH)
+_SCRATCH_LIST = [_SCRATCH]
 # How long aclose() and an error path spend trying to deliver a close_notify or
 # an alert to a peer that does not read.
 _DEFAULT_CLOSE_TIMEOUT = 1.0
@@ -371,8 +432,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._handshake_done = trio.Event()  # set when the attempt ended, either way
         self._handshake_ok = False
         self._delayed_outgoing: bytes | None = None
-        self._send_lock = trio.StrictFIFOLock()
-        self._recv_lock = trio.Lock()
+        self._send_lock = _Gate()
+        self._recv_lock = _Gate()
         self._recv_count = 0
         self._eof_received = False
         # OpenSSL's last read found no complete record and no ciphertext was
@@ -383,8 +444,17 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._eof_sent = False
         self._outer_send = _ConflictDetector("another task is sending on this TLSStream")
         self._outer_recv = _ConflictDetector("another task is receiving on this TLSStream")
+        # Relay reads since the outgoing BIO was last checked, and the size of
+        # the last transport read (see _retry).
+        self._lazy_reads = 0
+        self._last_fed = 0
         # Resumable progress of the send in flight (see _write_some).
         self._write_view: memoryview | None = None
+        # A trio SocketStream: ciphertext moves with os.readv/os.write on its
+        # descriptor (see "Data path" in the module docstring).
+        self._socket: trio.socket.SocketType | None = (
+            transport_stream.socket if isinstance(transport_stream, trio.SocketStream) else None
+        )
 
     # ------------------------------------------------------------------
     # What the handshake established
@@ -486,6 +556,73 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return b""
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    async def _transport_send(self, data: bytes) -> bool:
+        """Send all of ``data`` on the transport; True when it had to wait."""
+        sock = self._socket
+        if sock is None:
+            await self.transport_stream.send_all(data)
+            return True
+        waited = False
+        view = memoryview(data)
+        while view:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the transport is closed")
+            try:
+                n = os.write(fd, view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"transport send failed: {exc}") from exc
+            view = view[n:]
+        return waited
+
+    async def _transport_receive(self) -> bool:
+        """Read once from the transport into the incoming BIO (end of stream:
+        ``bio_shutdown``); True when it had to wait."""
+        sock = self._socket
+        if sock is None:
+            data = await self.transport_stream.receive_some(_TRANSPORT_READ_SIZE)
+            self._last_fed = len(data)
+            if data:
+                self._conn.bio_write(data)
+            else:
+                self._conn.bio_shutdown()
+            return True
+        waited = False
+        if self._last_fed < _TRANSPORT_READ_SIZE and self._last_fed > 0:
+            # The last read emptied the socket: with a message or two in
+            # flight per connection, asking again now would almost always be
+            # an EAGAIN (a system call and an exception) before the wait.
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the transport is closed")
+            await trio.lowlevel.wait_readable(fd)
+            waited = True
+        while True:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the transport is closed")
+            try:
+                # Into one module-wide buffer: no 128 KiB allocation per read,
+                # and no await between filling it and handing it to OpenSSL.
+                n = os.readv(fd, _SCRATCH_LIST)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"transport receive failed: {exc}") from exc
+            break
+        self._last_fed = n
+        if n:
+            self._conn.bio_write(_SCRATCH_VIEW[:n])
+        else:
+            self._conn.bio_shutdown()
+        return waited
+
     async def _flush_after_error(self) -> None:
         """Deliver an alert OpenSSL queued before failing, if we can, quickly."""
         try:
@@ -500,7 +637,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         with trio.move_on_after(self._close_timeout):
             async with self._send_lock:
                 with contextlib.suppress(*_TRANSPORT_GONE):
-                    await self.transport_stream.send_all(data)
+                    await self._transport_send(data)
 
     async def _fail(self, exc: SSL.Error) -> TLSError:
         self._state = _State.BROKEN
@@ -511,12 +648,22 @@ class TLSStream(trio.abc.HalfCloseableStream):
         message, errors = _describe(exc)
         return TLSError(message, errors)
 
-    async def _retry(self, fn: Callable[[], T], *, is_handshake: bool = False) -> T | None:
+    async def _retry(
+        self,
+        fn: Callable[[], T],
+        *,
+        is_handshake: bool = False,
+        eager: bool = False,
+        lazy_reads: bool = False,
+    ) -> T | None:
         """Run ``fn`` until it completes, doing the I/O it asks for.
 
-        See the module docstring for the theory.
+        See the module docstring for the theory. ``eager``: no schedule point
+        when no I/O had to wait (the relay's data path, which yields by itself).
         """
-        await trio.lowlevel.checkpoint_if_cancelled()
+        if not eager:
+            # The relay checks for cancellation at its own schedule points.
+            await trio.lowlevel.checkpoint_if_cancelled()
         yielded = False
         finished = False
         ret: T | None = None
@@ -535,8 +682,20 @@ class TLSStream(trio.abc.HalfCloseableStream):
             else:
                 finished = True
             # Every path drains the outgoing BIO right after calling OpenSSL,
-            # with no await in between: untouched, it is empty.
-            to_send = self._take_outgoing() if called_openssl else b""
+            # with no await in between, except a relay read that returned
+            # data: the outgoing BIO is then checked every _LAZY_READS reads
+            # only (see "Data path" in the module docstring).
+            if not called_openssl:
+                to_send = b""
+            elif lazy_reads and finished and ret and self._last_fed <= _LAZY_FED_MAX:
+                self._lazy_reads += 1
+                if self._lazy_reads >= _LAZY_READS:
+                    self._lazy_reads = 0
+                    to_send = self._take_outgoing()
+                else:
+                    to_send = b""
+            else:
+                to_send = self._take_outgoing()
             if (
                 is_handshake
                 and finished
@@ -549,13 +708,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 to_send = b""
             if to_send:
                 try:
-                    await _acquire(self._send_lock)
+                    await self._send_lock.acquire()
                     try:
-                        yielded = True
                         if self._delayed_outgoing is not None:
                             to_send = self._delayed_outgoing + to_send
                             self._delayed_outgoing = None
-                        await self.transport_stream.send_all(to_send)
+                        if await self._transport_send(to_send):
+                            yielded = True
                     finally:
                         self._send_lock.release()
                 except BaseException:
@@ -565,20 +724,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     raise
             elif want_read:
                 recv_count = self._recv_count
-                await _acquire(self._recv_lock)
+                await self._recv_lock.acquire()
                 try:
-                    yielded = True
                     if recv_count == self._recv_count:
-                        data = await self.transport_stream.receive_some(_TRANSPORT_READ_SIZE)
-                        if data:
-                            self._conn.bio_write(data)
-                        else:
-                            self._conn.bio_shutdown()
+                        if await self._transport_receive():
+                            yielded = True
                         self._drained = False
                         self._recv_count += 1
                 finally:
                     self._recv_lock.release()
-        if not yielded:
+        if not yielded and not eager:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return ret
 
@@ -662,7 +817,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if self._drained:
             raise _NeedBytes
         try:
-            first = self._conn.recv(max_bytes)
+            first = self._conn.recv(min(max_bytes, _RECORD_PLAINTEXT))
         except SSL.ZeroReturnError:
             self._eof_received = True
             return b""
@@ -675,7 +830,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         chunks = [first]
         while got < max_bytes:
             try:
-                more = self._conn.recv(max_bytes - got)
+                more = self._conn.recv(min(max_bytes - got, _RECORD_PLAINTEXT))
             except SSL.WantReadError:
                 self._drained = True
                 break
@@ -699,14 +854,26 @@ class TLSStream(trio.abc.HalfCloseableStream):
         Raises ``TLSTruncatedError`` when the transport ends without a
         close_notify, ``TLSError`` on any other TLS failure.
         """
+        return await self._receive(max_bytes, eager=False)
+
+    async def relay_receive(self, max_bytes: int) -> bytes:
+        """``receive_some`` without a schedule point when the bytes were already
+        there (it still raises ``Cancelled`` when cancelled). For a caller that
+        yields by itself at least every few calls (``edge.relay``)."""
+        return await self._receive(max_bytes, eager=True)
+
+    async def _receive(self, max_bytes: int | None, *, eager: bool) -> bytes:
         with self._outer_recv:
-            self._check_status()
-            await self._ensure_handshake()
+            if self._state is not _State.OK or not self._handshake_ok:
+                self._check_status()
+                await self._ensure_handshake()
             if max_bytes is None:
                 max_bytes = _DEFAULT_RECEIVE_SIZE
             elif max_bytes < 1:
                 raise ValueError("max_bytes must be >= 1")
-            data = await self._retry(lambda: self._read_plain(max_bytes))
+            data = await self._retry(
+                lambda: self._read_plain(max_bytes), eager=eager, lazy_reads=eager
+            )
             assert data is not None
             if self._session_cache is not None:
                 # TLS 1.3: the server's tickets came before these bytes.
@@ -748,9 +915,18 @@ class TLSStream(trio.abc.HalfCloseableStream):
         Cancelled mid-way, the stream is broken (part of a record may have
         been sent).
         """
+        await self._send(data, eager=False)
+
+    async def relay_send(self, data: bytes | bytearray | memoryview) -> None:
+        """``send_all`` without a schedule point when the transport took
+        everything at once (it still raises ``Cancelled`` when cancelled)."""
+        await self._send(data, eager=True)
+
+    async def _send(self, data: bytes | bytearray | memoryview, *, eager: bool) -> None:
         with self._outer_send:
-            self._check_status()
-            await self._ensure_handshake()
+            if self._state is not _State.OK or not self._handshake_ok:
+                self._check_status()
+                await self._ensure_handshake()
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_eof() was called on this TLSStream")
             if not data:
@@ -759,7 +935,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._write_view = memoryview(data).cast("B")
             try:
                 while True:
-                    done = await self._retry(self._write_some)
+                    done = await self._retry(self._write_some, eager=eager)
                     if done:
                         break
             except BaseException:
@@ -813,25 +989,53 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     self._delayed_outgoing = None
                     if data:
                         async with self._send_lock:
-                            await self.transport_stream.send_all(data)
+                            await self._transport_send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, SSL.Error):
             pass
         finally:
             await trio.aclose_forcefully(self.transport_stream)
 
 
-async def _acquire(lock: trio.Lock | trio.StrictFIFOLock) -> None:
-    """Take ``lock``; when it is free and nobody queues, without a schedule point.
+class _Gate:
+    """A strict-FIFO lock for the tasks of one stream, cheaper than trio's.
 
-    ``Lock.acquire`` always yields; every use here is followed by a transport
-    operation, which yields anyway (a trio stream operation is a checkpoint),
-    so a free lock costs one trip through the scheduler less per record sent
-    or read. A busy lock is queued for as usual (FIFO for the send lock).
+    A free gate is taken without a schedule point: every use here is followed
+    by a transport operation, which waits if it has to, and the relay yields
+    by itself (``trio.Lock`` always yields, and its deadlock-detection
+    bookkeeping costs about ten Python calls per acquire and release: two
+    locks per record). A busy gate queues its callers in a ``ParkingLot`` and
+    ``release`` hands ownership to the first of them, so the order is FIFO; a
+    caller cancelled while queued never gets it.
     """
-    try:
-        lock.acquire_nowait()
-    except trio.WouldBlock:
-        await lock.acquire()
+
+    __slots__ = ("_held", "_lot")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def locked(self) -> bool:
+        return self._held
+
+    async def acquire(self) -> None:
+        if not self._held:
+            self._held = True
+            return
+        await self._lot.park()  # release() handed the gate over to us
+
+    def release(self) -> None:
+        if self._lot:
+            self._lot.unpark(count=1)
+        else:
+            self._held = False
+
+    async def __aenter__(self) -> None:
+        # The close and error paths: a cancelled caller sends nothing.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
 
 
 def _sni_bytes(hostname: str) -> bytes:
