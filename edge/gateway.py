@@ -294,3 +294,6 @@ def export_snapshot_metrics(m: Metrics, snapshot: Snapshot) -> None:
         m.partners,
         {(state,): states.get(state, 0) for state in ("enabled", "disabled", "broken")},
     )
+    m.replace_series(
+        m.partner_state, {(pid, state): 1 for pid, state in snapshot.partner_states().items()}
+    )

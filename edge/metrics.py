@@ -142,6 +142,14 @@ class Metrics:
             multiprocess_mode="livemax",
             registry=registry,
         )
+        self.partner_state = Gauge(
+            "edge_partner_state",
+            "1 for each configured partner, labelled with its state (enabled, disabled, "
+            "broken): the broken-partner alert names the partner",
+            ["partner", "state"],
+            multiprocess_mode="livemax",
+            registry=registry,
+        )
         self.build_info = Gauge(
             "edge_build_info",
             "Always 1; the labels say which edge, Python and OpenSSL are running",

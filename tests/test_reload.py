@@ -132,10 +132,22 @@ async def test_broken_edit_keeps_last_good_trust(tmp_path: Path, pki: Pki) -> No
             assert await echo_roundtrip(live, b"still relayed") == b"still relayed"
             samples = await scrape(edge)
             assert sample(samples, "edge_partners", state="broken") == 1
+            # The per-partner gauge names it (the broken-partner alert says which).
+            broken = {"partner": "fabrikam.com", "state": "broken"}
+            assert sample(samples, "edge_partner_state", **broken) == 1
+            assert (
+                sample(samples, "edge_partner_state", partner="fabrikam.com", state="enabled")
+                is None
+            )
             assert (sample(samples, "edge_policy_reloads_total", result="error") or 0) >= 1
             # Fixing the file is picked up as the next change.
             half.unlink()
             await _next_reload(edge, broken=[], result="ok")
+            samples = await scrape(edge)
+            assert sample(samples, "edge_partner_state", **broken) is None
+            assert (
+                sample(samples, "edge_partner_state", partner="fabrikam.com", state="enabled") == 1
+            )
             await live.aclose()
             assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()

@@ -114,6 +114,15 @@ class PolicySnapshot:
                 counts["enabled" if policy.enabled else "disabled"] += 1
         return counts
 
+    def partner_states(self) -> dict[str, str]:
+        """Each partner id of this folder -> `enabled`, `disabled` or `broken`."""
+        states = {
+            pid: "enabled" if policy.enabled else "disabled"
+            for pid, policy in self.partners.items()
+        }
+        states.update(dict.fromkeys(self.broken, "broken"))
+        return states
+
     def problems_of(self, partner: str) -> tuple[PolicyProblem, ...]:
         """The problems reported for one partner."""
         return tuple(p for p in self.problems if p.partner == partner)

@@ -97,6 +97,15 @@ class Snapshot:
                 counts[state] = counts.get(state, 0) + n
         return counts
 
+    def partner_states(self) -> dict[str, str]:
+        """Every configured partner id -> its state (broken wins over a folder's other view)."""
+        states: dict[str, str] = {}
+        for trust in self.folders.values():
+            for pid, state in trust.policies.partner_states().items():
+                if states.get(pid) != "broken":
+                    states[pid] = state
+        return states
+
     @property
     def partner_problems(self) -> tuple[PolicyProblem, ...]:
         return tuple(p for t in self.folders.values() for p in t.policies.problems)
