@@ -155,8 +155,11 @@ class Admission:
         crl_fetcher: CrlFetcher | None = None,
         shutting_down: Callable[[], bool] = lambda: False,
         on_live: Callable[[tuple[x509.Certificate, ...]], None] = lambda _chain: None,
+        others_active: Callable[[], int] = lambda: 0,
     ) -> None:
         self._current = current
+        # Outbound connections open now, so max_connections bounds the whole gateway.
+        self._others_active = others_active
         self._pools = pools
         self._metrics = metrics
         self._log = log
@@ -228,7 +231,7 @@ class Admission:
     async def _serve(self, listener: Listener, tcp: trio.SocketStream, conn: Conn) -> None:
         limits = self._current().snapshot.config.limits
         refusal: str | None = None
-        if self.active_total > limits.max_connections:
+        if self.active_total + self._others_active() > limits.max_connections:
             refusal = f"max_connections={limits.max_connections} reached"
         # Refuse before spending a handshake wherever the limit is already known.
         elif self._handshakes_in_progress >= limits.max_handshakes_in_progress:

@@ -91,6 +91,7 @@ class Gateway:
             crl_fetcher=self._crl_fetcher,
             shutting_down=self._shutdown.is_set,
             on_live=self._reloader.note_expiry,
+            others_active=lambda: self._outbound.active_total,
         )
         self.bound: dict[str, list[str]] = {}
         self.ready = False

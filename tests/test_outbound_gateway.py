@@ -645,3 +645,31 @@ async def test_sip_outbound_listener_routes_each_request_through_the_gateway(
                 "edge_bytes_total", listener=OUT, partner="fabrikam.com", direction="to_partner"
             ) == len(request)
         partners_nursery.cancel_scope.cancel()
+
+
+async def test_outbound_connections_count_in_max_connections(tmp_path: Path, pki: Pki) -> None:
+    # max_connections bounds the whole gateway: a live outbound connection takes
+    # the one slot, so an inbound connection is refused at accept (over_limit).
+    edge_leaf = pki.fabrikam.issue(dns=["edge.fabrikam.com"], eku=["server"])
+    partner_edge = PartnerEdge(pki, edge_leaf)
+    async with trio.open_nursery() as partners_nursery:
+        await partner_edge.start(partners_nursery)
+        policy = f'domains = ["fabrikam.com"]\nedge = "edge.fabrikam.com:{partner_edge.port}"\n'
+        partners = [Partner("fabrikam.com", pki.fabrikam, policy)]
+        async with site(tmp_path, pki, partners, limits="max_connections = 1") as s:
+            s.dns.records = {("edge.fabrikam.com", "A"): ["127.0.0.1"]}
+            member, _ = await member_connect(s, pki, "fabrikam.com")
+            assert await roundtrip(member, b"hold") == b"hold"  # live, relaying
+            host, _, port = s.edge.gateway.bound["federation"][0].rpartition(":")
+            inbound = await trio.open_tcp_stream(host.strip("[]"), int(port))
+            inbound_port = inbound.socket.getsockname()[1]
+            refused_event = await s.closed_or_rejected(inbound_port)
+            assert (refused_event["event"], refused_event["reason"]) == (
+                "connection_rejected",
+                "over_limit",
+            )
+            assert "max_connections=1" in refused_event["detail"]
+            await inbound.aclose()
+            assert await roundtrip(member, b"still") == b"still"
+            await member.aclose()
+        partners_nursery.cancel_scope.cancel()
