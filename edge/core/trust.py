@@ -3,8 +3,10 @@
 Owns: the single decision "is this certificate chain accepted, for which
 partner, and if not, why" (docs/partners.md, "The verifier's rules"),
 for partners connecting in (`PartnerTrust.verify_client`) and for servers the
-edge connects to (`ServerTrust.verify_server`). A reader looking for why a
-partner was rejected finds every rule here.
+edge connects to (`ServerTrust.verify_server`, defined in
+`edge.core.server_trust` and re-exported here). A reader looking for why a
+partner was rejected starts here: the client-purpose decision is this module's,
+and "Where each step lives" below names the module holding each rule.
 
 Must never: do I/O, import trio or sockets, read files (policies arrive as an
 immutable `PolicySnapshot`), put key material in a detail string, or trust SNI.
@@ -70,11 +72,26 @@ matching, no CN) on our roots, EKU serverAuth or none; failures get their
 reason code the same way (`_diagnose`, then service_identity for
 `name_mismatch`), and the same floor.
 
+Where each step lives (issue 14 split this module by concern; every public name
+is still importable from `edge.core.trust`):
+  edge.core.trust (here): candidates (step 1), pyca's client path (step 2,
+      `_pyca_path`), the verified-path cache, name matching and ambiguity
+      (steps 3-4), disabled and revocation (step 5), choosing the most
+      specific failure; `PartnerTrust`.
+  edge.core.trust_verdict: `Verdict` and `MAX_CHAIN_LENGTH`.
+  edge.core.trust_floor: the cryptographic floor (`crypto_floor_problem`),
+      the purpose check (`_purpose_problem`), OpenSSL error -> reason code
+      (`reason_for_openssl_error`, `_diagnose`), webpki extension policies,
+      malformed/duplicate extensions.
+  edge.core.trust_names: leaf names (DNS, `sip:` URI SANs, CN only without a
+      SAN), `name_in_domains`, name constraints over `sip:`/CN names.
+  edge.core.server_trust: `ServerTrust`, the server-purpose verifier.
+
 Which check comes from which library:
   pyca/cryptography verifier: path building, signatures, validity times,
       basicConstraints/pathLen, DNS name constraints, webpki profile.
   OpenSSL (X509StoreContext): only the reason code of a chain pyca refused.
-  this module: candidates, partner names (incl. `sip:` and CN rules), purpose,
+  these modules: candidates, partner names (incl. `sip:` and CN rules), purpose,
       the cryptographic floor, name constraints over `sip:`/CN names,
       malformed/duplicate extensions, disabled, ambiguity, revocation.
   service_identity: the server name match used to explain `name_mismatch`.
@@ -88,28 +105,38 @@ dict operations, so repeated calls from one thread (the trio thread) are safe.
 from __future__ import annotations
 
 import datetime as _dt
-import ipaddress
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 from cryptography.x509 import verification as pyca
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from OpenSSL import crypto
-from service_identity import CertificateError, VerificationError
-from service_identity.cryptography import (
-    verify_certificate_hostname,
-    verify_certificate_ip_address,
-)
 
 from edge.core.names import subject as _subject
 from edge.core.policies import PartnerPolicy, PolicySnapshot
 from edge.core.reasons import Reason
 from edge.core.revocation import CrlSet
+from edge.core.server_trust import ServerTrust
+from edge.core.trust_floor import (
+    _CA_POLICY,
+    _EE_POLICY,
+    _SPECIFICITY,
+    _X509_CACHE_SIZE,
+    _build_store,
+    _ChainResult,
+    _clip,
+    _diagnose,
+    _malformed_extensions,
+    _purpose_problem,
+    _X509Cache,
+    crypto_floor_problem,
+    reason_for_openssl_error,
+)
+from edge.core.trust_floor import (
+    MIN_RSA_BITS as MIN_RSA_BITS,
+)
+from edge.core.trust_names import _constraint_problem, _names_match, leaf_names, name_in_domains
+from edge.core.trust_verdict import MAX_CHAIN_LENGTH, Verdict, _reject
 
 __all__ = [
     "MAX_CHAIN_LENGTH",
@@ -121,368 +148,6 @@ __all__ = [
     "name_in_domains",
     "reason_for_openssl_error",
 ]
-
-
-# Leaf plus intermediates a peer may send (real federation chains have 2 to 4).
-MAX_CHAIN_LENGTH = 8
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The answer for one chain: accepted (for which partner) or rejected (why)."""
-
-    accepted: bool
-    reason: Reason | None  # None exactly when accepted
-    detail: str  # for operators: which certificate, what is wrong; never key material
-    partner: str | None = None  # the identified partner (client purpose), else None
-    # Accepted: the verified path, leaf first, ending with the trust anchor. Rejected
-    # after the chain itself verified: that path too (for logs); otherwise empty.
-    chain: tuple[x509.Certificate, ...] = field(default=(), repr=False)
-    # Accepted (client purpose): the leaf name that put it inside the partner's
-    # domains (a DNS SAN, the domain of a `sip:` URI SAN, or the CN of a SAN-less
-    # leaf), normalized. This, never the raw CN, is the identity passed on.
-    name: str | None = None
-
-    @property
-    def not_after(self) -> _dt.datetime | None:
-        """The earliest notAfter over the verified path, trust anchor included: when
-        this verdict stops being true by itself (a live connection admitted under it
-        must be closed then). None when no path verified."""
-        if not self.chain:
-            return None
-        return min(c.not_valid_after_utc for c in self.chain)
-
-    @property
-    def line(self) -> str:
-        """The one-line `edge verify` output."""
-        if self.accepted:
-            return f"accepted partner={self.partner}" if self.partner else "accepted"
-        return f"rejected reason={self.reason}: {self.detail}"
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form for `edge verify --json` and structured logs."""
-        return {
-            "result": "accepted" if self.accepted else "rejected",
-            "accepted": self.accepted,
-            "reason": None if self.reason is None else str(self.reason),
-            "partner": self.partner,
-            "detail": self.detail,
-            "chain": [
-                {
-                    "subject": c.subject.rfc4514_string(),
-                    "issuer": c.issuer.rfc4514_string(),
-                    "not_after": c.not_valid_after_utc.isoformat(),
-                    "sha256": c.fingerprint(hashes.SHA256()).hex(),
-                }
-                for c in self.chain
-            ],
-        }
-
-
-def _accept(detail: str, partner: str | None, chain: tuple[x509.Certificate, ...]) -> Verdict:
-    return Verdict(True, None, detail, partner, chain)
-
-
-def _reject(
-    reason: Reason,
-    detail: str,
-    partner: str | None = None,
-    chain: tuple[x509.Certificate, ...] = (),
-) -> Verdict:
-    return Verdict(False, reason, detail, partner, chain)
-
-
-# --- OpenSSL errors -> reason codes ------------------------------------------------
-
-# X509_V_ERR_* codes (openssl/x509_vfy.h). Anything not listed is invalid_chain:
-# the path reached an anchor or got far enough that "unknown CA" would mislead.
-_OPENSSL_REASONS: Mapping[int, Reason] = {
-    2: Reason.UNKNOWN_CA,  # unable to get issuer certificate
-    18: Reason.UNKNOWN_CA,  # self-signed leaf
-    19: Reason.UNKNOWN_CA,  # self-signed certificate in chain (untrusted root sent)
-    20: Reason.UNKNOWN_CA,  # unable to get local issuer certificate
-    21: Reason.UNKNOWN_CA,  # unable to verify the first certificate
-    27: Reason.UNKNOWN_CA,  # certificate not trusted
-    9: Reason.NOT_YET_VALID,  # certificate is not yet valid
-    10: Reason.EXPIRED,  # certificate has expired
-    23: Reason.REVOKED,  # certificate revoked (only if CRL flags were ever set)
-    3: Reason.CRL_UNAVAILABLE,  # unable to get CRL
-    11: Reason.CRL_UNAVAILABLE,  # CRL not yet valid
-    12: Reason.CRL_UNAVAILABLE,  # CRL has expired
-    26: Reason.BAD_PURPOSE,  # unsupported certificate purpose
-}
-
-# How specific a chain-stage failure is; higher wins when candidates disagree.
-_SPECIFICITY: Mapping[Reason, int] = {
-    Reason.UNKNOWN_CA: 0,
-    Reason.INVALID_CHAIN: 1,
-    Reason.BAD_PURPOSE: 1,
-    Reason.WEAK_CRYPTO: 2,
-    Reason.CRL_UNAVAILABLE: 2,
-    Reason.NOT_YET_VALID: 3,
-    Reason.EXPIRED: 3,
-    Reason.REVOKED: 4,
-}
-
-
-def reason_for_openssl_error(code: int) -> Reason:
-    """The reason code for an OpenSSL X509_V_ERR_* verification error code."""
-    return _OPENSSL_REASONS.get(code, Reason.INVALID_CHAIN)
-
-
-def _stamp(when: _dt.datetime) -> str:
-    return when.astimezone(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _openssl_detail(
-    code: int, depth: int, message: str, cert: x509.Certificate | None, at: _dt.datetime
-) -> str:
-    who = _subject(cert) if cert is not None else f"certificate at depth {depth}"
-    role = "leaf" if depth == 0 else f"issuer at depth {depth}"
-    if code == 10 and cert is not None:
-        return f"{role} {who} expired {_stamp(cert.not_valid_after_utc)} (checked at {_stamp(at)})"
-    if code == 9 and cert is not None:
-        return (
-            f"{role} {who} is not valid before {_stamp(cert.not_valid_before_utc)} "
-            f"(checked at {_stamp(at)})"
-        )
-    if code in (2, 20, 21) and cert is not None:
-        return f"{role} {who}: {message} (issuer {cert.issuer.rfc4514_string()})"
-    return f"{role} {who}: {message}"
-
-
-# --- conversion and store helpers ---------------------------------------------------
-
-# Converting a cryptography certificate to pyOpenSSL costs about as much as a quarter
-# of a verification; peers present the same chains again and again, and certificates
-# hash and compare by their DER, so a bounded cache pays for itself.
-_X509_CACHE_SIZE = 4096
-
-
-class _X509Cache:
-    def __init__(self, size: int = _X509_CACHE_SIZE) -> None:
-        self._size = size
-        self._items: dict[x509.Certificate, crypto.X509] = {}
-
-    def get(self, cert: x509.Certificate) -> crypto.X509:
-        found = self._items.get(cert)
-        if found is None:
-            found = crypto.X509.from_cryptography(cert)
-            if len(self._items) >= self._size:
-                # Evict the oldest insertion; a dict keeps insertion order.
-                del self._items[next(iter(self._items))]
-            self._items[cert] = found
-        return found
-
-
-def _build_store(
-    anchors: Iterable[x509.Certificate], cache: _X509Cache, at: _dt.datetime | None
-) -> crypto.X509Store:
-    store = crypto.X509Store()
-    for anchor in anchors:
-        store.add_cert(cache.get(anchor))
-    # Any CA certificate the operator dropped in is an anchor, root or not (pinning).
-    store.set_flags(crypto.X509StoreFlags.PARTIAL_CHAIN)
-    if at is not None:
-        store.set_time(at.astimezone(_dt.UTC).replace(tzinfo=None))
-    return store
-
-
-@dataclass(frozen=True)
-class _ChainResult:
-    ok: bool
-    path: tuple[x509.Certificate, ...] = ()  # verified, leaf first, anchor last
-    reason: Reason | None = None
-    detail: str = ""
-
-
-def _verify_chain(
-    store: crypto.X509Store,
-    chain: Sequence[x509.Certificate],
-    cache: _X509Cache,
-    at: _dt.datetime,
-) -> _ChainResult:
-    leaf = cache.get(chain[0])
-    untrusted = [cache.get(c) for c in chain[1:]]
-    try:
-        verified = crypto.X509StoreContext(store, leaf, untrusted).get_verified_chain()
-    except crypto.X509StoreContextError as exc:
-        code, depth, message = exc.errors[0], exc.errors[1], str(exc.errors[2])
-        failing = exc.certificate.to_cryptography() if exc.certificate is not None else None
-        return _ChainResult(
-            False,
-            reason=reason_for_openssl_error(code),
-            detail=_openssl_detail(code, depth, message, failing, at),
-        )
-    # Hand back the caller's own objects where we can (same DER), anchors from the store.
-    known = {c: c for c in chain}
-    path = tuple(known.get(c := v.to_cryptography(), c) for v in verified)
-    return _ChainResult(True, path)
-
-
-def _purpose_problem(
-    path: tuple[x509.Certificate, ...], purpose: x509.ObjectIdentifier, label: str
-) -> str | None:
-    """Why the verified path may not be used for `purpose`, or None."""
-    leaf = path[0]
-    try:
-        bc = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
-        if bc.ca:
-            return f"leaf {_subject(leaf)} is a CA certificate, not an end-entity certificate"
-    except x509.ExtensionNotFound:
-        pass
-    try:
-        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        if purpose not in eku:
-            have = ", ".join(_eku_name(o) for o in eku) or "none"
-            return f"leaf {_subject(leaf)} extended key usage ({have}) excludes {label}"
-    except x509.ExtensionNotFound:
-        pass  # no EKU: any purpose (RFC 5280 4.2.1.12)
-    try:
-        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-        allowed = ku.digital_signature or (
-            purpose == ExtendedKeyUsageOID.SERVER_AUTH and (ku.key_encipherment or ku.key_agreement)
-        )
-        if not allowed:
-            return f"leaf {_subject(leaf)} key usage does not allow signing for {label}"
-    except x509.ExtensionNotFound:
-        pass
-    # An issuing CA restricted by EKU (CA/Browser Forum practice) restricts its leaves,
-    # the trust anchor included: a partner may pin a restricted intermediate, and
-    # another partner's path through it must not skip the check (issue 15).
-    for ca in path[1:]:
-        try:
-            eku = ca.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        except x509.ExtensionNotFound:
-            continue
-        if purpose not in eku and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in eku:
-            return f"issuing CA {_subject(ca)} extended key usage excludes {label}"
-    return None
-
-
-def _eku_name(oid: x509.ObjectIdentifier) -> str:
-    return {
-        ExtendedKeyUsageOID.CLIENT_AUTH: "clientAuth",
-        ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth",
-        ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE: "anyExtendedKeyUsage",
-    }.get(oid, oid.dotted_string)
-
-
-# --- the cryptographic floor (docs/partners.md) ----------------------------------------
-
-MIN_RSA_BITS = 2048
-_ALLOWED_CURVES: Mapping[str, str] = {
-    ec.SECP256R1.name: "P-256",
-    ec.SECP384R1.name: "P-384",
-    ec.SECP521R1.name: "P-521",
-}
-# Signature algorithms below the floor, by OID (no string matching): MD2/MD5/SHA-1.
-_WEAK_SIGNATURES: Mapping[x509.ObjectIdentifier, str] = {
-    SignatureAlgorithmOID.RSA_WITH_MD5: "MD5",
-    SignatureAlgorithmOID.RSA_WITH_SHA1: "SHA-1",
-    SignatureAlgorithmOID._RSA_WITH_SHA1: "SHA-1",
-    SignatureAlgorithmOID.ECDSA_WITH_SHA1: "SHA-1",
-    SignatureAlgorithmOID.DSA_WITH_SHA1: "SHA-1",
-    x509.ObjectIdentifier("1.2.840.113549.1.1.2"): "MD2",
-}
-
-
-def _key_problem(cert: x509.Certificate) -> str | None:
-    try:
-        key = cert.public_key()
-    except (ValueError, UnsupportedAlgorithm):
-        return "a public key of an unsupported type"
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < MIN_RSA_BITS:
-            return f"an RSA-{key.key_size} key (at least {MIN_RSA_BITS} bits required)"
-    elif isinstance(key, ec.EllipticCurvePublicKey):
-        if key.curve.name not in _ALLOWED_CURVES:
-            return f"an EC key on curve {key.curve.name} (only P-256, P-384, P-521)"
-    elif isinstance(key, dsa.DSAPublicKey):
-        return f"a DSA-{key.key_size} key (DSA is not accepted)"
-    return None
-
-
-def _signature_problem(cert: x509.Certificate) -> str | None:
-    weak = _WEAK_SIGNATURES.get(cert.signature_algorithm_oid)
-    if weak is None:
-        try:
-            algorithm = cert.signature_hash_algorithm
-        except UnsupportedAlgorithm:
-            algorithm = None
-        if isinstance(algorithm, hashes.MD5):
-            weak = "MD5"
-        elif isinstance(algorithm, hashes.SHA1):
-            weak = "SHA-1"  # e.g. RSASSA-PSS parameterised with SHA-1
-    return None if weak is None else f"a {weak} signature"
-
-
-def crypto_floor_problem(path: Sequence[x509.Certificate], *, anchored: bool = True) -> str | None:
-    """Why `path` (leaf first) is below the cryptographic floor (docs/partners.md), or None.
-
-    Every key counts, the trust anchor's too (a weak root key signs everything
-    under it); every signature counts except the anchor's own when `anchored`
-    (the last certificate is the anchor: it is trusted as configured, not
-    because of its self-signature). The answer names the certificate and what
-    was too weak."""
-    last = len(path) - 1
-    for depth, cert in enumerate(path):
-        role = "leaf" if depth == 0 else ("trust anchor" if anchored and depth == last else "CA")
-        problem = _key_problem(cert)
-        if problem is None and not (anchored and depth == last):
-            problem = _signature_problem(cert)
-        if problem is not None:
-            return f"{role} {_subject(cert)} (depth {depth}) has {problem}"
-    return None
-
-
-# --- name constraints over the names the partner rules use -----------------------------
-
-
-def _dns_within(name: str, constraint: str) -> bool:
-    base = _norm(constraint)
-    if not base:
-        return True  # an empty dNSName constraint covers every name
-    if base.startswith("."):
-        return name.endswith(base)
-    return name == base or name.endswith("." + base)
-
-
-def _constraint_problem(path: Sequence[x509.Certificate], names: Sequence[str]) -> str | None:
-    """The libraries apply a CA's dNSName constraints to dNSName SANs only; the
-    partner rules also use `sip:` URI SANs and a SAN-less CN as domain names, so
-    those must obey the same constraints, or a constrained CA could name any
-    domain through a URI (issue 15)."""
-    for ca in path[1:]:
-        try:
-            nc = ca.extensions.get_extension_for_class(x509.NameConstraints).value
-        except x509.ExtensionNotFound:
-            continue
-        permitted = [g.value for g in nc.permitted_subtrees or () if isinstance(g, x509.DNSName)]
-        excluded = [g.value for g in nc.excluded_subtrees or () if isinstance(g, x509.DNSName)]
-        for name in names:
-            if permitted and not any(_dns_within(name, c) for c in permitted):
-                return f"leaf name {name} is outside the permitted names of CA {_subject(ca)}"
-            if any(_dns_within(name, c) for c in excluded):
-                return f"leaf name {name} is excluded by the name constraints of CA {_subject(ca)}"
-    return None
-
-
-# --- pyca/cryptography's verifier ------------------------------------------------------
-
-# webpki profile checks, with the partner rules' two exceptions for end entities: the
-# subjectAltName may be absent (then the CN names the partner) and extendedKeyUsage
-# may be absent (clientAuth or none; `_purpose_problem` decides with a reason code).
-_EE_POLICY = (
-    pyca.ExtensionPolicy.webpki_defaults_ee()
-    .may_be_present(x509.SubjectAlternativeName, pyca.Criticality.AGNOSTIC, None)
-    .may_be_present(x509.ExtendedKeyUsage, pyca.Criticality.AGNOSTIC, None)
-)
-_CA_POLICY = pyca.ExtensionPolicy.webpki_defaults_ca()
-# Servers: SAN required (names are never taken from the CN); serverAuth or no EKU.
-_SERVER_EE_POLICY = pyca.ExtensionPolicy.webpki_defaults_ee().may_be_present(
-    x509.ExtendedKeyUsage, pyca.Criticality.AGNOSTIC, None
-)
 
 
 def _pyca_path(
@@ -505,117 +170,6 @@ def _pyca_path(
         return _clip(str(exc))
     known = {c: c for c in chain}
     return tuple(known.get(c, c) for c in verified.chain)
-
-
-def _diagnose(
-    store: crypto.X509Store,
-    chain: Sequence[x509.Certificate],
-    cache: _X509Cache,
-    at: _dt.datetime,
-    message: str,
-    purpose: tuple[x509.ObjectIdentifier, str],
-) -> _ChainResult:
-    """Why pyca's verifier refused the chain, as a reason code, by structure.
-
-    pyca's `VerificationError` carries only English text, so the reason comes
-    from elsewhere: OpenSSL's X509_V_ERR code for the same chain and anchors
-    (expired, unknown CA, ...), else our own checks in order (floor, purpose),
-    else it is a webpki profile violation OpenSSL does not check (missing AKI, a
-    CN outside the SANs, a v1 CA...): `invalid_chain`, with pyca's message."""
-    result = _verify_chain(store, chain, cache, at)
-    if not result.ok and result.reason is not Reason.INVALID_CHAIN:
-        return result
-    path = result.path if result.ok else tuple(chain)
-    # When OpenSSL failed too, the sent chain's top is an anchor only if self-issued.
-    anchored = result.ok or path[-1].subject == path[-1].issuer
-    weak = crypto_floor_problem(path, anchored=anchored)
-    if weak is not None:
-        return _ChainResult(False, reason=Reason.WEAK_CRYPTO, detail=weak)
-    if not result.ok:
-        return result
-    problem = _purpose_problem(path, purpose[0], purpose[1])
-    if problem is not None:
-        return _ChainResult(False, reason=Reason.BAD_PURPOSE, detail=problem)
-    return _ChainResult(
-        False,
-        reason=Reason.INVALID_CHAIN,
-        detail=f"leaf {_subject(chain[0])} fails the certificate profile checks: {message}",
-    )
-
-
-# --- names ---------------------------------------------------------------------------
-
-
-def _norm(name: str) -> str:
-    return name.strip().rstrip(".").lower()
-
-
-def _malformed_extensions(chain: Sequence[x509.Certificate]) -> str | None:
-    """Why a certificate's extensions cannot be parsed, or None.
-
-    cryptography parses extensions lazily and raises ValueError on malformed
-    DER (say, a non-ASCII dNSName); doing it once here turns a hostile
-    certificate into an invalid_chain verdict instead of an exception.
-    """
-    for depth, cert in enumerate(chain):
-        try:
-            cert.extensions  # noqa: B018 - the parse is the point
-        except x509.DuplicateExtension as exc:
-            # RFC 5280 4.2: "A certificate MUST NOT include more than one instance
-            # of a particular extension."
-            return f"certificate at depth {depth} has a duplicate extension {exc.oid.dotted_string}"
-        except (ValueError, x509.UnsupportedGeneralNameType) as exc:
-            return f"certificate at depth {depth} has a malformed extension: {_clip(str(exc))}"
-    return None
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    """A library message made safe for a detail string: printable, bounded."""
-    shown = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
-    return shown + ("..." if len(text) > limit else "")
-
-
-def leaf_names(cert: x509.Certificate) -> tuple[str, ...]:
-    """The names a partner's leaf claims, normalized: DNS SANs, `sip:`/`sips:` URI SANs
-    without a user part (RFC 5922 domain certificates), and the CN only when the
-    certificate has no SAN extension at all."""
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return tuple(
-            _norm(str(a.value)) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        )
-    names = [_norm(d) for d in san.get_values_for_type(x509.DNSName)]
-    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        scheme, _, rest = uri.partition(":")
-        if scheme.lower() not in ("sip", "sips") or "@" in rest:
-            continue  # sip:user@host names a user, not the domain
-        host = rest.split(";", 1)[0].split("?", 1)[0]
-        if host and ":" not in host:
-            names.append(_norm(host))
-    return tuple(names)
-
-
-def name_in_domains(name: str, domains: Iterable[str]) -> str | None:
-    """The domain `name` equals or lies under, or None. A wildcard `*.d` counts as a
-    name under `d` (every name it covers is); other wildcard forms never match."""
-    if name.startswith("*."):
-        name = name[2:]
-    if "*" in name or not name:
-        return None
-    for domain in domains:
-        if name == domain or name.endswith("." + domain):
-            return domain
-    return None
-
-
-def _names_match(names: Sequence[str], policy: PartnerPolicy) -> tuple[str, str] | None:
-    """(the leaf name, the partner domain it lies in) for the first name that fits."""
-    for name in names:
-        domain = name_in_domains(name, policy.domains)
-        if domain is not None:
-            return name, domain
-    return None
 
 
 # --- revocation ----------------------------------------------------------------------
@@ -861,122 +415,3 @@ class PartnerTrust:
             only,
             next(iter(verified.values())),
         )
-
-
-class ServerTrust:
-    """Server-purpose verification: a pool member (or a partner's edge) we connect to."""
-
-    def __init__(self, roots: Sequence[x509.Certificate]) -> None:
-        self.roots = tuple(roots)
-        self._cache = _X509Cache()
-        self._store = _build_store(self.roots, self._cache, None)
-        self._pyca_store = pyca.Store(list(self.roots)) if self.roots else None
-
-    def verify_server(
-        self,
-        chain: Sequence[x509.Certificate],
-        name: str,
-        *,
-        at: _dt.datetime | None = None,
-    ) -> Verdict:
-        """Chain to our roots, serverAuth (or no EKU), RFC 6125 match of `name` against
-        DNS or IP SANs. No SAN never matches; there is no CN fallback."""
-        if not chain:
-            return _reject(Reason.TLS_ERROR, "the server presented no certificate")
-        if not self.roots:
-            return _reject(Reason.UNKNOWN_CA, "no roots configured to verify servers")
-        malformed = _malformed_extensions(chain)
-        if malformed is not None:
-            return _reject(Reason.INVALID_CHAIN, malformed)
-        when = at if at is not None else _dt.datetime.now(_dt.UTC)
-        store = self._store if at is None else _build_store(self.roots, self._cache, at)
-        wanted = _norm(name)
-        assert self._pyca_store is not None
-        found = _pyca_server_path(self._pyca_store, chain, wanted, when)
-        if isinstance(found, str):
-            # Names are matched below with a reason of their own; whatever else
-            # pyca refused gets its reason code from `_diagnose`.
-            result = _diagnose(
-                store,
-                chain,
-                self._cache,
-                when,
-                found,
-                (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
-            )
-            if result.reason is Reason.INVALID_CHAIN and _server_name_problem(chain[0], wanted):
-                path = _verify_chain(store, chain, self._cache, when).path or tuple(chain)
-            else:
-                assert result.reason is not None
-                return _reject(result.reason, result.detail)
-        else:
-            path = found
-        weak = crypto_floor_problem(path)
-        if weak is not None:
-            return _reject(Reason.WEAK_CRYPTO, weak, chain=path)
-        problem = _purpose_problem(path, ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth")
-        if problem is not None:
-            return _reject(Reason.BAD_PURPOSE, problem, chain=path)
-        leaf = path[0]
-        try:
-            try:
-                ipaddress.ip_address(wanted)
-            except ValueError:
-                verify_certificate_hostname(leaf, wanted)
-            else:
-                verify_certificate_ip_address(leaf, wanted)
-        except (VerificationError, CertificateError, ValueError) as exc:
-            return _reject(
-                Reason.NAME_MISMATCH,
-                f"server certificate {_subject(leaf)} is not valid for {name!r}: "
-                f"{_san_summary(leaf)} ({type(exc).__name__})",
-                chain=path,
-            )
-        return _accept(f"{_subject(leaf)} valid for {wanted} via {_subject(path[-1])}", None, path)
-
-
-def _pyca_server_path(
-    store: pyca.Store, chain: Sequence[x509.Certificate], name: str, at: _dt.datetime
-) -> tuple[x509.Certificate, ...] | str:
-    """pyca's server verifier (webpki: SAN-only RFC 6125 matching) or its message."""
-    try:
-        try:
-            subject: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(name))
-        except ValueError:
-            subject = x509.DNSName(name)
-        verifier = (
-            pyca.PolicyBuilder()
-            .store(store)
-            .time(at)
-            .max_chain_depth(MAX_CHAIN_LENGTH)
-            .extension_policies(ca_policy=_CA_POLICY, ee_policy=_SERVER_EE_POLICY)
-            .build_server_verifier(subject)  # type: ignore[arg-type]
-        )
-        verified = verifier.verify(chain[0], list(chain[1:]))
-    except (pyca.VerificationError, ValueError) as exc:
-        return _clip(str(exc))
-    known = {c: c for c in chain}
-    return tuple(known.get(c, c) for c in verified)
-
-
-def _server_name_problem(leaf: x509.Certificate, wanted: str) -> bool:
-    try:
-        try:
-            ipaddress.ip_address(wanted)
-        except ValueError:
-            verify_certificate_hostname(leaf, wanted)
-        else:
-            verify_certificate_ip_address(leaf, wanted)
-    except (VerificationError, CertificateError, ValueError):
-        return True
-    return False
-
-
-def _san_summary(cert: x509.Certificate) -> str:
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return "it has no subjectAltName (the CN is not used for servers)"
-    names = [*san.get_values_for_type(x509.DNSName)]
-    names += [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
-    return "its names are " + (", ".join(names[:8]) if names else "none usable")
