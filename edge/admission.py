@@ -158,8 +158,7 @@ class Admission:
         others_active: Callable[[], int] = lambda: 0,
     ) -> None:
         self._current = current
-        # Outbound connections open now, so max_connections bounds the whole gateway.
-        self._others_active = others_active
+        self._others_active = others_active  # outbound connections: one max_connections
         self._pools = pools
         self._metrics = metrics
         self._log = log

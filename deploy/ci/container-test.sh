@@ -261,8 +261,8 @@ for path in healthz readyz; do
   say "   $out"
 done
 for series in 'edge_partners{state="enabled"}' \
-  'edge_handshakes_total{listener="federation",partner="fabrikam.example",result="ok",direction="inbound"}' \
-  'edge_handshakes_total{listener="federation",partner="unknown",result="unknown_ca",direction="inbound"}'; do
+  'edge_handshakes_total{direction="inbound",listener="federation",partner="fabrikam.example",result="ok"}' \
+  'edge_handshakes_total{direction="inbound",listener="federation",partner="unknown",result="unknown_ca"}'; do
   out=$(partner metric "$M/metrics" "$series") || FAILED=$((FAILED + 1))
   say "   $out"
 done
