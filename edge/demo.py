@@ -393,20 +393,7 @@ async def _play(
     local_port = tcp.socket.getsockname()[1]
     stream = TLSStream(tcp, ctx, server_side=False, server_hostname=EDGE_PUBLIC_NAME)
     payload = f"hello from {scenario.name}".encode()
-    echoed = b""
-    try:
-        with trio.move_on_after(5):
-            await stream.do_handshake()
-            await stream.send_all(payload)
-            while len(echoed) < len(payload):
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    break
-                echoed += chunk
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
-    finally:
-        await stream.aclose()
+    echoed = await _echo_attempt(stream, payload)
     if echoed == payload:
         # Wait for the gateway's connection_closed to name the member.
         with trio.move_on_after(2):
@@ -438,20 +425,7 @@ async def _play_outbound(
         tcp, ctx, server_side=False, server_hostname=scenario.sni, check_hostname=False
     )
     payload = f"OPTIONS sip:{scenario.sni} from {POOL_HOSTS[0]}".encode()
-    echoed = b""
-    try:
-        with trio.move_on_after(5):
-            await stream.do_handshake()
-            await stream.send_all(payload)
-            while len(echoed) < len(payload):
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    break
-                echoed += chunk
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        pass
-    finally:
-        await stream.aclose()
+    echoed = await _echo_attempt(stream, payload)
     name = "connection_closed" if echoed == payload else "connection_rejected"
     with trio.move_on_after(5):
         while not _event_for(events, local_port, name):
@@ -577,3 +551,22 @@ def demo_command(log_format: LogFormat = "text") -> int:
         status = trio.run(_run_demo, Path(tmp), sys.stdout)
     print(f"edge demo: finished in {time.monotonic() - started:.1f}s", file=sys.stdout)
     return status
+
+
+async def _echo_attempt(stream: TLSStream, payload: bytes) -> bytes:
+    """Handshake, send `payload`, read back as much of it as comes within 5 s; close."""
+    echoed = b""
+    try:
+        with trio.move_on_after(5):
+            await stream.do_handshake()
+            await stream.send_all(payload)
+            while len(echoed) < len(payload):
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                echoed += chunk
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        pass
+    finally:
+        await stream.aclose()
+    return echoed
