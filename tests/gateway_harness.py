@@ -92,8 +92,32 @@ def write_federation(
     return config
 
 
+class _Events:
+    """Waiting on the log events a gateway (process or task) has emitted so far."""
+
+    events: list[dict[str, Any]]
+    changed: trio.Event
+
+    async def wait_for(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10
+    ) -> dict[str, Any]:
+        with trio.fail_after(timeout):
+            while True:
+                for event in self.events:
+                    if predicate(event):
+                        return event
+                await self.changed.wait()
+
+    async def event_for_port(self, port: int, name: str, timeout: float = 10) -> dict[str, Any]:
+        suffix = f":{port}"
+        return await self.wait_for(
+            lambda e: e.get("event") == name and str(e.get("peer", "")).endswith(suffix),
+            timeout,
+        )
+
+
 @dataclass
-class EdgeProcess:
+class EdgeProcess(_Events):
     """`edge run` as a subprocess, with its log lines parsed as they come."""
 
     process: trio.Process
@@ -119,23 +143,6 @@ class EdgeProcess:
         assert self.process.stderr is not None
         async for chunk in self.process.stderr:
             self.stderr += chunk
-
-    async def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10
-    ) -> dict[str, Any]:
-        with trio.fail_after(timeout):
-            while True:
-                for event in self.events:
-                    if predicate(event):
-                        return event
-                await self.changed.wait()
-
-    async def event_for_port(self, port: int, name: str, timeout: float = 10) -> dict[str, Any]:
-        suffix = f":{port}"
-        return await self.wait_for(
-            lambda e: e.get("event") == name and str(e.get("peer", "")).endswith(suffix),
-            timeout,
-        )
 
     def terminate(self) -> None:
         if self.process.returncode is None:
@@ -278,7 +285,7 @@ def series(samples: Samples, name: str) -> dict[frozenset[tuple[str, str]], floa
 
 
 @dataclass
-class InProcessEdge:
+class InProcessEdge(_Events):
     """A ``Gateway`` run as a trio task of the test, its events collected."""
 
     gateway: Any
@@ -291,23 +298,6 @@ class InProcessEdge:
         self.events.append(event)
         self.changed.set()
         self.changed = trio.Event()
-
-    async def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10
-    ) -> dict[str, Any]:
-        with trio.fail_after(timeout):
-            while True:
-                for event in self.events:
-                    if predicate(event):
-                        return event
-                await self.changed.wait()
-
-    async def event_for_port(self, port: int, name: str, timeout: float = 10) -> dict[str, Any]:
-        suffix = f":{port}"
-        return await self.wait_for(
-            lambda e: e.get("event") == name and str(e.get("peer", "")).endswith(suffix),
-            timeout,
-        )
 
     async def stop(self, timeout: float = 15) -> int:
         """What SIGTERM does in `edge run`: drain, stop; 0 once stopped."""
