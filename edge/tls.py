@@ -181,16 +181,13 @@ callback (``_HandshakeJudge``):
   ``PartnerTrust.verify_client``, on the walked path, and returns its answer.
   OpenSSL's "ok" never accepts what the core rejects. A refusal only the core
   sees (name outside the partner's domains, disabled, ambiguous, weak
-  signature, profile) has no X509 error of its own at that point: OpenSSL
-  3.0+ then reports ``X509_V_ERR_UNSPECIFIED``, alert ``internal_error``
-  (measured; see tests/test_tls.py and tests/test_alerts.py). pyOpenSSL
-  offers no public way to set the error (``X509_STORE_CTX_set_error``), and
-  resets it to OK whenever the callback accepts, so an error seen earlier
-  cannot be kept for a later refusal; the checks OpenSSL runs after the last
-  call (name constraints, policies) cannot be made to fail per connection,
-  and a store clock moved to force an error at the leaf would turn every
-  ``certificate_expired`` into ``bad_certificate``. docs/operations.md lists
-  what a refused partner sees per reason.
+  signature, profile) has no X509 error of its own at that point; pyOpenSSL's
+  public callback cannot set one (OpenSSL 3+ would report
+  ``X509_V_ERR_UNSPECIFIED``, alert ``internal_error``), so the judge is
+  installed by ``edge.verify_alert``, which sets the error whose alert says
+  why (``bad_certificate`` for a name outside the partner's domains; its
+  docstring has the table and why it uses pyOpenSSL's private binding).
+  docs/operations.md lists what a refused partner sees per reason.
 
 The connection's verdict (the core's, or for an OpenSSL refusal one built
 from its error code) is kept for the gateway: ``TLSStream.handshake_verdict``.
@@ -219,6 +216,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from OpenSSL import SSL
 
+from edge import verify_alert
 from edge.core.config import is_ip_address
 from edge.core.policies import Revocation
 from edge.core.reasons import Reason
@@ -1200,6 +1198,11 @@ class _HandshakeJudge:
         return True  # an error the core may overrule, or a certificate above the leaf
 
 
+def _verdict_reason(conn: SSL.Connection) -> Reason | None:
+    verdict = handshake_verdict(conn)
+    return None if verdict is None else verdict.reason
+
+
 def handshake_verdict(conn: SSL.Connection) -> Verdict | None:
     """The verdict reached inside `conn`'s handshake, or None (no partner-facing
     context, or the peer sent no certificate)."""
@@ -1283,7 +1286,7 @@ def server_context(
             ctx.set_verify(mode, _meets_floor)
         elif partner_trust is not None:
             _partner_store(ctx, partner_trust)
-            ctx.set_verify(mode, _HandshakeJudge(partner_trust))
+            verify_alert.install(ctx, mode, _HandshakeJudge(partner_trust), _verdict_reason)
             client_ca_names = client_ca_names or partner_trust.all_roots
         else:
             # No judge given: any certificate passes the TLS layer and the caller

@@ -3,8 +3,9 @@
 Debian's ``openssl s_client`` (TLS 1.2 and 1.3) against an in-process gateway:
 the verdict is reached inside the handshake, so the partner gets the alert
 that says why, and the gateway logs the matching reason code. A name outside
-the partner's domains has no OpenSSL error of its own: its alert is
-``internal_error`` (docs/operations.md, "What a refused partner sees").
+the partner's domains has no OpenSSL error of its own: edge/verify_alert.py
+sets one, so its alert is ``bad_certificate`` (docs/operations.md, "What a
+refused partner sees").
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from pathlib import Path
 import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL
 
+from edge import verify_alert
+from edge.core.reasons import Reason
 from tests.gateway_harness import InProcessEdge, Pki, start_gateway, start_pool, write_federation
 
 OPENSSL = shutil.which("openssl")
@@ -27,7 +31,7 @@ EXPECTED_ALERT = {
     "unknown_ca": "alert unknown ca",  # 48
     "expired": "alert certificate expired",  # 45
     "revoked": "alert certificate revoked",  # 44
-    "name_mismatch": "alert internal error",  # 80: see the module docstring
+    "name_mismatch": "alert bad certificate",  # 42: edge/verify_alert.py
 }
 
 
@@ -87,3 +91,18 @@ async def test_refused_partner_gets_the_alert_that_says_why(
                 assert rejected["reason"] == reason, rejected
             assert not [e for e in edge.events if e["event"] == "connection_closed"]
             nursery.cancel_scope.cancel()
+
+
+def test_core_refusals_pick_the_error_whose_alert_says_why() -> None:
+    """The private-binding callback is installed (a pyOpenSSL upgrade that removes
+    a name it needs would fall back to ``internal_error``), and each core reason
+    maps to the X509_V_ERR code OpenSSL turns into its alert."""
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    assert verify_alert.install(ctx, SSL.VERIFY_PEER, lambda *_: False, lambda _c: None)
+    assert verify_alert.error_code_for(Reason.NAME_MISMATCH) == 28  # bad_certificate
+    assert verify_alert.error_code_for(Reason.WEAK_CRYPTO) == 28
+    assert verify_alert.error_code_for(Reason.EXPIRED) == 10  # certificate_expired
+    assert verify_alert.error_code_for(Reason.REVOKED) == 23  # certificate_revoked
+    assert verify_alert.error_code_for(Reason.BAD_PURPOSE) == 26  # unsupported_certificate
+    assert verify_alert.error_code_for(Reason.PARTNER_DISABLED) == 50  # handshake_failure
+    assert verify_alert.error_code_for(None) == 50

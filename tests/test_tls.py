@@ -1217,6 +1217,11 @@ def partner_site(tmp_path_factory: pytest.TempPathFactory) -> PartnerSite:
     contoso = CA.root("Contoso Root")
     (folder / "contoso.com").mkdir()
     (folder / "contoso.com" / "root.pem").write_bytes(contoso.cert_pem())
+    # A partner the operator switched off: only the core knows (no X509 error).
+    tailspin = CA.root("Tailspin Root")
+    (folder / "tailspin.com").mkdir()
+    (folder / "tailspin.com" / "root.pem").write_bytes(tailspin.cert_pem())
+    (folder / "tailspin.com" / "policy.toml").write_text("enabled = false\n")
     snapshot = load_policies(folder)
     assert not snapshot.broken
     now = dt.datetime.now(dt.UTC)
@@ -1227,6 +1232,7 @@ def partner_site(tmp_path_factory: pytest.TempPathFactory) -> PartnerSite:
         "expired": issuing.issue(dns=["sip.fabrikam.com"], not_after=now - dt.timedelta(days=1)),
         "revoked": revoked,
         "name_mismatch": issuing.issue(dns=["sip.litware.com"]),
+        "partner_disabled": tailspin.issue(dns=["sip.tailspin.com"]),
     }
     edge_root = CA.root("Edge Root")
     server = edge_root.issue(dns=["localhost"])
@@ -1255,8 +1261,10 @@ EXPECTED_ALERT = {
     "expired": "alert certificate expired",  # 45
     "revoked": "alert certificate revoked",  # 44
     # No X509 error of its own exists at the point only the core can see this:
-    # OpenSSL 3.0+ reports X509_V_ERR_UNSPECIFIED (see edge/tls.py).
-    "name_mismatch": "alert internal error",  # 80
+    # edge/verify_alert.py sets X509_V_ERR_CERT_REJECTED.
+    "name_mismatch": "alert bad certificate",  # 42
+    # Likewise: X509_V_ERR_APPLICATION_VERIFICATION.
+    "partner_disabled": "alert handshake failure",  # 40
 }
 
 
