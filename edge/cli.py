@@ -37,6 +37,7 @@ from edge.core.policies import (
 )
 from edge.core.snapshot import build_snapshot, policy_folders
 from edge.core.trust import PartnerTrust, Verdict
+from edge.report import located_config_problem, located_policy_problem
 
 __all__ = ["console_main", "main"]
 
@@ -208,7 +209,7 @@ def _print_snapshot(snapshot: PolicySnapshot) -> int:
     )
     problems = 0
     for problem in snapshot.problems_of(""):
-        print(f"  {'error' if problem.fatal else 'warning'}: {problem}")
+        print(f"  {'error' if problem.fatal else 'warning'}: {located_policy_problem(problem)}")
         problems += 1
     now = _dt.datetime.now(_dt.UTC)
     for pid in sorted(set(snapshot.partners) | snapshot.broken):
@@ -222,7 +223,7 @@ def _print_snapshot(snapshot: PolicySnapshot) -> int:
         if policy is not None:
             _print_policy(policy, now)
         for problem in snapshot.problems_of(pid):
-            print(f"  {'error' if problem.fatal else 'warning'}: {problem}")
+            print(f"  {'error' if problem.fatal else 'warning'}: {located_policy_problem(problem)}")
             problems += 1
     for notice in snapshot.notices:  # ignored backups and hidden names: said, not counted
         print(f"  notice: {notice}")
@@ -318,7 +319,7 @@ def _check(config_arg: Path | None, policies_arg: Path | None) -> int:
         except ConfigError as exc:
             print(f"config {path}: BROKEN")
             for line in exc.problems:
-                print(f"  error: {line}")
+                print(f"  error: {located_config_problem(line, path)}")
             problems += len(exc.problems)
         else:
             problems += _print_config(config)
@@ -338,7 +339,7 @@ def _check(config_arg: Path | None, policies_arg: Path | None) -> int:
         # The same cross-checks `edge run` applies: what is broken here is broken there.
         snapshot = build_snapshot(config, loaded)
         for line in snapshot.problems:
-            print(f"  error: {line}")
+            print(f"  error: {located_config_problem(line, config.path)}")
             problems += 1
         checked.update((f, t.policies) for f, t in snapshot.folders.items())
     for folder in loaded:

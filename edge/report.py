@@ -22,7 +22,13 @@ from typing import Any
 from cryptography import x509
 
 from edge.core.config import Config, ConfigError, load_config
-from edge.core.policies import PartnerPolicy, PolicyFolderError, PolicySnapshot, load_policies
+from edge.core.policies import (
+    PartnerPolicy,
+    PolicyFolderError,
+    PolicyProblem,
+    PolicySnapshot,
+    load_policies,
+)
 from edge.version import version
 
 __all__ = ["check_document", "locate_key", "toml_position"]
@@ -135,6 +141,30 @@ def _policy_problem(path: Path, message: str, partner: str, fatal: bool) -> _Pro
     if sep and path.suffix == ".toml" and re.fullmatch(r"[a-z_]+", key):
         line = locate_key(_lines(path), key)
     return _Problem(severity, str(path), message, key if line else None, partner or None, line)
+
+
+def _where(problem: _Problem) -> str | None:
+    if problem.file is None or problem.line is None:
+        return None
+    column = f":{problem.column}" if problem.column is not None else ""
+    return f"{problem.file}:{problem.line}{column}"
+
+
+def located_config_problem(text: str, config_path: Path) -> str:
+    """A configuration problem as ``file:line: ...`` (the editors' and compilers'
+    form) when its key or TOML position has a line; the text unchanged otherwise."""
+    where = _where(_config_problem(text, config_path))
+    if where is None:
+        return text
+    prefix = f"{config_path}: "
+    return f"{where}: {text[len(prefix) :] if text.startswith(prefix) else text}"
+
+
+def located_policy_problem(problem: PolicyProblem) -> str:
+    """A partner-folder problem as ``file:line: message`` when a line is known."""
+    found = _policy_problem(problem.path, problem.message, problem.partner, problem.fatal)
+    where = _where(found)
+    return str(problem) if where is None else f"{where}: {problem.message}"
 
 
 def _when(moment: _dt.datetime | None) -> str | None:

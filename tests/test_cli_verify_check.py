@@ -217,8 +217,8 @@ def test_check_broken_partner_and_unknown_pool(tmp_path: Path, site: Site) -> No
     assert result.returncode == 1
     out = result.stdout
     assert "partner contoso.com: BROKEN" in out
-    assert f"error: {base}/federation_policies/contoso.com/policy.toml: colour: unknown key" in out
-    assert "policy.toml: pool: no pool named 'backend'" in out
+    assert f"error: {base}/federation_policies/contoso.com/policy.toml:1: colour: unknown key" in out
+    assert "policy.toml:1: pool: no pool named 'backend'" in out
     assert out.endswith("2 problem(s) found\n")
 
 
@@ -227,7 +227,7 @@ def test_check_broken_config_names_file_and_key(tmp_path: Path) -> None:
     config.write_text("[identity]\npublic_cert = 1\n")
     result = edge("check", "--config", config)
     assert result.returncode == 1
-    assert f"error: {config}: identity.public_cert: must be a non-empty string" in result.stdout
+    assert f"error: {config}:2: identity.public_cert: must be a non-empty string" in result.stdout
 
 
 def test_check_repository_example_folder() -> None:

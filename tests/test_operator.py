@@ -241,6 +241,22 @@ def test_check_json_config_problems_carry_lines(
     assert "not valid TOML" in problem["message"]
 
 
+def test_check_text_names_file_and_line(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The text output points at the line too (``file:line: ...``), like the JSON."""
+    text = site.read_text()
+    site.write_text(text.replace("handshake_timeout_s = 5", "handshake_timeout_s = 5\nbogus = 1"))
+    assert main(["check", "--config", str(site)]) == 1
+    out = capsys.readouterr().out
+    line = site.read_text().splitlines().index("bogus = 1") + 1
+    assert f"error: {site}:{line}: limits.bogus: unknown key" in out, out
+    site.write_text(text)
+    policies = site.parent / "federation_policies"
+    (policies / "litware.com" / "policy.toml").write_text('domains = ["litware.com"]\nenabled =\n')
+    assert main(["check", "--config", str(site)]) == 1
+    out = capsys.readouterr().out
+    assert f"error: {policies / 'litware.com' / 'policy.toml'}:2:10: " in out, out
+
+
 def test_check_json_clean_is_ok(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", "--json", "--config", str(site)]) == 0
     document = json.loads(capsys.readouterr().out)
