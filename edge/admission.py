@@ -394,7 +394,7 @@ class Admission:
             run_relay: RelayFunction = relay
             if listener.protocol == "sip":
                 who = SipPeer(conn.partner, label, conn.peer)
-                run_relay = sip_relay_for(self._current().snapshot, m, self._log, listener, who)
+                run_relay = sip_relay_for(self._current, m, self._log, listener, who)
             outcome = await run_relay(
                 partner,
                 upstream,

@@ -2,7 +2,8 @@
 
 Owns what a SIP listener adds around `edge.sip_relay.relay_sip` for one
 admitted partner connection: the domains the partner may speak for (its
-policy in the snapshot that admitted it), the `[sip]` bounds and the idle
+policy in the current snapshot, so a reload that takes a domain away applies
+to live connections), the `[sip]` bounds and the idle
 timeout, the `edge_sip_messages_total` counts and the `sip_rejected` events
 (docs/architecture.md, "SIP listeners").
 
@@ -14,12 +15,13 @@ results are ours), or log a field relay_sip has not sanitized.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from edge.core.config import Listener
 from edge.core.snapshot import Snapshot
+from edge.current import Current
 from edge.logs import EventLog
 from edge.metrics import Metrics
 from edge.relay import RelayControl, RelayOutcome
@@ -27,6 +29,42 @@ from edge.sip_relay import SipMessageResult, SipRejection, SipRelayEnd, relay_si
 from edge.tls import TLSStream
 
 __all__ = ["RelayFunction", "SipPeer", "relay_sip_listener", "sip_relay_for"]
+
+
+class _LiveDomains(Collection[str]):
+    """The domains `partner` may speak for in the snapshot `current` returns,
+    looked up again only when the snapshot object changed (a reload)."""
+
+    __slots__ = ("_current", "_domains", "_listener", "_partner", "_seen")
+
+    def __init__(self, current: Callable[[], Snapshot], listener: Listener, partner: str) -> None:
+        self._current = current
+        self._listener = listener
+        self._partner = partner
+        self._seen: Snapshot | None = None
+        self._domains: tuple[str, ...] = ()
+
+    def _now(self) -> tuple[str, ...]:
+        snapshot = self._current()
+        if snapshot is not self._seen:
+            trust = snapshot.folder_of(self._listener)
+            policies = trust.policies.partners if trust is not None else {}
+            policy = policies.get(self._partner)
+            # Fail closed: no policy (a partner removed; its connection is being
+            # closed) means no domain.
+            self._domains = tuple(policy.domains) if policy is not None else ()
+            self._seen = snapshot
+        return self._domains
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._now()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._now())
+
+    def __len__(self) -> int:
+        return len(self._now())
+
 
 # Log fields clipped as edge.admission clips its own.
 _MAX_DETAIL = 2048
@@ -47,9 +85,14 @@ RelayFunction = Callable[..., Awaitable[RelayOutcome]]
 
 
 def sip_relay_for(
-    snapshot: Snapshot, metrics: Metrics, log: EventLog, listener: Listener, who: SipPeer
+    current: Callable[[], Current],
+    metrics: Metrics,
+    log: EventLog,
+    listener: Listener,
+    who: SipPeer,
 ) -> RelayFunction:
-    """A relay with edge.relay.relay's signature that relays SIP for `who`."""
+    """A relay with edge.relay.relay's signature that relays SIP for `who`;
+    `current` returns the gateway's current state (its snapshot changes on reload)."""
 
     async def run(
         a: TLSStream,
@@ -64,7 +107,7 @@ def sip_relay_for(
         # relay_sip names its sides partner and pool, as admission does.
         assert names == ("partner", "pool")
         end = await relay_sip_listener(
-            snapshot,
+            lambda: current().snapshot,
             metrics,
             log,
             listener,
@@ -82,7 +125,7 @@ def sip_relay_for(
 
 
 async def relay_sip_listener(
-    snapshot: Snapshot,
+    current: Callable[[], Snapshot],
     metrics: Metrics,
     log: EventLog,
     listener: Listener,
@@ -96,10 +139,10 @@ async def relay_sip_listener(
     control: RelayControl,
 ) -> SipRelayEnd:
     """Relay SIP between an admitted partner and its pool member until the end."""
-    trust = snapshot.folder_of(listener)
-    policy = trust.policies.partners.get(who.partner or "") if trust is not None else None
-    # Fail closed: no policy (cannot happen after admission) means no domain.
-    domains = policy.domains if policy is not None else ()
+    snapshot = current()  # the bounds stay those the connection started with
+    # The partner's domains in the current snapshot, not the admitting one: a
+    # reload that takes a domain away applies to the next request.
+    domains = _LiveDomains(current, listener, who.partner or "")
     # Children by (direction, result): a labels() lookup per message would
     # cost more than framing it (bounded: two directions, four results).
     counters: dict[tuple[str, str], Any] = {}

@@ -217,7 +217,8 @@ def test_check_broken_partner_and_unknown_pool(tmp_path: Path, site: Site) -> No
     assert result.returncode == 1
     out = result.stdout
     assert "partner contoso.com: BROKEN" in out
-    assert f"error: {base}/federation_policies/contoso.com/policy.toml:1: colour: unknown key" in out
+    contoso = base / "federation_policies" / "contoso.com" / "policy.toml"
+    assert f"error: {contoso}:1: colour: unknown key" in out
     assert "policy.toml:1: pool: no pool named 'backend'" in out
     assert out.endswith("2 problem(s) found\n")
 

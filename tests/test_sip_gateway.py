@@ -454,3 +454,42 @@ async def test_removed_partner_sip_connection_is_closed(tmp_path: Path, pki: Pki
                 await stream.aclose()
             assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_domain_taken_away_on_reload_applies_to_live_connections(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A reload that narrows a partner's domains (its certificate still inside
+    them, so the connection stays) guards the next request of a live SIP
+    connection with the new domains, not the ones it was admitted with."""
+    policy = tmp_path / "federation_policies" / "fabrikam.com" / "policy.toml"
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            edge, pool = await start_sip_edge(nursery, tmp_path, pki, extra=FAST_POLL)
+            policy.write_text('domains = ["fabrikam.com", "fabrikam.net"]\n')
+            await edge.wait_for(lambda e: e["event"] == "policies_reloaded")
+            stream, _port = await partner_stream(edge, pki, fabrikam(pki))
+            first = sip("MESSAGE", "fabrikam.net", call_id="one@fabrikam.net", body=b"1")
+            await stream.send_all(first)
+            expected = pool_answer(parse(first)[0])
+            assert await receive_exactly(stream, len(expected)) == expected
+            reloads = sum(e["event"] == "policies_reloaded" for e in edge.events)
+            policy.write_text('domains = ["fabrikam.com"]\n')
+            await edge.wait_for(
+                lambda _e: sum(e["event"] == "policies_reloaded" for e in edge.events) > reloads
+            )
+            second = sip("MESSAGE", "fabrikam.net", call_id="two@fabrikam.net", body=b"2")
+            await stream.send_all(second)
+            (answer,) = await receive_messages(stream, 1)
+            assert answer.head.status_code == 403
+            # The 403 may reach us before the edge has logged it.
+            await edge.wait_for(lambda _e: bool(rejections(edge)))
+            (rejected,) = rejections(edge)
+            assert rejected["reason"] == "sip_domain_mismatch"
+            assert rejected["offending_domain"] == "fabrikam.net"
+            assert bytes(pool.received) == first  # the second never reached the pool
+            assert not [e for e in edge.events if e["event"] == "connection_closed"]
+            with contextlib.suppress(*_GONE):
+                await stream.aclose()
+            assert await stop_edge(edge) == 0
+            nursery.cancel_scope.cancel()
