@@ -280,6 +280,9 @@ _SESSIONS: weakref.WeakKeyDictionary[SSL.Context, dict[str, SSL.Session]] = (
 )
 # Most host names one context remembers sessions for (a pool is small).
 _MAX_SESSION_HOSTS = 1024
+# (server certificate, host name) pairs that matched (see _verify_hostname).
+_HOSTNAME_MATCHES: dict[tuple[x509.Certificate, str], None] = {}
+_MAX_HOSTNAME_MATCHES = 1024
 
 # Mozilla's "intermediate" TLS 1.2 suites (v5.7), restricted to ECDHE + AEAD
 # (the DHE suites are left out: finite-field DH is slow and rarely needed).
@@ -782,6 +785,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         cert = self._conn.get_peer_certificate(as_cryptography=True)
         if cert is None:
             raise HostnameMismatchError("server sent no certificate")
+        # A pure function of the certificate (compared by DER) and the name: a
+        # resumed pool member presents the same one on every connection.
+        key = (cert, self.server_hostname)
+        if key in _HOSTNAME_MATCHES:
+            return
         try:
             if is_ip_address(self.server_hostname):
                 verify_certificate_ip_address(cert, self.server_hostname)
@@ -795,6 +803,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
             raise HostnameMismatchError(
                 f"server certificate does not name {self.server_hostname!r}: {exc}"
             ) from exc
+        if len(_HOSTNAME_MATCHES) >= _MAX_HOSTNAME_MATCHES:
+            _HOSTNAME_MATCHES.pop(next(iter(_HOSTNAME_MATCHES)))
+        _HOSTNAME_MATCHES[key] = None
 
     async def _ensure_handshake(self) -> None:
         if not self._handshake_done.is_set():
