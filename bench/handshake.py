@@ -64,7 +64,13 @@ def main() -> int:
         for spec in args.tree:
             name, _, tree = spec.partition("=")
             relay = edge_relay(folder, files, back.port, 1, name=name)
-            relay.env = {"PYTHONPATH": str(Path(tree).resolve())}
+            # Each tree's own OpenSSL settings: this process imported edge (from
+            # PYTHONPATH), which set OPENSSL_CONF for every child to its own copy.
+            source = Path(tree).resolve()
+            relay.env = {
+                "PYTHONPATH": str(source),
+                "OPENSSL_CONF": str(source / "edge" / "openssl.cnf"),
+            }
             if args.profile is not None:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 out = str((args.profile / f"{name}.prof").resolve())
