@@ -217,7 +217,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from edge.core.config import is_ip_address
 from edge.core.policies import Revocation
@@ -280,6 +280,9 @@ _SESSIONS: weakref.WeakKeyDictionary[SSL.Context, dict[str, SSL.Session]] = (
 )
 # Most host names one context remembers sessions for (a pool is small).
 _MAX_SESSION_HOSTS = 1024
+# Certificates seen in verify callbacks, by DER (see _interned).
+_INTERNED: dict[bytes, x509.Certificate] = {}
+_MAX_INTERNED = 4096
 # (server certificate, host name) pairs that matched (see _verify_hostname).
 _HOSTNAME_MATCHES: dict[tuple[x509.Certificate, str], None] = {}
 _MAX_HOSTNAME_MATCHES = 1024
@@ -1158,7 +1161,7 @@ class _HandshakeJudge:
     def _judge(self, judgement: _Judgement, cert: X509, err: int, depth: int, ok: int) -> bool:
         if not 0 <= depth <= 2 * MAX_VERIFY_DEPTH:
             raise ValueError(f"depth {depth} out of range")
-        judgement.path[depth] = cert.to_cryptography()
+        judgement.path[depth] = _interned(cert)
         if not ok and err in _DEFINITIVE_ERRORS:
             if (
                 depth == 0
@@ -1209,6 +1212,20 @@ class _HandshakeJudge:
             judgement.verdict = self.trust.verify_client(chain)
             return judgement.verdict.accepted
         return True  # an error the core may overrule, or a certificate above the leaf
+
+
+def _interned(cert: X509) -> x509.Certificate:
+    """`cert` as a cryptography certificate, the same object for the same DER:
+    partners present the same certificates on every handshake, so this skips a
+    parse, and the core's caches compare identical objects."""
+    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+    found = _INTERNED.get(der)
+    if found is None:
+        found = x509.load_der_x509_certificate(der)
+        if len(_INTERNED) >= _MAX_INTERNED:
+            _INTERNED.pop(next(iter(_INTERNED)))
+        _INTERNED[der] = found
+    return found
 
 
 def handshake_verdict(conn: SSL.Connection) -> Verdict | None:
