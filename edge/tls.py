@@ -1007,7 +1007,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, SSL.Error):
             pass
         finally:
-            await trio.aclose_forcefully(self.transport_stream)
+            transport = self.transport_stream
+            if type(transport) is trio.SocketStream:
+                # aclose_forcefully's effect (closed at once, never blocks, never
+                # raises Cancelled) without its cancelled scope and the Cancelled
+                # it raises and catches: twice per relayed connection.
+                transport.socket.close()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            else:
+                await trio.aclose_forcefully(transport)
 
 
 class _Gate:
