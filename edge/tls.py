@@ -280,9 +280,12 @@ _SESSIONS: weakref.WeakKeyDictionary[SSL.Context, dict[str, SSL.Session]] = (
 )
 # Most host names one context remembers sessions for (a pool is small).
 _MAX_SESSION_HOSTS = 1024
-# Certificates seen in verify callbacks, by DER (see _interned).
+# Certificates seen in verify callbacks, by DER (see _interned): at most
+# 1024 of at most 4 KiB (real ones are 0.5-2 KiB), so ~10 MiB at worst
+# whatever peers send.
 _INTERNED: dict[bytes, x509.Certificate] = {}
-_MAX_INTERNED = 4096
+_MAX_INTERNED = 1024
+_MAX_INTERNED_DER = 4096
 # (server certificate, host name) pairs that matched (see _verify_hostname).
 _HOSTNAME_MATCHES: dict[tuple[x509.Certificate, str], None] = {}
 _MAX_HOSTNAME_MATCHES = 1024
@@ -1227,6 +1230,8 @@ def _interned(cert: X509) -> x509.Certificate:
     partners present the same certificates on every handshake, so this skips a
     parse, and the core's caches compare identical objects."""
     der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+    if len(der) > _MAX_INTERNED_DER:  # any peer can send these: only small ones stay
+        return x509.load_der_x509_certificate(der)
     found = _INTERNED.get(der)
     if found is None:
         found = x509.load_der_x509_certificate(der)

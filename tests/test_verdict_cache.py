@@ -242,3 +242,23 @@ async def test_a_partner_revoked_after_its_chain_was_cached_is_refused(
             assert refused["reason"] == "revoked"
             assert await stop_edge(edge) == 0
             nursery.cancel_scope.cancel()
+
+
+def test_verify_callback_certificates_are_interned_within_bounds() -> None:
+    from OpenSSL import crypto
+
+    from edge import tls
+
+    root = CA.root("Intern Root")
+    small = root.issue(dns=["sip.intern.example"]).cert
+    # Any peer may send a big certificate: it is parsed, never kept.
+    big = root.issue(dns=[f"n{i}.{'x' * 40}.example" for i in range(100)]).cert
+    assert len(big.public_bytes(serialization.Encoding.DER)) > tls._MAX_INTERNED_DER
+    first = tls._interned(crypto.X509.from_cryptography(small))
+    assert first == small
+    assert tls._interned(crypto.X509.from_cryptography(small)) is first
+    again = tls._interned(crypto.X509.from_cryptography(big))
+    assert again == big
+    assert tls._interned(crypto.X509.from_cryptography(big)) is not again
+    assert all(len(der) <= tls._MAX_INTERNED_DER for der in tls._INTERNED)
+    assert len(tls._INTERNED) <= tls._MAX_INTERNED
