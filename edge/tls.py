@@ -1225,22 +1225,6 @@ class _HandshakeJudge:
         return True  # an error the core may overrule, or a certificate above the leaf
 
 
-def _interned(cert: X509) -> x509.Certificate:
-    """`cert` as a cryptography certificate, the same object for the same DER:
-    partners present the same certificates on every handshake, so this skips a
-    parse, and the core's caches compare identical objects."""
-    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
-    if len(der) > _MAX_INTERNED_DER:  # any peer can send these: only small ones stay
-        return x509.load_der_x509_certificate(der)
-    found = _INTERNED.get(der)
-    if found is None:
-        found = x509.load_der_x509_certificate(der)
-        if len(_INTERNED) >= _MAX_INTERNED:
-            _INTERNED.pop(next(iter(_INTERNED)))
-        _INTERNED[der] = found
-    return found
-
-
 def handshake_verdict(conn: SSL.Connection) -> Verdict | None:
     """The verdict reached inside `conn`'s handshake, or None (no partner-facing
     context, or the peer sent no certificate)."""
@@ -1255,6 +1239,22 @@ MAX_VERIFY_DEPTH = 8
 def _short_subject(cert: x509.Certificate) -> str:
     text = cert.subject.rfc4514_string()[:120]
     return "".join(ch if ch.isprintable() else "?" for ch in text) or "(empty subject)"
+
+
+def _interned(cert: X509) -> x509.Certificate:
+    """`cert` as a cryptography certificate, the same object for the same DER:
+    partners present the same certificates on every handshake, so this skips a
+    parse, and the core's caches compare identical objects."""
+    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+    if len(der) > _MAX_INTERNED_DER:  # any peer can send these: only small ones stay
+        return x509.load_der_x509_certificate(der)
+    found = _INTERNED.get(der)
+    if found is None:
+        found = x509.load_der_x509_certificate(der)
+        if len(_INTERNED) >= _MAX_INTERNED:
+            _INTERNED.pop(next(iter(_INTERNED)))
+        _INTERNED[der] = found
+    return found
 
 
 def _partner_store(ctx: SSL.Context, trust: PartnerTrust) -> None:
