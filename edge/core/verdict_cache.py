@@ -78,7 +78,7 @@ class VerdictCache:
         if start <= when < end:
             return verdict
         if when >= end:
-            del self._items[key]
+            self._items.pop(key, None)
         return None
 
     def put(self, key: Hashable, verdict: Verdict, when: _dt.datetime) -> None:
