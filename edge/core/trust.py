@@ -66,6 +66,11 @@ A peer's certificate that cannot be parsed (malformed or duplicate
 extension) is `invalid_chain` before any of this.
 `Verdict.not_after` is the earliest notAfter over the verified path, anchor
 included: an admitted connection must be closed then.
+An accepted verdict is remembered for the same chain by this verifier
+(`edge.core.verdict_cache`): a few seconds at most, and never past the first
+instant at which a time rule could change it (a notAfter on the path, an
+anchor's validity, a CRL's thisUpdate/nextUpdate); a policy change builds a
+new verifier, whose cache starts empty.
 
 Servers (`ServerTrust`): pyca's `ServerVerifier` (webpki, SAN-only RFC 6125
 matching, no CN) on our roots, EKU serverAuth or none; failures get their
@@ -86,6 +91,7 @@ is still importable from `edge.core.trust`):
   edge.core.trust_names: leaf names (DNS, `sip:` URI SANs, CN only without a
       SAN), `name_in_domains`, name constraints over `sip:`/CN names.
   edge.core.server_trust: `ServerTrust`, the server-purpose verifier.
+  edge.core.verdict_cache: accepted verdicts remembered (both purposes).
 
 Which check comes from which library:
   pyca/cryptography verifier: path building, signatures, validity times,
