@@ -597,7 +597,12 @@ def main() -> int:
         relays.append(nginx_relay(folder, files, back.port, w))
     if args.baseline_edge is not None:
         base = edge_relay(folder, files, back.port, 1, name="edge-base")
-        base.env = {"PYTHONPATH": str(args.baseline_edge.resolve())}
+        # Its own OpenSSL settings too: importing edge here pointed OPENSSL_CONF,
+        # which every relay inherits, at this tree's edge/openssl.cnf.
+        base.env = {
+            "PYTHONPATH": str(args.baseline_edge.resolve()),
+            "OPENSSL_CONF": str(args.baseline_edge.resolve() / "edge" / "openssl.cnf"),
+        }
         relays.insert(1, base)
     if args.only:
         wanted = set(args.only.split(",")) | ({"edge-base"} if args.baseline_edge else set())

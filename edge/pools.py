@@ -570,7 +570,18 @@ async def _open_tcp(addresses: Sequence[str], port: int) -> trio.SocketStream:
     last: OSError | None = None
     for address in addresses:
         try:
-            return await trio.open_tcp_stream(address, port)
+            if not is_ip_address(address):
+                return await trio.open_tcp_stream(address, port)
+            # A resolved address: one socket and connect, without open_tcp_stream's
+            # resolver call and happy-eyeballs nursery (Python work on every dial).
+            family = trio.socket.AF_INET6 if ":" in address else trio.socket.AF_INET
+            sock = trio.socket.socket(family, trio.socket.SOCK_STREAM)
+            try:
+                await sock.connect((address, port))
+            except BaseException:
+                sock.close()
+                raise
+            return trio.SocketStream(sock)
         except OSError as exc:
             last = exc
     assert last is not None

@@ -214,7 +214,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from edge import verify_alert
 from edge.core.config import is_ip_address
@@ -278,6 +278,15 @@ _SESSIONS: weakref.WeakKeyDictionary[SSL.Context, dict[str, SSL.Session]] = (
 )
 # Most host names one context remembers sessions for (a pool is small).
 _MAX_SESSION_HOSTS = 1024
+# Certificates seen in verify callbacks, by DER (see _interned): at most
+# 1024 of at most 4 KiB (real ones are 0.5-2 KiB), so ~10 MiB at worst
+# whatever peers send.
+_INTERNED: dict[bytes, x509.Certificate] = {}
+_MAX_INTERNED = 1024
+_MAX_INTERNED_DER = 4096
+# (server certificate, host name) pairs that matched (see _verify_hostname).
+_HOSTNAME_MATCHES: dict[tuple[x509.Certificate, str], None] = {}
+_MAX_HOSTNAME_MATCHES = 1024
 
 # Mozilla's "intermediate" TLS 1.2 suites (v5.7), restricted to ECDHE + AEAD
 # (the DHE suites are left out: finite-field DH is slow and rarely needed).
@@ -780,6 +789,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         cert = self._conn.get_peer_certificate(as_cryptography=True)
         if cert is None:
             raise HostnameMismatchError("server sent no certificate")
+        # A pure function of the certificate (compared by DER) and the name: a
+        # resumed pool member presents the same one on every connection.
+        key = (cert, self.server_hostname)
+        if key in _HOSTNAME_MATCHES:
+            return
         try:
             if is_ip_address(self.server_hostname):
                 verify_certificate_ip_address(cert, self.server_hostname)
@@ -793,6 +807,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
             raise HostnameMismatchError(
                 f"server certificate does not name {self.server_hostname!r}: {exc}"
             ) from exc
+        if len(_HOSTNAME_MATCHES) >= _MAX_HOSTNAME_MATCHES:
+            _HOSTNAME_MATCHES.pop(next(iter(_HOSTNAME_MATCHES)))
+        _HOSTNAME_MATCHES[key] = None
 
     async def _ensure_handshake(self) -> None:
         if not self._handshake_done.is_set():
@@ -991,7 +1008,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, SSL.Error):
             pass
         finally:
-            await trio.aclose_forcefully(self.transport_stream)
+            transport = self.transport_stream
+            if type(transport) is trio.SocketStream:
+                # aclose_forcefully's effect (closed at once, never blocks, never
+                # raises Cancelled) without its cancelled scope and the Cancelled
+                # it raises and catches: twice per relayed connection.
+                transport.socket.close()
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            else:
+                await trio.aclose_forcefully(transport)
 
 
 class _Gate:
@@ -1145,7 +1170,7 @@ class _HandshakeJudge:
     def _judge(self, judgement: _Judgement, cert: X509, err: int, depth: int, ok: int) -> bool:
         if not 0 <= depth <= 2 * MAX_VERIFY_DEPTH:
             raise ValueError(f"depth {depth} out of range")
-        judgement.path[depth] = cert.to_cryptography()
+        judgement.path[depth] = _interned(cert)
         if not ok and err in _DEFINITIVE_ERRORS:
             if (
                 depth == 0
@@ -1217,6 +1242,22 @@ MAX_VERIFY_DEPTH = 8
 def _short_subject(cert: x509.Certificate) -> str:
     text = cert.subject.rfc4514_string()[:120]
     return "".join(ch if ch.isprintable() else "?" for ch in text) or "(empty subject)"
+
+
+def _interned(cert: X509) -> x509.Certificate:
+    """`cert` as a cryptography certificate, the same object for the same DER:
+    partners present the same certificates on every handshake, so this skips a
+    parse, and the core's caches compare identical objects."""
+    der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+    if len(der) > _MAX_INTERNED_DER:  # any peer can send these: only small ones stay
+        return x509.load_der_x509_certificate(der)
+    found = _INTERNED.get(der)
+    if found is None:
+        found = x509.load_der_x509_certificate(der)
+        if len(_INTERNED) >= _MAX_INTERNED:
+            _INTERNED.pop(next(iter(_INTERNED)))
+        _INTERNED[der] = found
+    return found
 
 
 def _partner_store(ctx: SSL.Context, trust: PartnerTrust) -> None:

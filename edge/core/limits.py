@@ -18,6 +18,7 @@ letting the table grow without bound.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ __all__ = ["SourceLimits", "source_key"]
 _EPSILON = 1e-9
 
 
+@functools.lru_cache(maxsize=4096)  # twice per connection (admit, release); bounded
 def source_key(address: str) -> str:
     """The key limits are counted under: the IPv4 address, or the IPv6 /64."""
     try:

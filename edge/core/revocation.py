@@ -416,7 +416,6 @@ class CrlSet:
         mode: str,  # a policies.Revocation (a StrEnum; policies imports this module)
         now: _dt.datetime,
     ) -> tuple[Reason, str] | None:
-        who = f"{_name(cert.subject)} (issued by {_name(issuer.subject)})"
         claiming = [c for c in self._by_issuer.get(cert.issuer, ()) if _claims(c.facts, cert)]
         if not claiming:
             if mode == "require-crl":
@@ -437,12 +436,14 @@ class CrlSet:
                 bad = complete[-1]
                 return (
                     Reason.CRL_UNAVAILABLE,
-                    f"CRL {bad.name} covers {who} but is unusable: {problems[id(bad)]}",
+                    f"CRL {bad.name} covers {_who(cert, issuer)} but is unusable: "
+                    f"{problems[id(bad)]}",
                 )
             names = ", ".join(c.name for c in claiming[:3])
             return (
                 Reason.CRL_UNAVAILABLE,
-                f"only delta CRL(s) ({names}) cover {who}; their base CRL is missing",
+                f"only delta CRL(s) ({names}) cover {_who(cert, issuer)}; "
+                "their base CRL is missing",
             )
         base = usable[-1]
         delta = None
@@ -478,7 +479,8 @@ class CrlSet:
                     f"it needs a base CRL numbered >= {bad.facts.delta_base}, and the newest "
                     f"base here ({base.name}) is {held}"
                 )
-                return (Reason.CRL_UNAVAILABLE, f"delta CRL {bad.name} covers {who}: {why}")
+                why = f"delta CRL {bad.name} covers {_who(cert, issuer)}: {why}"
+                return (Reason.CRL_UNAVAILABLE, why)
             delta = applicable[-1]
         if delta is not None:
             entry = delta.entry(cert.serial_number)
@@ -490,6 +492,11 @@ class CrlSet:
         if entry is not None:
             return _revoked(cert, issuer, entry, base.name)
         return None
+
+
+def _who(cert: x509.Certificate, issuer: x509.Certificate) -> str:
+    # Rendered only for a refusal: formatting two names costs more than the check.
+    return f"{_name(cert.subject)} (issued by {_name(issuer.subject)})"
 
 
 def _revoked(

@@ -42,6 +42,7 @@ from edge.core.trust_floor import (
 )
 from edge.core.trust_names import _norm
 from edge.core.trust_verdict import MAX_CHAIN_LENGTH, Verdict, _accept, _reject
+from edge.core.verdict_cache import VerdictCache
 
 
 class ServerTrust:
@@ -52,6 +53,13 @@ class ServerTrust:
         self._cache = _X509Cache()
         self._store = _build_store(self.roots, self._cache, None)
         self._pyca_store = pyca.Store(list(self.roots)) if self.roots else None
+        # (name, chain) -> accepted verdict, briefly (edge.core.verdict_cache): a
+        # pool member presents the same chain on every connection. Only the
+        # roots' validity bounds it beyond the verified path's own.
+        self._verdicts = VerdictCache(
+            [r.not_valid_before_utc for r in self.roots]
+            + [r.not_valid_after_utc for r in self.roots]
+        )
 
     def verify_server(
         self,
@@ -66,10 +74,25 @@ class ServerTrust:
             return _reject(Reason.TLS_ERROR, "the server presented no certificate")
         if not self.roots:
             return _reject(Reason.UNKNOWN_CA, "no roots configured to verify servers")
+        when = at if at is not None else _dt.datetime.now(_dt.UTC)
+        key = (name, *chain)
+        cached = self._verdicts.get(key, when)
+        if cached is not None:
+            return cached
+        verdict = self._verify_server(chain, name, when, at)
+        self._verdicts.put(key, verdict, when)
+        return verdict
+
+    def _verify_server(
+        self,
+        chain: Sequence[x509.Certificate],
+        name: str,
+        when: _dt.datetime,
+        at: _dt.datetime | None,
+    ) -> Verdict:
         malformed = _malformed_extensions(chain)
         if malformed is not None:
             return _reject(Reason.INVALID_CHAIN, malformed)
-        when = at if at is not None else _dt.datetime.now(_dt.UTC)
         store = self._store if at is None else _build_store(self.roots, self._cache, at)
         wanted = _norm(name)
         assert self._pyca_store is not None

@@ -13,6 +13,7 @@ but reading the files the configuration names.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -115,6 +116,7 @@ def shown(value: object) -> str:
     return f"{kind} {text}" if len(text) <= 40 else kind
 
 
+@functools.lru_cache(maxsize=1024)  # per connection (dial, SNI); pure and bounded
 def is_ip_address(text: str) -> bool:
     """An IPv4 or IPv6 literal (without brackets or port)? The one IP check."""
     try:

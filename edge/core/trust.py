@@ -66,6 +66,11 @@ A peer's certificate that cannot be parsed (malformed or duplicate
 extension) is `invalid_chain` before any of this.
 `Verdict.not_after` is the earliest notAfter over the verified path, anchor
 included: an admitted connection must be closed then.
+An accepted verdict is remembered for the same chain by this verifier
+(`edge.core.verdict_cache`): a few seconds at most, and never past the first
+instant at which a time rule could change it (a notAfter on the path, an
+anchor's validity, a CRL's thisUpdate/nextUpdate); a policy change builds a
+new verifier, whose cache starts empty.
 
 Servers (`ServerTrust`): pyca's `ServerVerifier` (webpki, SAN-only RFC 6125
 matching, no CN) on our roots, EKU serverAuth or none; failures get their
@@ -86,6 +91,7 @@ is still importable from `edge.core.trust`):
   edge.core.trust_names: leaf names (DNS, `sip:` URI SANs, CN only without a
       SAN), `name_in_domains`, name constraints over `sip:`/CN names.
   edge.core.server_trust: `ServerTrust`, the server-purpose verifier.
+  edge.core.verdict_cache: accepted verdicts remembered (both purposes).
 
 Which check comes from which library:
   pyca/cryptography verifier: path building, signatures, validity times,
@@ -137,6 +143,7 @@ from edge.core.trust_floor import (
 )
 from edge.core.trust_names import _constraint_problem, _names_match, leaf_names, name_in_domains
 from edge.core.trust_verdict import MAX_CHAIN_LENGTH, Verdict, _reject
+from edge.core.verdict_cache import VerdictCache
 
 __all__ = [
     "MAX_CHAIN_LENGTH",
@@ -193,6 +200,18 @@ class _PartnerEntry:
         # (`edge verify --at`) gets a private store rather than mutating the shared one.
         return self.store if at is None else _build_store(self.policy.roots, cache, at)
 
+    def time_boundaries(self) -> list[_dt.datetime]:
+        """The instants at which this partner's verdicts may change by time alone,
+        beyond the verified path's own: its anchors' (and CRL signers') validity
+        and its CRLs' thisUpdate / nextUpdate."""
+        moments = [r.not_valid_before_utc for r in self.policy.roots]
+        moments += [r.not_valid_after_utc for r in self.policy.roots]
+        for crl in self.policy.crls:
+            moments.append(crl.last_update_utc)
+            if crl.next_update_utc is not None:
+                moments.append(crl.next_update_utc)
+        return moments
+
     def revocation_problem(
         self, path: tuple[x509.Certificate, ...], at: _dt.datetime
     ) -> tuple[Reason, str] | None:
@@ -220,6 +239,11 @@ class PartnerTrust:
             tuple[str, tuple[x509.Certificate, ...]],
             tuple[tuple[x509.Certificate, ...], _dt.datetime, _dt.datetime],
         ] = {}
+        # Chain -> accepted verdict, for a few seconds at most and never past an
+        # instant where a time rule could flip it (edge.core.verdict_cache).
+        self._verdicts = VerdictCache(
+            moment for entry in self._entries.values() for moment in entry.time_boundaries()
+        )
         # Anchor subject -> partner ids, in sorted order (deterministic reporting).
         self._by_subject: dict[x509.Name, tuple[str, ...]] = {}
         for pid, entry in self._entries.items():
@@ -229,8 +253,9 @@ class PartnerTrust:
                     self._by_subject[root.subject] = (*ids, pid)
 
     def clear_verified_paths(self) -> None:
-        """Forget every cached verified path (benchmarks: the cost of a new chain)."""
+        """Forget every cached verified path and verdict (benchmarks: a new chain)."""
         self._paths.clear()
+        self._verdicts.clear()
 
     @property
     def all_roots(self) -> tuple[x509.Certificate, ...]:
@@ -263,10 +288,21 @@ class PartnerTrust:
                 Reason.INVALID_CHAIN,
                 f"the peer sent {len(chain)} certificates; at most {MAX_CHAIN_LENGTH} are accepted",
             )
+        when = at if at is not None else _dt.datetime.now(_dt.UTC)
+        key = tuple(chain)
+        cached = self._verdicts.get(key, when)
+        if cached is not None:
+            return cached
+        verdict = self._verify_client(chain, when, at)
+        self._verdicts.put(key, verdict, when)
+        return verdict
+
+    def _verify_client(
+        self, chain: Sequence[x509.Certificate], when: _dt.datetime, at: _dt.datetime | None
+    ) -> Verdict:
         malformed = _malformed_extensions(chain)
         if malformed is not None:
             return _reject(Reason.INVALID_CHAIN, malformed)
-        when = at if at is not None else _dt.datetime.now(_dt.UTC)
         leaf = chain[0]
         candidates = self._candidates(chain)
         if not candidates:
