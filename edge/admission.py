@@ -56,6 +56,7 @@ from edge.metrics import UNKNOWN_PARTNER, Metrics
 from edge.pools import PoolSet, UpstreamUnavailable, proxy_info
 from edge.probes import closed_before_sending
 from edge.relay import RelayControl, relay
+from edge.shared_certs import share_chain, share_verdict
 from edge.sip_listener import RelayFunction, SipPeer, sip_relay_for
 from edge.tls import TLSError, TLSStream, TLSTruncatedError
 
@@ -81,7 +82,7 @@ _CLOSE_BUDGET_S = 2.0
 _NO_PEER_CERT = "peer did not return a certificate"
 
 
-@dataclass
+@dataclass(slots=True)  # one per connection: no instance dict
 class Conn:
     """What the final log line of one connection says."""
 
@@ -109,7 +110,7 @@ class Conn:
     withdrawn: tuple[str, str] | None = None  # (reason, detail): trust lost before relaying
 
 
-@dataclass
+@dataclass(slots=True)
 class LiveConnection:
     """A relayed connection that a policy change may have to close."""
 
@@ -448,6 +449,8 @@ class Admission:
 def _take_verdict(tls: TLSStream, conn: Conn) -> Verdict | None:
     """The verdict reached inside ``tls``'s handshake, written down on ``conn``."""
     verdict = tls.handshake_verdict
+    if verdict is not None and verdict.accepted:  # held while live: one copy per certificate
+        conn.chain, verdict = share_chain(conn.chain), share_verdict(verdict)
     if verdict is not None:
         conn.verdict, conn.partner = verdict, verdict.partner
         leaf = conn.chain[0] if conn.chain else (verdict.chain[0] if verdict.chain else None)

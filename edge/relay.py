@@ -116,6 +116,8 @@ async def relay(
     ) -> None:
         receive = src.relay_receive if isinstance(src, TLSStream) else src.receive_some
         send = dst.relay_send if isinstance(dst, TLSStream) else dst.send_all
+        # An idle side is waited for here, one frame deep (TLSStream.relay_idle_fd).
+        idle_fd = src.relay_idle_fd if isinstance(src, TLSStream) else None
         chunks = 0
         while True:
             # The eager calls below have no schedule point when bytes are
@@ -129,6 +131,10 @@ async def relay(
                 chunks = 0
                 await trio.lowlevel.checkpoint()
             try:
+                if idle_fd is not None:
+                    fd = idle_fd()
+                    if fd >= 0:
+                        await trio.lowlevel.wait_readable(fd)
                 data = await receive(RELAY_CHUNK)
             except TLSTruncatedError:
                 finish(f"{src_name}_truncated", f"{src_name} closed TCP without close_notify")
@@ -149,6 +155,9 @@ async def relay(
                 finish(f"{dst_name}_error", str(exc))
                 return
             count(len(data))
+            # Not kept while waiting for the next chunk (an idle connection
+            # would hold its last chunk in each direction).
+            del data
             if watch_idle:
                 deadline = trio.current_time() + idle_timeout_s + slack
                 if deadline - scope.deadline > slack:

@@ -46,8 +46,8 @@ that will never come) but retries ``fn`` first. This is trio's own scheme.
 Outer conflict detectors make two concurrent ``send_all`` calls (or two
 ``receive_some`` calls) an error, as for every trio stream.
 
-The handshake runs once (``_handshake_done`` plus ``_handshake_started``);
-a second caller waits for the first one.
+The handshake runs once (``_handshake_started`` plus ``_handshake_finished``);
+a second caller waits for the first one (on an event made only then).
 
 Failure model. The stream is OK, BROKEN or CLOSED:
 
@@ -390,6 +390,38 @@ class TLSStream(trio.abc.HalfCloseableStream):
       close_timeout: the most ``aclose()`` spends delivering close_notify.
     """
 
+    # Thousands of these live at once, two per relayed connection: no
+    # per-instance dict (see "Idle memory" in the module docstring).
+    __slots__ = (
+        "_check_hostname",
+        "_close_timeout",
+        "_conn",
+        "_deferred_error",
+        "_delayed_outgoing",
+        "_drained",
+        "_eof_received",
+        "_eof_sent",
+        "_handshake_finished",
+        "_handshake_ok",
+        "_handshake_started",
+        "_handshake_waiters",
+        "_last_fed",
+        "_lazy_reads",
+        "_outer_recv",
+        "_outer_send",
+        "_recv_count",
+        "_recv_lock",
+        "_send_lock",
+        "_session_cache",
+        "_socket",
+        "_state",
+        "_verdict",
+        "_write_view",
+        "server_hostname",
+        "server_side",
+        "transport_stream",
+    )
+
     def __init__(
         self,
         transport_stream: trio.abc.Stream,
@@ -429,8 +461,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         self._conn.set_session(session)
         self._state = _State.OK
         self._handshake_started = False
-        self._handshake_done = trio.Event()  # set when the attempt ended, either way
+        self._handshake_finished = False  # the attempt ended, either way
+        # Made only when a second caller has to wait for the handshake.
+        self._handshake_waiters: trio.Event | None = None
         self._handshake_ok = False
+        # The verdict reached inside the handshake, taken out of _JUDGEMENTS
+        # when it ended (with it goes the judgement's copy of the path).
+        self._verdict: Verdict | None = None
         self._delayed_outgoing: bytes | None = None
         self._send_lock = _Gate()
         self._recv_lock = _Gate()
@@ -470,7 +507,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         return self._handshake_ok
 
     def _need_handshake(self, what: str) -> None:
-        if not self._handshake_done.is_set():
+        if not self._handshake_finished:
             raise trio.BrokenResourceError(f"call do_handshake() before reading {what}")
 
     @property
@@ -507,6 +544,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         ``server_context(partner_trust=...)``), readable after a failed handshake
         too (why it was refused). None when no verdict was reached: treat that,
         and any verdict not accepted, as a refusal."""
+        if self._handshake_finished:
+            return self._verdict
         return handshake_verdict(self._conn)
 
     @property
@@ -750,7 +789,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """
         self._check_status()
         if self._handshake_started:
-            await self._handshake_done.wait()
+            if self._handshake_finished:
+                await trio.lowlevel.checkpoint()
+            else:
+                if self._handshake_waiters is None:
+                    self._handshake_waiters = trio.Event()
+                await self._handshake_waiters.wait()
             self._check_status()
             return
         self._handshake_started = True
@@ -768,8 +812,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._state = _State.BROKEN
             raise
         finally:
+            self._handshake_finished = True
+            # The verdict stays; the judgement (its own copy of the walked path,
+            # per connection) goes now rather than with the connection.
+            judgement = _JUDGEMENTS.pop(self._conn, None)
+            self._verdict = judgement.verdict if judgement is not None else None
             # Wake any waiter, success or not; they re-check the state.
-            self._handshake_done.set()
+            if self._handshake_waiters is not None:
+                self._handshake_waiters.set()
+                self._handshake_waiters = None
 
     def _verify_hostname(self) -> None:
         from service_identity import VerificationError
@@ -797,7 +848,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             ) from exc
 
     async def _ensure_handshake(self) -> None:
-        if not self._handshake_done.is_set():
+        if not self._handshake_finished:
             await self.do_handshake()
         self._check_status()
 
@@ -879,6 +930,32 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 # TLS 1.3: the server's tickets came before these bytes.
                 self._remember_session()
             return data
+
+    def relay_idle_fd(self) -> int:
+        """The descriptor a relay should wait on (readable) before its next
+        ``relay_receive``, or -1 to call it at once.
+
+        When OpenSSL holds no complete record, nothing came in since and the
+        last transport read emptied the socket, ``relay_receive`` would only
+        wait for the socket, five coroutine frames deep; an idle connection's
+        parked stacks were a good part of its Python memory. A relay waits in
+        its own frame instead, and the read after it goes straight to the
+        socket (no second wait). Cancelled meanwhile, nothing was consumed.
+        """
+        sock = self._socket
+        if (
+            sock is None
+            or not self._drained
+            or self._state is not _State.OK
+            or not self._handshake_ok
+            or self._eof_received
+            or self._deferred_error is not None
+            or self._recv_lock.locked()
+            or not 0 < self._last_fed < _TRANSPORT_READ_SIZE
+        ):
+            return -1
+        self._last_fed = 0  # the caller waits for readability: read at once after it
+        return sock.fileno()
 
     def _remember_session(self) -> None:
         cache, self._session_cache = self._session_cache, None
@@ -974,7 +1051,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return
         graceful = (
             self._state is _State.OK
-            and self._handshake_done.is_set()
+            and self._handshake_finished
             and not self._eof_sent
             and not self._send_lock.locked()
         )
@@ -1012,7 +1089,9 @@ class _Gate:
 
     def __init__(self) -> None:
         self._held = False
-        self._lot = trio.lowlevel.ParkingLot()
+        # Made at the first contention: four gates per relayed connection, and
+        # most are never contended (an empty ParkingLot is ~0.5 KiB).
+        self._lot: trio.lowlevel.ParkingLot | None = None
 
     def locked(self) -> bool:
         return self._held
@@ -1021,10 +1100,12 @@ class _Gate:
         if not self._held:
             self._held = True
             return
+        if self._lot is None:
+            self._lot = trio.lowlevel.ParkingLot()
         await self._lot.park()  # release() handed the gate over to us
 
     def release(self) -> None:
-        if self._lot:
+        if self._lot:  # None or empty: nobody waits
             self._lot.unpark(count=1)
         else:
             self._held = False
