@@ -164,17 +164,18 @@ async def relay(
                     scope.deadline = deadline
 
     a_name, b_name = names
-    # One scope for the whole relay: an error in either pump, control.stop and
-    # the idle deadline all cancel it. One pump runs in this task.
-    with trio.CancelScope() as scope:
+    # One scope for the whole relay, the pumps' nursery's own (no second scope
+    # per connection): an error in either pump, control.stop and the idle
+    # deadline all cancel it. One pump runs in this task.
+    async with trio.open_nursery() as pumps:
+        scope = pumps.cancel_scope
         control._scope = scope
         if control.end is not None:
             scope.cancel()
         if watch_idle:
             scope.deadline = trio.current_time() + idle_timeout_s + slack
-        async with trio.open_nursery() as pumps:
-            pumps.start_soon(pump, b, a, b_name, a_name, on_bytes_from_b, scope)
-            await pump(a, b, a_name, b_name, on_bytes_from_a, scope)
+        pumps.start_soon(pump, b, a, b_name, a_name, on_bytes_from_b, scope)
+        await pump(a, b, a_name, b_name, on_bytes_from_a, scope)
     control._scope = None
     if control.end is not None:  # whoever ended it on purpose said why
         return RelayOutcome(control.end, control.detail)

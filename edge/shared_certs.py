@@ -2,20 +2,23 @@
 
 Owns ``share_chain`` and ``share_verdict``: they swap the certificates of an
 accepted partner chain (and of its verdict's verified path) for one canonical
-``cryptography`` object per DER. A partner with a thousand live connections
-then holds one parsed leaf, intermediate and anchor, with the names and
-extensions that ``cryptography`` parsed and cached on them, instead of a
-thousand copies of each: about 15 KiB per idle relayed connection (issue 19;
+``cryptography`` object per DER, and the chain and verdict themselves for one
+equal object; ``leaf_labels`` remembers a shared leaf's log fields. A
+partner with a thousand live connections then holds one parsed leaf,
+intermediate and anchor, with the names and extensions that ``cryptography``
+parsed and cached on them, one chain and one verdict, instead of a thousand
+copies of each: about 17 KiB per idle relayed connection (issue 19;
 ``bench/idle_memory.py`` measures it).
 
 Why it is safe: a certificate is immutable and compares (and hashes) by its
-DER, so the object handed back equals the one given. Only chains a verifier
+DER (a verdict by all its fields), so the object handed back equals the one
+given. Only chains a verifier
 accepted come here, so an unauthenticated peer cannot fill the table, and the
 table is bounded: when it is full the older half goes (live connections keep
 the objects they hold; a later connection just gets a fresh canonical copy).
 
 Must never: decide anything about trust, hand back a certificate that differs
-from the one asked for, or hold more than ``MAX_SHARED`` certificates.
+from the one asked for, or hold more than ``MAX_SHARED`` objects per table.
 """
 
 from __future__ import annotations
@@ -23,48 +26,82 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from itertools import islice
+from typing import Any, TypeVar
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from edge.core.trust import Verdict
 
-__all__ = ["MAX_SHARED", "share_chain", "share_verdict", "shared_count"]
+__all__ = ["MAX_SHARED", "clip", "leaf_labels", "share_chain", "share_verdict", "shared_count"]
 
-# Most certificates remembered: leaves, intermediates and anchors of the
-# partners with live connections (a federation has tens to hundreds); each
-# entry is one parsed certificate, a few KiB.
+# Most objects remembered: the certificates of the partners with live
+# connections (a federation has tens to hundreds; each one parsed, a few KiB),
+# their chains and accepted verdicts.
 MAX_SHARED = 1024
 
-_SHARED: dict[x509.Certificate, x509.Certificate] = {}
+# Certificates, chains (tuples of shared certificates) and accepted verdicts,
+# each by itself: equal objects are interchangeable (all are immutable).
+_SHARED: dict[object, object] = {}
+# Shared leaf -> (clipped subject, SHA-256 fingerprint): the log fields.
+_LABELS: dict[x509.Certificate, tuple[str, str]] = {}
+
+T = TypeVar("T")
 
 
-def _share(cert: x509.Certificate) -> x509.Certificate:
-    found = _SHARED.get(cert)
+def _share(item: T) -> T:
+    found = _SHARED.get(item)
     if found is not None:
-        return found
-    if len(_SHARED) >= MAX_SHARED:
-        for old in list(islice(_SHARED, MAX_SHARED // 2)):
-            del _SHARED[old]
-    _SHARED[cert] = cert
-    return cert
+        return found  # type: ignore[return-value]  # equal, hence of the same type
+    _bound(_SHARED)
+    _SHARED[item] = item
+    return item
+
+
+def _bound(table: dict[Any, Any]) -> None:
+    if len(table) >= MAX_SHARED:
+        for old in list(islice(table, MAX_SHARED // 2)):
+            del table[old]
 
 
 def share_chain(chain: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
     """``chain`` with each certificate replaced by its shared, equal copy."""
-    return tuple(_share(cert) for cert in chain)
+    return _share(tuple(_share(cert) for cert in chain))
 
 
 def share_verdict(verdict: Verdict) -> Verdict:
-    """``verdict`` whose verified path holds the shared certificates (itself if
-    it already does or has no path)."""
-    if not verdict.chain:
-        return verdict
-    chain = share_chain(verdict.chain)
-    if all(a is b for a, b in zip(chain, verdict.chain, strict=True)):
-        return verdict
-    return dataclasses.replace(verdict, chain=chain)
+    """The shared verdict equal to ``verdict``, whose verified path holds the
+    shared certificates. Accepted verdicts only."""
+    if verdict.chain:
+        chain = share_chain(verdict.chain)
+        if chain is not verdict.chain:
+            verdict = dataclasses.replace(verdict, chain=chain)
+    return _share(verdict)
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def leaf_labels(leaf: x509.Certificate, max_subject: int, *, shared: bool) -> tuple[str, str]:
+    """(subject clipped to ``max_subject``, SHA-256 fingerprint in hex) of a
+    leaf, for the log; worked out once per ``shared`` leaf (an accepted one:
+    formatting the subject costs more than the lookup)."""
+    labels = _LABELS.get(leaf) if shared else None
+    if labels is None:
+        labels = (
+            clip(leaf.subject.rfc4514_string(), max_subject),
+            leaf.fingerprint(hashes.SHA256()).hex(),
+        )
+        if shared:
+            _bound(_LABELS)
+            _LABELS[leaf] = labels
+    return labels
 
 
 def shared_count() -> int:
-    """How many certificates are shared now (tests, diagnostics)."""
+    """How many objects are shared now (tests, diagnostics)."""
     return len(_SHARED)

@@ -548,6 +548,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return self._verdict
         return handshake_verdict(self._conn)
 
+    def share_verdict(self, verdict: Verdict) -> None:
+        """Hold ``verdict``, equal to ``handshake_verdict``, instead of this
+        stream's own copy: the gateway's one object for every connection of a
+        partner (edge.shared_certs), so that an idle connection keeps no second
+        copy of the path. ValueError if it is not equal."""
+        if not self._handshake_finished or verdict != self._verdict:
+            raise ValueError("not this stream's handshake verdict")
+        self._verdict = verdict
+
     @property
     def version(self) -> str:
         """Negotiated protocol version, e.g. ``TLSv1.3``."""

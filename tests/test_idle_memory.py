@@ -14,6 +14,7 @@ bench/idle_memory.py measures the bytes; these tests pin the structure.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -121,6 +122,13 @@ async def test_server_stream_keeps_the_verdict_not_the_judgement(tmp_path: Path)
         assert verdict.partner == "fabrikam.com"
         # The judgement (and its copy of the path) went with the handshake.
         assert handshake_verdict(server.connection) is None
+        # The gateway may swap in its shared, equal copy; nothing else.
+        equal = dataclasses.replace(verdict)
+        server.share_verdict(equal)
+        assert server.handshake_verdict is equal
+        with pytest.raises(ValueError):
+            server.share_verdict(dataclasses.replace(verdict, partner="litware.com"))
+        assert server.handshake_verdict is equal
         await client.send_all(b"still works")
         assert await server.receive_some(100) == b"still works"
         await server.aclose()
@@ -158,6 +166,10 @@ async def test_live_connections_share_certificates_and_still_withdraw(
                 assert chain[0] is chains[0][0] and chain[0] is path[0]
                 assert all(a is b for a, b in zip(path, paths[0], strict=True))
             assert paths[0][-1] == pki.fabrikam.cert  # the anchor, equal by DER
+            # Equal verdicts and chains are one object too, and so are the log labels.
+            assert all(entry.conn.verdict is live[0].conn.verdict for entry in live)
+            assert all(entry.conn.chain is chains[0] for entry in live)
+            assert all(entry.conn.leaf_subject is live[0].conn.leaf_subject for entry in live)
             # The reload still re-checks the shared chain: the partner removed,
             # every live connection closes as trust_withdrawn.
             shutil.rmtree(tmp_path / "federation_policies" / "fabrikam.com")
