@@ -23,11 +23,13 @@ import argparse
 import contextlib
 import os
 import signal
+import ssl
 import statistics
 import sys
 import tempfile
 import time
 import tracemalloc
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import compare_load as load
@@ -107,6 +109,38 @@ def snapshot(pid: int, path: str, n: int) -> tuple[int, tracemalloc.Snapshot | N
     return heap, tracemalloc.Snapshot.load(str(traced)) if traced.exists() else None
 
 
+def hold(
+    partner: load.Partner, port: int, count: int, burst: int, budget_s: float, pipe: Connection
+) -> None:
+    """``load.idle`` with a ``burst``-byte echo (one write, then read it all
+    back) before each connection goes idle: what a connection keeps after
+    moving a burst."""
+    ctx = partner.context()
+    payload = b"b" * burst
+    held: list[ssl.SSLSocket] = []
+    failed = 0
+    deadline = time.monotonic() + budget_s
+    pipe.send("ready")
+    pipe.recv()
+    buf = bytearray(burst)
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            break
+        try:
+            ss = load._connect(ctx, partner, port)
+            load._echo(ss, payload, buf)
+        except (OSError, ssl.SSLError, ConnectionError):
+            failed += 1
+            continue
+        held.append(ss)
+    pipe.send({"held": len(held), "failed": failed})
+    if pipe.poll(budget_s):  # release
+        pipe.recv()
+    for ss in held:
+        ss.close()
+    pipe.send("closed")
+
+
 def _where(stat: tracemalloc.StatisticDiff) -> str:
     """The allocation's most recent frame in edge/ code, and the frame that allocated."""
     frames = list(stat.traceback)[::-1]  # most recent first
@@ -116,7 +150,7 @@ def _where(stat: tracemalloc.StatisticDiff) -> str:
 
 
 def measure(
-    relay: Relay, partner: load.Partner, held: int, folder: Path, top: int
+    relay: Relay, partner: load.Partner, held: int, folder: Path, top: int, burst: int
 ) -> dict[str, float]:
     relay.stop()
     try:
@@ -128,7 +162,14 @@ def measure(
     clients = Clients()
     path = str(folder / relay.name)
     try:
-        pipes = [clients.spawn(load.idle, partner, relay.port, held // 2, 4, 120) for _ in range(2)]
+        if burst:
+            pipes = [
+                clients.spawn(hold, partner, relay.port, held // 2, burst, 120) for _ in range(2)
+            ]
+        else:
+            pipes = [
+                clients.spawn(load.idle, partner, relay.port, held // 2, 4, 120) for _ in range(2)
+            ]
         for p in pipes:
             clients.expect(p, 30)
         pss0, rss0 = pss_bytes(pid), rss_bytes(pid)
@@ -179,6 +220,12 @@ def main() -> int:
         default=[],
         help="NAME=PATH: run edge from this source tree (repeat for an A/B); default: this one",
     )
+    parser.add_argument(
+        "--burst",
+        type=int,
+        default=0,
+        help="KiB each connection echoes in one write before it idles (default: 1 KiB echo)",
+    )
     parser.add_argument("--tracemalloc", action="store_true", help="diff Python allocations")
     parser.add_argument("--top", type=int, default=12, help="tracebacks shown")
     parser.add_argument(
@@ -219,7 +266,7 @@ def main() -> int:
         try:
             for rep in range(args.reps):
                 for relay in relays if rep % 2 == 0 else relays[::-1]:
-                    r = measure(relay, partner, args.held, folder, args.top)
+                    r = measure(relay, partner, args.held, folder, args.top, args.burst * 1024)
                     results[relay.name].append(r)
                     shown = " ".join(f"{k}={v:.1f}" for k, v in r.items())
                     print(f"rep {rep + 1} {relay.name}: {shown}", flush=True)

@@ -150,6 +150,36 @@ batch (about 10 of the ~130 Python calls a relayed record still costs,
 measured with cProfile; most of the rest is trio's wait machinery and
 pyOpenSSL's call wrappers), so it was not done.
 
+Idle memory (issue 19: thousands of idle relayed connections)
+=============================================================
+
+An idle relayed connection is two ``SSL`` objects and their Python around
+them; what this module keeps per stream, once established:
+
+* The memory BIOs never give back the buffer they grew to (OpenSSL's
+  ``BUF_MEM`` only grows): one 128 KiB transport read fed at once, or 128 KiB
+  of plaintext encrypted before one ``bio_read``, left each BIO that big for
+  the rest of the connection (measured: ~570 KiB per idle relayed connection
+  after a single 128 KiB burst each way, against ~80 after 1 KiB). A
+  transport read is now fed in ``_BIO_SLICE`` slices, the next one when
+  OpenSSL asks for more (what is left is copied out of the shared read buffer
+  before any await: ``_keep_unfed``), and ``_write_some`` drains the outgoing
+  BIO every ``_BIO_SLICE`` of plaintext. OpenSSL's own record buffers go back
+  when empty (``MODE_RELEASE_BUFFERS``).
+* The handshake's judgement (the verify callback's per-connection copy of the
+  walked path) is dropped when the handshake ends; only the verdict is kept,
+  and the gateway swaps in its shared copy (``share_verdict``,
+  ``edge.shared_certs``).
+* No per-instance dict (``__slots__``), no handshake event unless a second
+  caller waits, no ``ParkingLot`` in a gate until it is contended.
+* ``relay_idle_fd`` lets the relay wait for an idle socket in its own frame
+  rather than five coroutine frames deep.
+
+What remains per ``SSL`` object is OpenSSL's (measured with heaptrack on
+OpenSSL 4.0: the connection struct, two record layers, cipher contexts, the
+peer's certificates, the session): about 30 KiB, plus ~9 KiB on a client
+that offered an ML-KEM key share, which OpenSSL keeps until the end.
+
 Verdict in the handshake
 ========================
 
@@ -253,10 +283,16 @@ _TRANSPORT_READ_SIZE = 128 * 1024
 _DEFAULT_RECEIVE_SIZE = 128 * 1024
 # How much plaintext is encrypted before one transport send.
 _WRITE_CHUNK = 128 * 1024
-# How much ciphertext one bio_read may take out of the outgoing BIO: a whole
-# _WRITE_CHUNK of records with their overhead (pyOpenSSL allocates this much
-# per call, and 1 MiB was above malloc's mmap threshold).
-_BIO_READ_SIZE = 132 * 1024
+# The most ciphertext either memory BIO holds at once. A memory BIO never gives
+# back the buffer it grew to (measured: after one 128 KiB burst an idle relayed
+# connection kept ~570 KiB, its four BIOs' high-water marks), so a transport
+# read is fed to OpenSSL in slices of this size and the outgoing BIO is
+# drained whenever this much plaintext was encrypted (see "Idle memory").
+_BIO_SLICE = 32 * 1024
+# How much ciphertext one bio_read may take out of the outgoing BIO: a
+# _BIO_SLICE of plaintext in records with their overhead (pyOpenSSL allocates
+# this much per call).
+_BIO_READ_SIZE = _BIO_SLICE + 2048
 # The most plaintext one SSL_read can return (one record): pyOpenSSL allocates
 # the size asked for on every call, so asking for more only costs.
 _RECORD_PLAINTEXT = 16 * 1024
@@ -407,6 +443,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         "_handshake_waiters",
         "_last_fed",
         "_lazy_reads",
+        "_out_parts",
         "_outer_recv",
         "_outer_send",
         "_recv_count",
@@ -415,6 +452,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         "_session_cache",
         "_socket",
         "_state",
+        "_unfed",
         "_verdict",
         "_write_view",
         "server_hostname",
@@ -485,8 +523,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # the last transport read (see _retry).
         self._lazy_reads = 0
         self._last_fed = 0
-        # Resumable progress of the send in flight (see _write_some).
+        # Resumable progress of the send in flight (see _write_some), and the
+        # records it already took out of the outgoing BIO.
         self._write_view: memoryview | None = None
+        self._out_parts: list[bytes] | None = None
+        # Ciphertext read from the transport but not yet given to OpenSSL (a
+        # transport read is fed in _BIO_SLICE slices); never a view of _SCRATCH
+        # across an await (see _keep_unfed).
+        self._unfed: memoryview | None = None
         # A trio SocketStream: ciphertext moves with os.readv/os.write on its
         # descriptor (see "Data path" in the module docstring).
         self._socket: trio.socket.SocketType | None = (
@@ -587,7 +631,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     def _take_outgoing(self) -> bytes:
         """Everything OpenSSL has written, emptying the outgoing BIO."""
-        parts: list[bytes] = []
+        parts = self._out_parts or []  # records _write_some took out already
+        self._out_parts = None
         while True:
             try:
                 chunk = self._conn.bio_read(_BIO_READ_SIZE)
@@ -635,7 +680,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
             data = await self.transport_stream.receive_some(_TRANSPORT_READ_SIZE)
             self._last_fed = len(data)
             if data:
-                self._conn.bio_write(data)
+                self._unfed = memoryview(data)
+                self._feed_unfed()
             else:
                 self._conn.bio_shutdown()
             return True
@@ -666,10 +712,32 @@ class TLSStream(trio.abc.HalfCloseableStream):
             break
         self._last_fed = n
         if n:
-            self._conn.bio_write(_SCRATCH_VIEW[:n])
+            self._unfed = _SCRATCH_VIEW[:n]  # kept only until the next await
+            self._feed_unfed()
         else:
             self._conn.bio_shutdown()
         return waited
+
+    def _feed_unfed(self) -> bool:
+        """Give OpenSSL the next slice of the ciphertext read and not yet fed;
+        False when there was none."""
+        view = self._unfed
+        if view is None:
+            return False
+        if len(view) > _BIO_SLICE:
+            self._conn.bio_write(view[:_BIO_SLICE])
+            self._unfed = view[_BIO_SLICE:]
+        else:
+            self._conn.bio_write(view)
+            self._unfed = None
+        return True
+
+    def _keep_unfed(self) -> None:
+        """Copy what is left unfed out of _SCRATCH, which the next transport
+        read (of any stream) overwrites: before every await."""
+        view = self._unfed
+        if view is not None and view.obj is _SCRATCH:
+            self._unfed = memoryview(bytes(view))
 
     async def _flush_after_error(self) -> None:
         """Deliver an alert OpenSSL queued before failing, if we can, quickly."""
@@ -726,9 +794,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
             except SSL.WantReadError:
                 want_read = True
             except SSL.Error as exc:
+                self._keep_unfed()
                 raise await self._fail(exc) from exc
             else:
                 finished = True
+            finally:
+                self._keep_unfed()
             # Every path drains the outgoing BIO right after calling OpenSSL,
             # with no await in between, except a relay read that returned
             # data: the outgoing BIO is then checked every _LAZY_READS reads
@@ -770,6 +841,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     # queueing for the lock) or partly sent: no way back.
                     self._state = _State.BROKEN
                     raise
+            elif want_read and self._unfed is not None:
+                # Ciphertext already read and not yet given to OpenSSL: feed
+                # it before reading the transport again.
+                self._feed_unfed()
+                self._drained = False
             elif want_read:
                 recv_count = self._recv_count
                 await self._recv_lock.acquire()
@@ -865,7 +941,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
     # Receiving
 
     def _read_plain(self, max_bytes: int) -> bytes:
-        """Decrypt up to ``max_bytes``: every complete record already buffered.
+        """Decrypt up to ``max_bytes``: every complete record already buffered,
+        and the rest of the last transport read, fed slice by slice.
 
         Returns b"" once the peer's close_notify has been read.
         """
@@ -876,28 +953,24 @@ class TLSStream(trio.abc.HalfCloseableStream):
             raise exc
         if self._drained:
             raise _NeedBytes
-        try:
-            first = self._conn.recv(min(max_bytes, _RECORD_PLAINTEXT))
-        except SSL.ZeroReturnError:
-            self._eof_received = True
-            return b""
-        except SSL.WantReadError:
-            self._drained = True
-            raise
-        got = len(first)
-        if got >= max_bytes:
-            return first
-        chunks = [first]
+        chunks: list[bytes] = []
+        got = 0
         while got < max_bytes:
             try:
                 more = self._conn.recv(min(max_bytes - got, _RECORD_PLAINTEXT))
             except SSL.WantReadError:
+                if self._feed_unfed():
+                    continue
                 self._drained = True
+                if not chunks:
+                    raise
                 break
             except SSL.ZeroReturnError:
                 self._eof_received = True
                 break
             except SSL.Error as exc:
+                if not chunks:
+                    raise
                 # Hand back what we have and raise this on the next call: a
                 # second recv() would not repeat OpenSSL's reason (it reports
                 # an empty error), and the reason (an alert, a bad record MAC,
@@ -906,6 +979,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 break
             chunks.append(more)
             got += len(more)
+        if len(chunks) == 1:
+            return chunks[0]
         return b"".join(chunks)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -959,6 +1034,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             or not self._handshake_ok
             or self._eof_received
             or self._deferred_error is not None
+            or self._unfed is not None
             or self._recv_lock.locked()
             or not 0 < self._last_fed < _TRANSPORT_READ_SIZE
         ):
@@ -988,11 +1064,20 @@ class TLSStream(trio.abc.HalfCloseableStream):
         view = self._write_view
         assert view is not None
         budget = _WRITE_CHUNK
+        pending = 0  # plaintext encrypted since the outgoing BIO was drained
         while view and budget > 0:
             n = self._conn.send(view[: min(len(view), budget)])
             view = view[n:]
             budget -= n
             self._write_view = view
+            pending += n
+            if pending >= _BIO_SLICE and view and budget > 0:
+                # More records follow in this batch: take these out now, so
+                # the BIO never grows past about one slice (see _BIO_SLICE).
+                if self._out_parts is None:
+                    self._out_parts = []
+                self._out_parts.append(self._conn.bio_read(_BIO_READ_SIZE))
+                pending = 0
         return not view
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:

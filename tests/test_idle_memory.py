@@ -219,3 +219,77 @@ async def test_idle_relay_wakes_for_data_and_for_its_idle_timeout() -> None:
         assert outcome is not None and outcome.end == "idle_timeout", outcome
         for s in (a, outer_a, b, outer_b):
             await s.aclose()
+
+
+def _heap_in_use() -> int:
+    """glibc's heap in use (OpenSSL allocates there; mallinfo2, glibc 2.33+)."""
+    import ctypes
+    import gc
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Mallinfo2
+    gc.collect()
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+async def test_a_burst_leaves_no_big_buffers_behind() -> None:
+    """OpenSSL's memory BIOs keep the size they grew to: 256 KiB each way
+    through a pair of streams used to leave ~0.5 MiB of buffers per pair for
+    as long as it lived. Now each BIO holds at most about one slice."""
+    pytest.importorskip("ctypes")
+    ca = CA.root("Burst CA")
+    leaf = ca.issue(dns=["burst.test"], eku=["server", "client"])
+    sctx = server_context(leaf.chain, leaf.key, require_client_cert=False)
+    cctx = client_context([ca.cert])
+    pairs = 16
+    payload = b"p" * (256 * 1024)
+
+    async def drain(stream: TLSStream, size: int) -> None:
+        got = 0
+        while got < size:
+            chunk = await stream.receive_some(128 * 1024)
+            assert chunk
+            got += len(chunk)
+
+    with trio.fail_after(TIMEOUT):
+        streams: list[tuple[TLSStream, TLSStream]] = []
+        for _ in range(pairs):
+            server_tcp, client_tcp = await _tcp_pair()
+            server = TLSStream(server_tcp, sctx, server_side=True)
+            client = TLSStream(client_tcp, cctx, server_side=False, server_hostname="burst.test")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.do_handshake)
+                nursery.start_soon(client.do_handshake)
+            streams.append((server, client))
+        before = _heap_in_use()
+        for server, client in streams:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.send_all, payload)
+                nursery.start_soon(drain, server, len(payload))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.send_all, payload)
+                nursery.start_soon(drain, client, len(payload))
+        kept = (_heap_in_use() - before) / pairs
+        for server, client in streams:
+            await server.aclose()
+            await client.aclose()
+    print(f"heap kept per pair after the burst: {kept / 1024:.0f} KiB")
+    assert kept < 256 * 1024, f"{kept / 1024:.0f} KiB kept per pair of idle streams"
