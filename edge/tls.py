@@ -293,6 +293,13 @@ _BIO_SLICE = 32 * 1024
 # _BIO_SLICE of plaintext in records with their overhead (pyOpenSSL allocates
 # this much per call).
 _BIO_READ_SIZE = _BIO_SLICE + 2048
+# While a read is fed slice by slice, the next slice goes in as soon as less
+# than one record may be left in the BIO (so no WantReadError per slice):
+# what is left is estimated from the plaintext OpenSSL returned plus this much
+# per record (TLS 1.3's AEAD overhead; TLS 1.2's is larger, which only makes
+# the estimate feed later, at worst when OpenSSL asks).
+_RECORD_OVERHEAD = 22
+_ONE_RECORD = 16 * 1024 + 512
 # The most plaintext one SSL_read can return (one record): pyOpenSSL allocates
 # the size asked for on every call, so asking for more only costs.
 _RECORD_PLAINTEXT = 16 * 1024
@@ -437,6 +444,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         "_drained",
         "_eof_received",
         "_eof_sent",
+        "_fed_left",
         "_handshake_finished",
         "_handshake_ok",
         "_handshake_started",
@@ -531,6 +539,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # transport read is fed in _BIO_SLICE slices); never a view of _SCRATCH
         # across an await (see _keep_unfed).
         self._unfed: memoryview | None = None
+        self._fed_left = 0  # estimated ciphertext still in the incoming BIO
         # A trio SocketStream: ciphertext moves with os.readv/os.write on its
         # descriptor (see "Data path" in the module docstring).
         self._socket: trio.socket.SocketType | None = (
@@ -631,6 +640,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     def _take_outgoing(self) -> bytes:
         """Everything OpenSSL has written, emptying the outgoing BIO."""
+        parts = self._take_outgoing_parts()
+        if not parts:
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _take_outgoing_parts(self) -> list[bytes]:
+        """``_take_outgoing`` as the pieces it was taken out in (one
+        ``writev``, no join)."""
         parts = self._out_parts or []  # records _write_some took out already
         self._out_parts = None
         while True:
@@ -645,16 +662,21 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 # for: less means it is empty now (no second read, no
                 # exception per record batch).
                 break
-        if not parts:
-            return b""
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return parts
 
-    async def _transport_send(self, data: bytes) -> bool:
-        """Send all of ``data`` on the transport; True when it had to wait."""
+    async def _transport_send(self, data: bytes | list[bytes]) -> bool:
+        """Send all of ``data`` (bytes, or pieces to send in order) on the
+        transport; True when it had to wait."""
         sock = self._socket
         if sock is None:
-            await self.transport_stream.send_all(data)
+            await self.transport_stream.send_all(
+                data if isinstance(data, bytes) else b"".join(data)
+            )
             return True
+        if not isinstance(data, bytes):
+            if len(data) > 1:
+                return await self._transport_writev(sock, data)
+            data = data[0]
         waited = False
         view = memoryview(data)
         while view:
@@ -670,6 +692,37 @@ class TLSStream(trio.abc.HalfCloseableStream):
             except OSError as exc:
                 raise trio.BrokenResourceError(f"transport send failed: {exc}") from exc
             view = view[n:]
+        return waited
+
+    async def _transport_writev(self, sock: trio.socket.SocketType, parts: list[bytes]) -> bool:
+        """``_transport_send`` of several pieces with ``writev``: the records
+        ``_write_some`` took out slice by slice go out without being joined."""
+        waited = False
+        views = [memoryview(part) for part in parts]
+        left = sum(map(len, parts))
+        while left:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the transport is closed")
+            try:
+                n = os.writev(fd, views)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"transport send failed: {exc}") from exc
+            left -= n
+            if not left:
+                break
+            while n:  # drop what was written from the front
+                if n >= len(views[0]):
+                    n -= len(views.pop(0))
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+            while views and not views[0]:
+                views.pop(0)
         return waited
 
     async def _transport_receive(self) -> bool:
@@ -727,9 +780,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if len(view) > _BIO_SLICE:
             self._conn.bio_write(view[:_BIO_SLICE])
             self._unfed = view[_BIO_SLICE:]
+            self._fed_left += _BIO_SLICE
         else:
             self._conn.bio_write(view)
             self._unfed = None
+            self._fed_left += len(view)
         return True
 
     def _keep_unfed(self) -> None:
@@ -799,22 +854,22 @@ class TLSStream(trio.abc.HalfCloseableStream):
             else:
                 finished = True
             finally:
-                self._keep_unfed()
+                if self._unfed is not None:
+                    self._keep_unfed()
             # Every path drains the outgoing BIO right after calling OpenSSL,
             # with no await in between, except a relay read that returned
             # data: the outgoing BIO is then checked every _LAZY_READS reads
             # only (see "Data path" in the module docstring).
+            to_send: list[bytes] = []
             if not called_openssl:
-                to_send = b""
+                pass
             elif lazy_reads and finished and ret and self._last_fed <= _LAZY_FED_MAX:
                 self._lazy_reads += 1
                 if self._lazy_reads >= _LAZY_READS:
                     self._lazy_reads = 0
-                    to_send = self._take_outgoing()
-                else:
-                    to_send = b""
+                    to_send = self._take_outgoing_parts()
             else:
-                to_send = self._take_outgoing()
+                to_send = self._take_outgoing_parts()
             if (
                 is_handshake
                 and finished
@@ -823,14 +878,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
             ):
                 # Hold back the TLS 1.3 server's session tickets (see theory).
                 if to_send:
-                    self._delayed_outgoing = to_send
-                to_send = b""
+                    self._delayed_outgoing = b"".join(to_send)
+                to_send = []
             if to_send:
                 try:
                     await self._send_lock.acquire()
                     try:
                         if self._delayed_outgoing is not None:
-                            to_send = self._delayed_outgoing + to_send
+                            to_send = [self._delayed_outgoing, *to_send]
                             self._delayed_outgoing = None
                         if await self._transport_send(to_send):
                             yielded = True
@@ -959,6 +1014,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             try:
                 more = self._conn.recv(min(max_bytes - got, _RECORD_PLAINTEXT))
             except SSL.WantReadError:
+                self._fed_left = 0  # the incoming BIO is empty
                 if self._feed_unfed():
                     continue
                 self._drained = True
@@ -979,6 +1035,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 break
             chunks.append(more)
             got += len(more)
+            if self._unfed is not None:
+                self._fed_left -= len(more) + _RECORD_OVERHEAD
+                if self._fed_left < _ONE_RECORD:
+                    self._feed_unfed()
         if len(chunks) == 1:
             return chunks[0]
         return b"".join(chunks)
