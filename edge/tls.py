@@ -664,21 +664,17 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 break
         return parts
 
-    async def _transport_send(self, data: bytes | list[bytes]) -> bool:
-        """Send all of ``data`` (bytes, or pieces to send in order) on the
-        transport; True when it had to wait."""
+    async def _transport_send(self, parts: list[bytes]) -> bool:
+        """Send all of ``parts``, in order, on the transport; True when it had
+        to wait."""
         sock = self._socket
         if sock is None:
-            await self.transport_stream.send_all(
-                data if isinstance(data, bytes) else b"".join(data)
-            )
+            await self.transport_stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
             return True
-        if not isinstance(data, bytes):
-            if len(data) > 1:
-                return await self._transport_writev(sock, data)
-            data = data[0]
+        if len(parts) > 1:
+            return await self._transport_writev(sock, parts)
         waited = False
-        view = memoryview(data)
+        view = memoryview(parts[0])
         while view:
             fd = sock.fileno()
             if fd < 0:
@@ -764,9 +760,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(f"transport receive failed: {exc}") from exc
             break
         self._last_fed = n
-        if n:
+        if n > _BIO_SLICE:
             self._unfed = _SCRATCH_VIEW[:n]  # kept only until the next await
             self._feed_unfed()
+        elif n:
+            self._conn.bio_write(_SCRATCH_VIEW[:n])
+            self._fed_left += n
         else:
             self._conn.bio_shutdown()
         return waited
@@ -808,7 +807,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         with trio.move_on_after(self._close_timeout):
             async with self._send_lock:
                 with contextlib.suppress(*_TRANSPORT_GONE):
-                    await self._transport_send(data)
+                    await self._transport_send([data])
 
     async def _fail(self, exc: SSL.Error) -> TLSError:
         self._state = _State.BROKEN
@@ -1015,7 +1014,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 more = self._conn.recv(min(max_bytes - got, _RECORD_PLAINTEXT))
             except SSL.WantReadError:
                 self._fed_left = 0  # the incoming BIO is empty
-                if self._feed_unfed():
+                if self._unfed is not None and self._feed_unfed():
                     continue
                 self._drained = True
                 if not chunks:
@@ -1220,7 +1219,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     self._delayed_outgoing = None
                     if data:
                         async with self._send_lock:
-                            await self._transport_send(data)
+                            await self._transport_send([data])
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, SSL.Error):
             pass
         finally:
