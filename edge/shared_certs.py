@@ -18,7 +18,8 @@ table is bounded: when it is full the older half goes (live connections keep
 the objects they hold; a later connection just gets a fresh canonical copy).
 
 Must never: decide anything about trust, hand back a certificate that differs
-from the one asked for, or hold more than ``MAX_SHARED`` objects per table.
+from the one asked for, hold more than ``MAX_SHARED`` objects per table, or
+hold a certificate over ``MAX_SHARED_DER`` bytes.
 """
 
 from __future__ import annotations
@@ -30,15 +31,28 @@ from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from edge.core.trust import Verdict
 
-__all__ = ["MAX_SHARED", "clip", "leaf_labels", "share_chain", "share_verdict", "shared_count"]
+__all__ = [
+    "MAX_SHARED",
+    "MAX_SHARED_DER",
+    "clip",
+    "leaf_labels",
+    "share_chain",
+    "share_verdict",
+    "shared_count",
+]
 
 # Most objects remembered: the certificates of the partners with live
 # connections (a federation has tens to hundreds; each one parsed, a few KiB),
 # their chains and accepted verdicts.
 MAX_SHARED = 1024
+# Bigger certificates are never shared (nor chains and verdicts holding one),
+# so the tables stay within a few MiB whatever an accepted partner presents;
+# real ones are 0.5-2 KiB.
+MAX_SHARED_DER = 8192
 
 # Certificates, chains (tuples of shared certificates) and accepted verdicts,
 # each by itself: equal objects are interchangeable (all are immutable).
@@ -58,6 +72,19 @@ def _share(item: T) -> T:
     return item
 
 
+def _share_cert(cert: x509.Certificate) -> x509.Certificate:
+    found = _SHARED.get(cert)
+    if found is not None:
+        return found  # type: ignore[return-value]  # equal, hence a certificate
+    if len(cert.public_bytes(Encoding.DER)) > MAX_SHARED_DER:
+        return cert  # not shared: see MAX_SHARED_DER
+    return _share(cert)
+
+
+def _is_shared(cert: x509.Certificate) -> bool:
+    return _SHARED.get(cert) is cert
+
+
 def _bound(table: dict[Any, Any]) -> None:
     if len(table) >= MAX_SHARED:
         for old in list(islice(table, MAX_SHARED // 2)):
@@ -65,8 +92,10 @@ def _bound(table: dict[Any, Any]) -> None:
 
 
 def share_chain(chain: Sequence[x509.Certificate]) -> tuple[x509.Certificate, ...]:
-    """``chain`` with each certificate replaced by its shared, equal copy."""
-    return _share(tuple(_share(cert) for cert in chain))
+    """``chain`` with each certificate replaced by its shared, equal copy
+    (except certificates over ``MAX_SHARED_DER``)."""
+    chain = tuple(_share_cert(cert) for cert in chain)
+    return _share(chain) if all(_is_shared(cert) for cert in chain) else chain
 
 
 def share_verdict(verdict: Verdict) -> Verdict:
@@ -74,6 +103,8 @@ def share_verdict(verdict: Verdict) -> Verdict:
     shared certificates. Accepted verdicts only."""
     if verdict.chain:
         chain = share_chain(verdict.chain)
+        if not all(_is_shared(cert) for cert in chain):
+            return verdict  # holds a certificate too big to share
         if chain is not verdict.chain:
             verdict = dataclasses.replace(verdict, chain=chain)
     return _share(verdict)
@@ -90,6 +121,7 @@ def leaf_labels(leaf: x509.Certificate, max_subject: int, *, shared: bool) -> tu
     """(subject clipped to ``max_subject``, SHA-256 fingerprint in hex) of a
     leaf, for the log; worked out once per ``shared`` leaf (an accepted one:
     formatting the subject costs more than the lookup)."""
+    shared = shared and _is_shared(leaf)
     labels = _LABELS.get(leaf) if shared else None
     if labels is None:
         labels = (

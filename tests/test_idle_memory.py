@@ -69,6 +69,23 @@ def test_the_shared_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert share_chain([certs[-1]])[0] is certs[-1]  # the newest is still there
 
 
+def test_big_certificates_are_never_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peer-controlled size: a certificate over MAX_SHARED_DER stays the
+    connection's own, and no shared chain or verdict holds it."""
+    from edge.core.trust import Verdict
+
+    monkeypatch.setattr(shared_certs, "MAX_SHARED_DER", 64)
+    monkeypatch.setattr(shared_certs, "_SHARED", {})
+    root = CA.root("Big Root")
+    cert = root.issue(dns=["big.example.com"]).cert
+    again = _reparsed(cert)
+    assert share_chain([cert])[0] is cert
+    assert share_chain([again])[0] is again  # not swapped for the first one
+    verdict = Verdict(True, None, "ok", "big.example.com", (again,))
+    assert share_verdict(verdict) is verdict
+    assert shared_certs.shared_count() == 0
+
+
 def test_a_verdict_without_a_path_is_left_alone() -> None:
     from edge.core.reasons import Reason
     from edge.core.trust import Verdict
