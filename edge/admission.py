@@ -42,7 +42,6 @@ from typing import Any
 
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
 from edge.core.config import Limits, Listener
 from edge.core.limits import SourceLimits
@@ -56,6 +55,8 @@ from edge.metrics import UNKNOWN_PARTNER, Metrics
 from edge.pools import PoolSet, UpstreamUnavailable, proxy_info
 from edge.probes import closed_before_sending
 from edge.relay import RelayControl, relay
+from edge.shared_certs import clip as _clip
+from edge.shared_certs import leaf_labels, share_chain, share_verdict
 from edge.sip_listener import RelayFunction, SipPeer, sip_relay_for
 from edge.tls import TLSError, TLSStream, TLSTruncatedError
 
@@ -81,7 +82,7 @@ _CLOSE_BUDGET_S = 2.0
 _NO_PEER_CERT = "peer did not return a certificate"
 
 
-@dataclass
+@dataclass(slots=True)  # one per connection: no instance dict
 class Conn:
     """What the final log line of one connection says."""
 
@@ -109,7 +110,7 @@ class Conn:
     withdrawn: tuple[str, str] | None = None  # (reason, detail): trust lost before relaying
 
 
-@dataclass
+@dataclass(slots=True)
 class LiveConnection:
     """A relayed connection that a policy change may have to close."""
 
@@ -448,12 +449,15 @@ class Admission:
 def _take_verdict(tls: TLSStream, conn: Conn) -> Verdict | None:
     """The verdict reached inside ``tls``'s handshake, written down on ``conn``."""
     verdict = tls.handshake_verdict
+    if verdict is not None and verdict.accepted:  # held while live: one copy per certificate
+        conn.chain, verdict = share_chain(conn.chain), share_verdict(verdict)
+        tls.share_verdict(verdict)
     if verdict is not None:
         conn.verdict, conn.partner = verdict, verdict.partner
         leaf = conn.chain[0] if conn.chain else (verdict.chain[0] if verdict.chain else None)
         if leaf is not None:
-            conn.leaf_subject = _clip(leaf.subject.rfc4514_string(), _MAX_SUBJECT)
-            conn.fingerprint_sha256 = leaf.fingerprint(hashes.SHA256()).hex()
+            labels = leaf_labels(leaf, _MAX_SUBJECT, shared=verdict.accepted)
+            conn.leaf_subject, conn.fingerprint_sha256 = labels
     return verdict
 
 
@@ -553,13 +557,6 @@ async def _close_both(a: TLSStream, b: TLSStream) -> None:
         await a.aclose()
     finally:
         await b.aclose()
-
-
-def _clip(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters, saying how much was left out."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def where(exc: BaseException) -> str:

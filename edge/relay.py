@@ -116,6 +116,8 @@ async def relay(
     ) -> None:
         receive = src.relay_receive if isinstance(src, TLSStream) else src.receive_some
         send = dst.relay_send if isinstance(dst, TLSStream) else dst.send_all
+        # An idle side is waited for here, one frame deep (TLSStream.relay_idle_fd).
+        idle_fd = src.relay_idle_fd if isinstance(src, TLSStream) else None
         chunks = 0
         while True:
             # The eager calls below have no schedule point when bytes are
@@ -129,6 +131,10 @@ async def relay(
                 chunks = 0
                 await trio.lowlevel.checkpoint()
             try:
+                if idle_fd is not None:
+                    fd = idle_fd()
+                    if fd >= 0:
+                        await trio.lowlevel.wait_readable(fd)
                 data = await receive(RELAY_CHUNK)
             except TLSTruncatedError:
                 finish(f"{src_name}_truncated", f"{src_name} closed TCP without close_notify")
@@ -149,23 +155,27 @@ async def relay(
                 finish(f"{dst_name}_error", str(exc))
                 return
             count(len(data))
+            # Not kept while waiting for the next chunk (an idle connection
+            # would hold its last chunk in each direction).
+            del data
             if watch_idle:
                 deadline = trio.current_time() + idle_timeout_s + slack
                 if deadline - scope.deadline > slack:
                     scope.deadline = deadline
 
     a_name, b_name = names
-    # One scope for the whole relay: an error in either pump, control.stop and
-    # the idle deadline all cancel it. One pump runs in this task.
-    with trio.CancelScope() as scope:
+    # One scope for the whole relay, the pumps' nursery's own (no second scope
+    # per connection): an error in either pump, control.stop and the idle
+    # deadline all cancel it. One pump runs in this task.
+    async with trio.open_nursery() as pumps:
+        scope = pumps.cancel_scope
         control._scope = scope
         if control.end is not None:
             scope.cancel()
         if watch_idle:
             scope.deadline = trio.current_time() + idle_timeout_s + slack
-        async with trio.open_nursery() as pumps:
-            pumps.start_soon(pump, b, a, b_name, a_name, on_bytes_from_b, scope)
-            await pump(a, b, a_name, b_name, on_bytes_from_a, scope)
+        pumps.start_soon(pump, b, a, b_name, a_name, on_bytes_from_b, scope)
+        await pump(a, b, a_name, b_name, on_bytes_from_a, scope)
     control._scope = None
     if control.end is not None:  # whoever ended it on purpose said why
         return RelayOutcome(control.end, control.detail)

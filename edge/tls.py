@@ -46,8 +46,8 @@ that will never come) but retries ``fn`` first. This is trio's own scheme.
 Outer conflict detectors make two concurrent ``send_all`` calls (or two
 ``receive_some`` calls) an error, as for every trio stream.
 
-The handshake runs once (``_handshake_done`` plus ``_handshake_started``);
-a second caller waits for the first one.
+The handshake runs once (``_handshake_started`` plus ``_handshake_finished``);
+a second caller waits for the first one (on an event made only then).
 
 Failure model. The stream is OK, BROKEN or CLOSED:
 
@@ -150,6 +150,36 @@ batch (about 10 of the ~130 Python calls a relayed record still costs,
 measured with cProfile; most of the rest is trio's wait machinery and
 pyOpenSSL's call wrappers), so it was not done.
 
+Idle memory (issue 19: thousands of idle relayed connections)
+=============================================================
+
+An idle relayed connection is two ``SSL`` objects and their Python around
+them; what this module keeps per stream, once established:
+
+* The memory BIOs never give back the buffer they grew to (OpenSSL's
+  ``BUF_MEM`` only grows): one 128 KiB transport read fed at once, or 128 KiB
+  of plaintext encrypted before one ``bio_read``, left each BIO that big for
+  the rest of the connection (measured: ~570 KiB per idle relayed connection
+  after a single 128 KiB burst each way, against ~80 after 1 KiB). A
+  transport read is now fed in ``_BIO_SLICE`` slices, the next one when
+  OpenSSL asks for more (what is left is copied out of the shared read buffer
+  before any await: ``_keep_unfed``), and ``_write_some`` drains the outgoing
+  BIO every ``_BIO_SLICE`` of plaintext. OpenSSL's own record buffers go back
+  when empty (``MODE_RELEASE_BUFFERS``).
+* The handshake's judgement (the verify callback's per-connection copy of the
+  walked path) is dropped when the handshake ends; only the verdict is kept,
+  and the gateway swaps in its shared copy (``share_verdict``,
+  ``edge.shared_certs``).
+* No per-instance dict (``__slots__``), no handshake event unless a second
+  caller waits, no ``ParkingLot`` in a gate until it is contended.
+* ``relay_idle_fd`` lets the relay wait for an idle socket in its own frame
+  rather than five coroutine frames deep.
+
+What remains per ``SSL`` object is OpenSSL's (measured with heaptrack on
+OpenSSL 4.0: the connection struct, two record layers, cipher contexts, the
+peer's certificates, the session): about 30 KiB, plus ~9 KiB on a client
+that offered an ML-KEM key share, which OpenSSL keeps until the end.
+
 Verdict in the handshake
 ========================
 
@@ -251,10 +281,23 @@ _TRANSPORT_READ_SIZE = 128 * 1024
 _DEFAULT_RECEIVE_SIZE = 128 * 1024
 # How much plaintext is encrypted before one transport send.
 _WRITE_CHUNK = 128 * 1024
-# How much ciphertext one bio_read may take out of the outgoing BIO: a whole
-# _WRITE_CHUNK of records with their overhead (pyOpenSSL allocates this much
-# per call, and 1 MiB was above malloc's mmap threshold).
-_BIO_READ_SIZE = 132 * 1024
+# The most ciphertext either memory BIO holds at once. A memory BIO never gives
+# back the buffer it grew to (measured: after one 128 KiB burst an idle relayed
+# connection kept ~570 KiB, its four BIOs' high-water marks), so a transport
+# read is fed to OpenSSL in slices of this size and the outgoing BIO is
+# drained whenever this much plaintext was encrypted (see "Idle memory").
+_BIO_SLICE = 32 * 1024
+# How much ciphertext one bio_read may take out of the outgoing BIO: a
+# _BIO_SLICE of plaintext in records with their overhead (pyOpenSSL allocates
+# this much per call).
+_BIO_READ_SIZE = _BIO_SLICE + 2048
+# While a read is fed slice by slice, the next slice goes in as soon as less
+# than one record may be left in the BIO (so no WantReadError per slice):
+# what is left is estimated from the plaintext OpenSSL returned plus this much
+# per record (TLS 1.3's AEAD overhead; TLS 1.2's is larger, which only makes
+# the estimate feed later, at worst when OpenSSL asks).
+_RECORD_OVERHEAD = 22
+_ONE_RECORD = 16 * 1024 + 512
 # The most plaintext one SSL_read can return (one record): pyOpenSSL allocates
 # the size asked for on every call, so asking for more only costs.
 _RECORD_PLAINTEXT = 16 * 1024
@@ -397,6 +440,41 @@ class TLSStream(trio.abc.HalfCloseableStream):
       close_timeout: the most ``aclose()`` spends delivering close_notify.
     """
 
+    # Thousands of these live at once, two per relayed connection: no
+    # per-instance dict (see "Idle memory" in the module docstring).
+    __slots__ = (
+        "_check_hostname",
+        "_close_timeout",
+        "_conn",
+        "_deferred_error",
+        "_delayed_outgoing",
+        "_drained",
+        "_eof_received",
+        "_eof_sent",
+        "_fed_left",
+        "_handshake_finished",
+        "_handshake_ok",
+        "_handshake_started",
+        "_handshake_waiters",
+        "_last_fed",
+        "_lazy_reads",
+        "_out_parts",
+        "_outer_recv",
+        "_outer_send",
+        "_recv_count",
+        "_recv_lock",
+        "_send_lock",
+        "_session_cache",
+        "_socket",
+        "_state",
+        "_unfed",
+        "_verdict",
+        "_write_view",
+        "server_hostname",
+        "server_side",
+        "transport_stream",
+    )
+
     def __init__(
         self,
         transport_stream: trio.abc.Stream,
@@ -436,8 +514,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         self._conn.set_session(session)
         self._state = _State.OK
         self._handshake_started = False
-        self._handshake_done = trio.Event()  # set when the attempt ended, either way
+        self._handshake_finished = False  # the attempt ended, either way
+        # Made only when a second caller has to wait for the handshake.
+        self._handshake_waiters: trio.Event | None = None
         self._handshake_ok = False
+        # The verdict reached inside the handshake, taken out of _JUDGEMENTS
+        # when it ended (with it goes the judgement's copy of the path).
+        self._verdict: Verdict | None = None
         self._delayed_outgoing: bytes | None = None
         self._send_lock = _Gate()
         self._recv_lock = _Gate()
@@ -455,8 +538,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
         # the last transport read (see _retry).
         self._lazy_reads = 0
         self._last_fed = 0
-        # Resumable progress of the send in flight (see _write_some).
+        # Resumable progress of the send in flight (see _write_some), and the
+        # records it already took out of the outgoing BIO.
         self._write_view: memoryview | None = None
+        self._out_parts: list[bytes] | None = None
+        # Ciphertext read from the transport but not yet given to OpenSSL (a
+        # transport read is fed in _BIO_SLICE slices); never a view of _SCRATCH
+        # across an await (see _keep_unfed).
+        self._unfed: memoryview | None = None
+        self._fed_left = 0  # estimated ciphertext still in the incoming BIO
         # A trio SocketStream: ciphertext moves with os.readv/os.write on its
         # descriptor (see "Data path" in the module docstring).
         self._socket: trio.socket.SocketType | None = (
@@ -477,7 +567,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         return self._handshake_ok
 
     def _need_handshake(self, what: str) -> None:
-        if not self._handshake_done.is_set():
+        if not self._handshake_finished:
             raise trio.BrokenResourceError(f"call do_handshake() before reading {what}")
 
     @property
@@ -514,7 +604,18 @@ class TLSStream(trio.abc.HalfCloseableStream):
         ``server_context(partner_trust=...)``), readable after a failed handshake
         too (why it was refused). None when no verdict was reached: treat that,
         and any verdict not accepted, as a refusal."""
+        if self._handshake_finished:
+            return self._verdict
         return handshake_verdict(self._conn)
+
+    def share_verdict(self, verdict: Verdict) -> None:
+        """Hold ``verdict``, equal to ``handshake_verdict``, instead of this
+        stream's own copy: the gateway's one object for every connection of a
+        partner (edge.shared_certs), so that an idle connection keeps no second
+        copy of the path. ValueError if it is not equal."""
+        if not self._handshake_finished or verdict != self._verdict:
+            raise ValueError("not this stream's handshake verdict")
+        self._verdict = verdict
 
     @property
     def version(self) -> str:
@@ -546,7 +647,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     def _take_outgoing(self) -> bytes:
         """Everything OpenSSL has written, emptying the outgoing BIO."""
-        parts: list[bytes] = []
+        parts = self._take_outgoing_parts()
+        if not parts:
+            return b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _take_outgoing_parts(self) -> list[bytes]:
+        """``_take_outgoing`` as the pieces it was taken out in (one
+        ``writev``, no join)."""
+        parts = self._out_parts or []  # records _write_some took out already
+        self._out_parts = None
         while True:
             try:
                 chunk = self._conn.bio_read(_BIO_READ_SIZE)
@@ -559,18 +669,19 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 # for: less means it is empty now (no second read, no
                 # exception per record batch).
                 break
-        if not parts:
-            return b""
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return parts
 
-    async def _transport_send(self, data: bytes) -> bool:
-        """Send all of ``data`` on the transport; True when it had to wait."""
+    async def _transport_send(self, parts: list[bytes]) -> bool:
+        """Send all of ``parts``, in order, on the transport; True when it had
+        to wait."""
         sock = self._socket
         if sock is None:
-            await self.transport_stream.send_all(data)
+            await self.transport_stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
             return True
+        if len(parts) > 1:
+            return await self._transport_writev(sock, parts)
         waited = False
-        view = memoryview(data)
+        view = memoryview(parts[0])
         while view:
             fd = sock.fileno()
             if fd < 0:
@@ -586,6 +697,37 @@ class TLSStream(trio.abc.HalfCloseableStream):
             view = view[n:]
         return waited
 
+    async def _transport_writev(self, sock: trio.socket.SocketType, parts: list[bytes]) -> bool:
+        """``_transport_send`` of several pieces with ``writev``: the records
+        ``_write_some`` took out slice by slice go out without being joined."""
+        waited = False
+        views = [memoryview(part) for part in parts]
+        left = sum(map(len, parts))
+        while left:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the transport is closed")
+            try:
+                n = os.writev(fd, views)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(fd)
+                waited = True
+                continue
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"transport send failed: {exc}") from exc
+            left -= n
+            if not left:
+                break
+            while n:  # drop what was written from the front
+                if n >= len(views[0]):
+                    n -= len(views.pop(0))
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+            while views and not views[0]:
+                views.pop(0)
+        return waited
+
     async def _transport_receive(self) -> bool:
         """Read once from the transport into the incoming BIO (end of stream:
         ``bio_shutdown``); True when it had to wait."""
@@ -594,7 +736,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
             data = await self.transport_stream.receive_some(_TRANSPORT_READ_SIZE)
             self._last_fed = len(data)
             if data:
-                self._conn.bio_write(data)
+                self._unfed = memoryview(data)
+                self._feed_unfed()
             else:
                 self._conn.bio_shutdown()
             return True
@@ -624,11 +767,38 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(f"transport receive failed: {exc}") from exc
             break
         self._last_fed = n
-        if n:
+        if n > _BIO_SLICE:
+            self._unfed = _SCRATCH_VIEW[:n]  # kept only until the next await
+            self._feed_unfed()
+        elif n:
             self._conn.bio_write(_SCRATCH_VIEW[:n])
+            self._fed_left += n
         else:
             self._conn.bio_shutdown()
         return waited
+
+    def _feed_unfed(self) -> bool:
+        """Give OpenSSL the next slice of the ciphertext read and not yet fed;
+        False when there was none."""
+        view = self._unfed
+        if view is None:
+            return False
+        if len(view) > _BIO_SLICE:
+            self._conn.bio_write(view[:_BIO_SLICE])
+            self._unfed = view[_BIO_SLICE:]
+            self._fed_left += _BIO_SLICE
+        else:
+            self._conn.bio_write(view)
+            self._unfed = None
+            self._fed_left += len(view)
+        return True
+
+    def _keep_unfed(self) -> None:
+        """Copy what is left unfed out of _SCRATCH, which the next transport
+        read (of any stream) overwrites: before every await."""
+        view = self._unfed
+        if view is not None and view.obj is _SCRATCH:
+            self._unfed = memoryview(bytes(view))
 
     async def _flush_after_error(self) -> None:
         """Deliver an alert OpenSSL queued before failing, if we can, quickly."""
@@ -644,7 +814,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         with trio.move_on_after(self._close_timeout):
             async with self._send_lock:
                 with contextlib.suppress(*_TRANSPORT_GONE):
-                    await self._transport_send(data)
+                    await self._transport_send([data])
 
     async def _fail(self, exc: SSL.Error) -> TLSError:
         self._state = _State.BROKEN
@@ -685,24 +855,27 @@ class TLSStream(trio.abc.HalfCloseableStream):
             except SSL.WantReadError:
                 want_read = True
             except SSL.Error as exc:
+                self._keep_unfed()
                 raise await self._fail(exc) from exc
             else:
                 finished = True
+            finally:
+                if self._unfed is not None:
+                    self._keep_unfed()
             # Every path drains the outgoing BIO right after calling OpenSSL,
             # with no await in between, except a relay read that returned
             # data: the outgoing BIO is then checked every _LAZY_READS reads
             # only (see "Data path" in the module docstring).
+            to_send: list[bytes] = []
             if not called_openssl:
-                to_send = b""
+                pass
             elif lazy_reads and finished and ret and self._last_fed <= _LAZY_FED_MAX:
                 self._lazy_reads += 1
                 if self._lazy_reads >= _LAZY_READS:
                     self._lazy_reads = 0
-                    to_send = self._take_outgoing()
-                else:
-                    to_send = b""
+                    to_send = self._take_outgoing_parts()
             else:
-                to_send = self._take_outgoing()
+                to_send = self._take_outgoing_parts()
             if (
                 is_handshake
                 and finished
@@ -711,14 +884,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
             ):
                 # Hold back the TLS 1.3 server's session tickets (see theory).
                 if to_send:
-                    self._delayed_outgoing = to_send
-                to_send = b""
+                    self._delayed_outgoing = b"".join(to_send)
+                to_send = []
             if to_send:
                 try:
                     await self._send_lock.acquire()
                     try:
                         if self._delayed_outgoing is not None:
-                            to_send = self._delayed_outgoing + to_send
+                            to_send = [self._delayed_outgoing, *to_send]
                             self._delayed_outgoing = None
                         if await self._transport_send(to_send):
                             yielded = True
@@ -729,6 +902,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     # queueing for the lock) or partly sent: no way back.
                     self._state = _State.BROKEN
                     raise
+            elif want_read and self._unfed is not None:
+                # Ciphertext already read and not yet given to OpenSSL: feed
+                # it before reading the transport again.
+                self._feed_unfed()
+                self._drained = False
             elif want_read:
                 recv_count = self._recv_count
                 await self._recv_lock.acquire()
@@ -757,7 +935,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """
         self._check_status()
         if self._handshake_started:
-            await self._handshake_done.wait()
+            if self._handshake_finished:
+                await trio.lowlevel.checkpoint()
+            else:
+                if self._handshake_waiters is None:
+                    self._handshake_waiters = trio.Event()
+                await self._handshake_waiters.wait()
             self._check_status()
             return
         self._handshake_started = True
@@ -775,8 +958,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._state = _State.BROKEN
             raise
         finally:
+            self._handshake_finished = True
+            # The verdict stays; the judgement (its own copy of the walked path,
+            # per connection) goes now rather than with the connection.
+            judgement = _JUDGEMENTS.pop(self._conn, None)
+            self._verdict = judgement.verdict if judgement is not None else None
             # Wake any waiter, success or not; they re-check the state.
-            self._handshake_done.set()
+            if self._handshake_waiters is not None:
+                self._handshake_waiters.set()
+                self._handshake_waiters = None
 
     def _verify_hostname(self) -> None:
         from service_identity import VerificationError
@@ -812,7 +1002,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         _HOSTNAME_MATCHES[key] = None
 
     async def _ensure_handshake(self) -> None:
-        if not self._handshake_done.is_set():
+        if not self._handshake_finished:
             await self.do_handshake()
         self._check_status()
 
@@ -820,7 +1010,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
     # Receiving
 
     def _read_plain(self, max_bytes: int) -> bytes:
-        """Decrypt up to ``max_bytes``: every complete record already buffered.
+        """Decrypt up to ``max_bytes``: every complete record already buffered,
+        and the rest of the last transport read, fed slice by slice.
 
         Returns b"" once the peer's close_notify has been read.
         """
@@ -831,28 +1022,25 @@ class TLSStream(trio.abc.HalfCloseableStream):
             raise exc
         if self._drained:
             raise _NeedBytes
-        try:
-            first = self._conn.recv(min(max_bytes, _RECORD_PLAINTEXT))
-        except SSL.ZeroReturnError:
-            self._eof_received = True
-            return b""
-        except SSL.WantReadError:
-            self._drained = True
-            raise
-        got = len(first)
-        if got >= max_bytes:
-            return first
-        chunks = [first]
+        chunks: list[bytes] = []
+        got = 0
         while got < max_bytes:
             try:
                 more = self._conn.recv(min(max_bytes - got, _RECORD_PLAINTEXT))
             except SSL.WantReadError:
+                self._fed_left = 0  # the incoming BIO is empty
+                if self._unfed is not None and self._feed_unfed():
+                    continue
                 self._drained = True
+                if not chunks:
+                    raise
                 break
             except SSL.ZeroReturnError:
                 self._eof_received = True
                 break
             except SSL.Error as exc:
+                if not chunks:
+                    raise
                 # Hand back what we have and raise this on the next call: a
                 # second recv() would not repeat OpenSSL's reason (it reports
                 # an empty error), and the reason (an alert, a bad record MAC,
@@ -861,6 +1049,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 break
             chunks.append(more)
             got += len(more)
+            if self._unfed is not None:
+                self._fed_left -= len(more) + _RECORD_OVERHEAD
+                if self._fed_left < _ONE_RECORD:
+                    self._feed_unfed()
+        if len(chunks) == 1:
+            return chunks[0]
         return b"".join(chunks)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
@@ -895,6 +1089,33 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 self._remember_session()
             return data
 
+    def relay_idle_fd(self) -> int:
+        """The descriptor a relay should wait on (readable) before its next
+        ``relay_receive``, or -1 to call it at once.
+
+        When OpenSSL holds no complete record, nothing came in since and the
+        last transport read emptied the socket, ``relay_receive`` would only
+        wait for the socket, five coroutine frames deep; an idle connection's
+        parked stacks were a good part of its Python memory. A relay waits in
+        its own frame instead, and the read after it goes straight to the
+        socket (no second wait). Cancelled meanwhile, nothing was consumed.
+        """
+        sock = self._socket
+        if (
+            sock is None
+            or not self._drained
+            or self._state is not _State.OK
+            or not self._handshake_ok
+            or self._eof_received
+            or self._deferred_error is not None
+            or self._unfed is not None
+            or self._recv_lock.locked()
+            or not 0 < self._last_fed < _TRANSPORT_READ_SIZE
+        ):
+            return -1
+        self._last_fed = 0  # the caller waits for readability: read at once after it
+        return sock.fileno()
+
     def _remember_session(self) -> None:
         cache, self._session_cache = self._session_cache, None
         session = self._conn.get_session()
@@ -917,11 +1138,20 @@ class TLSStream(trio.abc.HalfCloseableStream):
         view = self._write_view
         assert view is not None
         budget = _WRITE_CHUNK
+        pending = 0  # plaintext encrypted since the outgoing BIO was drained
         while view and budget > 0:
             n = self._conn.send(view[: min(len(view), budget)])
             view = view[n:]
             budget -= n
             self._write_view = view
+            pending += n
+            if pending >= _BIO_SLICE and view and budget > 0:
+                # More records follow in this batch: take these out now, so
+                # the BIO never grows past about one slice (see _BIO_SLICE).
+                if self._out_parts is None:
+                    self._out_parts = []
+                self._out_parts.append(self._conn.bio_read(_BIO_READ_SIZE))
+                pending = 0
         return not view
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -989,7 +1219,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             return
         graceful = (
             self._state is _State.OK
-            and self._handshake_done.is_set()
+            and self._handshake_finished
             and not self._eof_sent
             and not self._send_lock.locked()
         )
@@ -1004,7 +1234,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     self._delayed_outgoing = None
                     if data:
                         async with self._send_lock:
-                            await self._transport_send(data)
+                            await self._transport_send([data])
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, SSL.Error):
             pass
         finally:
@@ -1035,7 +1265,9 @@ class _Gate:
 
     def __init__(self) -> None:
         self._held = False
-        self._lot = trio.lowlevel.ParkingLot()
+        # Made at the first contention: four gates per relayed connection, and
+        # most are never contended (an empty ParkingLot is ~0.5 KiB).
+        self._lot: trio.lowlevel.ParkingLot | None = None
 
     def locked(self) -> bool:
         return self._held
@@ -1044,10 +1276,12 @@ class _Gate:
         if not self._held:
             self._held = True
             return
+        if self._lot is None:
+            self._lot = trio.lowlevel.ParkingLot()
         await self._lot.park()  # release() handed the gate over to us
 
     def release(self) -> None:
-        if self._lot:
+        if self._lot:  # None or empty: nobody waits
             self._lot.unpark(count=1)
         else:
             self._held = False
