@@ -13,13 +13,18 @@ more than `max_message_bytes` of one message; rewrite a relayed message (a
 Theory of operation
 -------------------
 `SipFramer` works like h11: the caller `feed()`s whatever arrived and then
-pulls events with `next_event()` until it returns `NEED_DATA`. Bytes live in
-one bytearray; the framer keeps an offset to the start of the current message
-instead of deleting consumed bytes message by message, and compacts once per
-`NEED_DATA`, so a chunk holding ten messages costs one memmove, not ten. The
-search for the blank line that ends the head resumes where the previous
-search stopped, so a head arriving one byte per TLS record is scanned once.
-Each message costs one copy (its `raw` bytes) plus the decoding of its head.
+pulls events with `next_event()` until it returns `NEED_DATA`, or takes them
+all at once with `events()` (the same framing, one call per read). A read fed
+while nothing is held is kept as the caller's `bytes` object, uncopied, and a
+message is a slice of it (the whole read when it holds one message); only a
+message that straddles reads is gathered in a bytearray. The framer keeps an
+offset to the start of the current message instead of deleting consumed
+bytes message by message, and compacts once per `NEED_DATA`. The search for
+the blank line that ends the head resumes where the previous search stopped,
+so a head arriving one byte per TLS record is scanned once. A head is decoded
+once and, in the usual case, checked by one regex (`_parse_head_fast`); what
+that path does not vouch for is decided by the strict one (`_parse_head`),
+which names the problem.
 
 Framing rules, and why they are strict:
 - Lines end with CRLF only. A bare CR or LF in a head is `sip_malformed`:
