@@ -143,18 +143,24 @@ async def relay_sip_listener(
     # The partner's domains in the current snapshot, not the admitting one: a
     # reload that takes a domain away applies to the next request.
     domains = _LiveDomains(current, listener, who.partner or "")
-    # Children by (direction, result): a labels() lookup per message would
-    # cost more than framing it (bounded: two directions, four results).
+    # Children by (direction, result), each bound on first use: a labels()
+    # lookup per message would cost more than framing it (bounded: two
+    # directions, four results). Relayed messages are counted once per read.
     counters: dict[tuple[str, str], Any] = {}
 
+    def counter(direction: str, result: str) -> Any:
+        found = counters.get((direction, result))
+        if found is None:
+            label = "from_partner" if direction == "inbound" else "to_partner"
+            found = metrics.sip_messages.labels(listener.name, who.label, label, result)
+            counters[(direction, result)] = found
+        return found
+
+    def on_relayed(direction: str, count: int) -> None:
+        counter(direction, "relayed").inc(count)
+
     def on_message(result: SipMessageResult) -> None:
-        key = (result.direction, result.result)
-        counter = counters.get(key)
-        if counter is None:
-            direction = "from_partner" if result.direction == "inbound" else "to_partner"
-            counter = metrics.sip_messages.labels(listener.name, who.label, direction, key[1])
-            counters[key] = counter
-        counter.inc()
+        counter(result.direction, result.result).inc()
 
     def on_rejected(rej: SipRejection) -> None:
         detail = rej.detail
@@ -182,6 +188,7 @@ async def relay_sip_listener(
         max_headers=snapshot.config.sip.max_headers,
         on_message=on_message,
         on_rejected=on_rejected,
+        on_relayed=on_relayed,
         on_bytes_from_partner=on_bytes_from_partner,
         on_bytes_to_partner=on_bytes_to_partner,
         control=control,

@@ -39,7 +39,6 @@ from edge.core.sip import (
     Head,
     KeepAlive,
     Message,
-    NeedData,
     SipFramer,
     build_response,
     check_request,
@@ -125,6 +124,7 @@ async def relay_sip(
     max_headers: int = DEFAULT_MAX_HEADERS,
     on_message: Callable[[SipMessageResult], None] | None = None,
     on_rejected: Callable[[SipRejection], None] | None = None,
+    on_relayed: Callable[[Direction, int], None] | None = None,
     receive_size: int = RECEIVE_SIZE,
     on_bytes_from_partner: Callable[[int], None] | None = None,
     on_bytes_to_partner: Callable[[int], None] | None = None,
@@ -139,6 +139,10 @@ async def relay_sip(
     (still framed and bounded). Domains must be normalized (lowercase, no
     trailing dot), as `PartnerPolicy.domains` are. `on_bytes_*`: called with
     each relayed batch's size (the edge's own answers are not counted).
+    `on_message` gets every message's result; with `on_relayed`, relayed
+    messages are counted instead, once per read: `on_relayed(direction, n)`
+    (a metric then costs one call per read, not one per message), and
+    `on_message` gets only the refused ones.
     `control.stop(end, detail)` ends the relay from outside (a partner whose
     trust a reload withdrew) with that `end`.
     """
@@ -175,6 +179,7 @@ async def relay_sip(
     # frozen): no allocation and no sanitizing per relayed message. Bounded,
     # as methods come from the peer.
     results: dict[tuple[str, str, str | None], SipMessageResult] = {}
+    per_message = on_message is not None and on_relayed is None
 
     def report(direction: Direction, result: str, head: Head | None) -> None:
         if on_message is None:
@@ -245,32 +250,39 @@ async def relay_sip(
             batch: list[bytes] = []
             whole = fresh  # every byte of `data` relayed, in order, so far
             failed: FramingError | None = None
-            for _ in range(framer.buffered + 1):  # each event consumes >= 1 byte, or ends
-                event = framer.next_event()
-                if isinstance(event, NeedData):
-                    break
-                if isinstance(event, KeepAlive):
+            relayed = 0
+            for event in framer.events():
+                if isinstance(event, Message):
+                    verdict = (
+                        check_request(event, domains)
+                        if domains is not None and event.head.method is not None
+                        else None
+                    )
+                    if verdict is None:
+                        batch.append(event.raw)
+                        relayed += 1
+                        if per_message:
+                            report(direction, "relayed", event.head)
+                        continue
+                    whole = False
+                    if relayed and on_relayed is not None:
+                        on_relayed(direction, relayed)  # counted before sent, as below
+                    relayed = 0
+                    if batch and not await send(dst_name, b"".join(batch), scope):
+                        return
+                    batch = []
+                    reason, offending = verdict
+                    answer = build_response(event, _STATUS_FOR[reason], reason.value)
+                    if answer is not None and not await send(src_name, answer, scope):
+                        return
+                    status = _STATUS_FOR[reason] if answer is not None else None
+                    reject(direction, reason, event.head, offending, status)
+                elif isinstance(event, KeepAlive):
                     batch.append(event.raw)
-                    continue
-                if isinstance(event, FramingError):
+                else:
                     failed = event
-                    break
-                assert isinstance(event, Message)
-                verdict = check_request(event, domains) if domains is not None else None
-                if verdict is None:
-                    batch.append(event.raw)
-                    report(direction, "relayed", event.head)
-                    continue
-                whole = False
-                if batch and not await send(dst_name, b"".join(batch), scope):
-                    return
-                batch = []
-                reason, offending = verdict
-                answer = build_response(event, _STATUS_FOR[reason], reason.value)
-                if answer is not None and not await send(src_name, answer, scope):
-                    return
-                status = _STATUS_FOR[reason] if answer is not None else None
-                reject(direction, reason, event.head, offending, status)
+            if relayed and on_relayed is not None:
+                on_relayed(direction, relayed)
             if batch:
                 payload = (
                     data if whole and not framer.buffered and failed is None else b"".join(batch)

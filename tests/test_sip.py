@@ -595,3 +595,112 @@ def test_non_ascii_heads_are_read_case_insensitively() -> None:
     assert check_request(msg, ("contoso.com",)) is None
     answer = build_response(msg, 403, Reason.SIP_DOMAIN_MISMATCH)
     assert answer is not None and '"J\u00fcrgen \u0130"'.encode() in answer
+
+
+# --- the fast paths decide as the strict ones ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "OPTIONS sip:x SIP/2.0\r\nX: a\rb\r\nl: 0\r\n",  # bare CR in a value
+        "OPTIONS sip:x SIP/2.0\r\nX: ab\r\r\nl: 0\r\n",  # bare CR before the CRLF
+        "OPTIONS sip:x SIP/2.0\r\nX: a\nb\r\nl: 0\r\n",  # bare LF in a value
+        "OPTIONS sip:x SIP/2.0\r\nX: a\r\n\nl: 0\r\n",  # bare LF starting a line
+        "OPTIONS sip:x\r SIP/2.0\r\nl: 0\r\n",  # bare CR in the start line
+        "SIP/2.0 200 O\rK\r\nl: 0\r\n",  # bare CR in the reason phrase
+        "OPTIONS sip:x SIP/2.0\r\n folded: first\r\nl: 0\r\n",
+        "OPTIONS sip:x SIP/2.0\r\nNo colon\r\nl: 0\r\n",
+        "OPTIONS sip:x SIP/2.0\r\n: empty name\r\nl: 0\r\n",
+        "OPTIONS sip:x SIP/2.0\r\nl: 0\r\nContent-Length: 0\r\n",  # two lengths
+        "OPTIONS sip:x SIP/2.0\r\nl: 0\r\n 1\r\n",  # a folded length
+        "OPTIONS sip:x SIP/2.0\r\nl: 00000000000\r\n",  # 11 digits: the strict path
+        "OPTIONS sip:x SIP/2.0\r\nl: \u0661\r\n",  # a non-ASCII digit
+        "OPTIONS sip:\u00e9 SIP/2.0\r\nl: 0\r\n",  # not ASCII: the strict path
+        "OPTIONS  sip:x SIP/2.0\r\nl: 0\r\n",
+        "SIP/2.0 099 Low\r\nl: 0\r\n",
+    ],
+)
+def test_fast_head_parse_leaves_the_unusual_to_the_strict_one(text: str) -> None:
+    from edge.core.sip_framing import _parse_head_fast
+
+    assert _parse_head_fast(text, 200) is None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    message=valid_message(),
+    edits=st.lists(
+        st.tuples(
+            st.integers(0, 10_000),
+            st.integers(0, 3),
+            st.sampled_from([b"\r", b"\n", b"\r\n", b" ", b"\t", b":", b"\xc3\xa9", b"x", b""]),
+        ),
+        max_size=4,
+    ),
+    max_headers=st.integers(1, 8),
+)
+def test_fast_head_parse_agrees_with_the_strict_one(
+    message: bytes, edits: list[tuple[int, int, bytes]], max_headers: int
+) -> None:
+    """`_parse_head_fast` only ever answers what `_parse_head` answers (or defers to it)."""
+    from edge.core.sip_framing import _HeadProblem, _parse_head, _parse_head_fast
+
+    head = bytearray(message[: message.find(b"\r\n\r\n") + 2])
+    for at, drop, insert in edits:
+        at %= len(head) + 1
+        head[at : at + drop] = insert
+    text = bytes(head).decode("utf-8", "surrogateescape")
+    fast = _parse_head_fast(text, max_headers)
+    if fast is None:
+        return
+    strict = _parse_head(text[:-2], max_headers)
+    assert not isinstance(strict, _HeadProblem), (text, strict)
+    pairs = text.count("\r\n")
+    assert text.count("\r") == pairs and text.count("\n") == pairs  # no bare CR or LF
+    (fast_head, fast_length), (strict_head, strict_length) = fast, strict
+    assert fast_length == strict_length
+    assert (fast_head.start_line, fast_head.method, fast_head.request_uri) == (
+        strict_head.start_line,
+        strict_head.method,
+        strict_head.request_uri,
+    )
+    assert (fast_head.status_code, fast_head.reason_phrase) == (
+        strict_head.status_code,
+        strict_head.reason_phrase,
+    )
+    assert list(fast_head.headers) == list(strict_head.headers)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    identity=st.lists(
+        st.tuples(
+            st.sampled_from(["From", "f", "FROM", "P-Asserted-Identity", "p-asserted-identity"]),
+            st.sampled_from(
+                [
+                    "<sip:a@Contoso.COM>;tag=1",
+                    '"A, B" <sips:x@SIP.contoso.com.:5061>',
+                    "sip:a@fabrikam.com;tag=2",
+                    "<tel:+1555>",
+                    "<TEL:7042;Phone-Context=CONTOSO.com>",
+                    "<sip:a@[2001:DB8::1]>",
+                    '"Q\\"<" <sip:q@contoso.com>',
+                    "<sip:a@contoso.com>, <tel:+1>",
+                    "<sip:a@contoso.com\r\n  >",
+                    "<mailto:a@contoso.com>",
+                    "",
+                ]
+            ),
+        ),
+        max_size=4,
+    )
+)
+def test_guard_reads_ascii_and_non_ascii_heads_alike(identity: list[tuple[str, str]]) -> None:
+    """check_request reads an ASCII head from its lowercased block, any other head
+    through `Headers.get_all`: both give the same verdict for the same identities."""
+    lines = [f"{name}: {value}" for name, value in identity]
+    ascii_msg = request(*lines)
+    other = request(*lines, "Subject: \u00e9t\u00e9")  # not ASCII: the other path
+    assert ascii_msg.headers.lowered() and not other.headers.lowered()
+    assert check_request(ascii_msg, DOMAINS) == check_request(other, DOMAINS)

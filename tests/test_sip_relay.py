@@ -60,6 +60,7 @@ class Edge:
     pool: TLSStream  # the pool's end (a server)
     messages: list[SipMessageResult] = field(default_factory=list)
     rejections: list[SipRejection] = field(default_factory=list)
+    relayed: list[tuple[str, int]] = field(default_factory=list)
     end: SipRelayEnd | None = None
     done: trio.Event = field(default_factory=trio.Event)
 
@@ -72,6 +73,7 @@ async def edge(
     max_headers: int = 200,
     pool_domains: tuple[str, ...] | None = None,
     idle_timeout_s: float = 30.0,
+    count_relayed: bool = False,
 ) -> AsyncIterator[Edge]:
     edge_partner_side, partner = await tls_pair(tls_pki)
     pool, edge_pool_side = await tls_pair(tls_pki)
@@ -89,6 +91,7 @@ async def edge(
                 max_headers=max_headers,
                 on_message=box.messages.append,
                 on_rejected=box.rejections.append,
+                on_relayed=(lambda d, n: box.relayed.append((d, n))) if count_relayed else None,
             )
         finally:
             await edge_partner_side.aclose()
@@ -209,6 +212,24 @@ async def test_two_messages_in_one_record_and_content_length_zero(tls_pki: TLSPK
         await e.partner.send_all(first + second)
         assert await receive_exactly(e.pool, len(first + second)) == first + second
     assert [m.method for m in e.messages] == ["MESSAGE", "OPTIONS"]
+
+
+async def test_relayed_messages_counted_once_per_read_with_on_relayed(tls_pki: TLSPKI) -> None:
+    first, second, forged = sip("MESSAGE"), sip("OPTIONS"), sip("MESSAGE", "contoso.com")
+    response = b"SIP/2.0 200 OK\r\n" + first.split(b"\r\n", 1)[1]
+    async with edge(tls_pki, count_relayed=True) as e:
+        await e.partner.send_all(first + second + b"\r\n\r\n")  # one record: one count of 2
+        assert (
+            await receive_exactly(e.pool, len(first + second) + 4) == first + second + b"\r\n\r\n"
+        )
+        await e.partner.send_all(forged + first)  # the refusal still reported on its own
+        (answer,) = await read_messages(e.partner, 1)
+        assert await receive_exactly(e.pool, len(first)) == first
+        await e.pool.send_all(response)
+        assert await receive_exactly(e.partner, len(response)) == response
+    assert isinstance(answer, Message) and answer.head.status_code == 403
+    assert e.relayed == [("inbound", 2), ("inbound", 1), ("outbound", 1)]
+    assert [(m.direction, m.result) for m in e.messages] == [("inbound", "sip_domain_mismatch")]
 
 
 async def test_keepalives_pass_through_both_ways(tls_pki: TLSPKI) -> None:

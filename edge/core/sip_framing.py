@@ -13,13 +13,18 @@ more than `max_message_bytes` of one message; rewrite a relayed message (a
 Theory of operation
 -------------------
 `SipFramer` works like h11: the caller `feed()`s whatever arrived and then
-pulls events with `next_event()` until it returns `NEED_DATA`. Bytes live in
-one bytearray; the framer keeps an offset to the start of the current message
-instead of deleting consumed bytes message by message, and compacts once per
-`NEED_DATA`, so a chunk holding ten messages costs one memmove, not ten. The
-search for the blank line that ends the head resumes where the previous
-search stopped, so a head arriving one byte per TLS record is scanned once.
-Each message costs one copy (its `raw` bytes) plus the decoding of its head.
+pulls events with `next_event()` until it returns `NEED_DATA`, or takes them
+all at once with `events()` (the same framing, one call per read). A read fed
+while nothing is held is kept as the caller's `bytes` object, uncopied, and a
+message is a slice of it (the whole read when it holds one message); only a
+message that straddles reads is gathered in a bytearray. The framer keeps an
+offset to the start of the current message instead of deleting consumed
+bytes message by message, and compacts once per `NEED_DATA`. The search for
+the blank line that ends the head resumes where the previous search stopped,
+so a head arriving one byte per TLS record is scanned once. A head is decoded
+once and, in the usual case, checked by one regex (`_parse_head_fast`); what
+that path does not vouch for is decided by the strict one (`_parse_head`),
+which names the problem.
 
 Framing rules, and why they are strict:
 - Lines end with CRLF only. A bare CR or LF in a head is `sip_malformed`:
@@ -128,7 +133,9 @@ class SipFramer:
             raise ValueError("max_message_bytes must be >= 64 and max_headers >= 1")
         self.max_message_bytes = max_message_bytes
         self.max_headers = max_headers
-        self._buf = bytearray()
+        # What was fed and not yet consumed: the caller's bytes object when a
+        # read starts clean (no copy), a bytearray once a message straddles reads.
+        self._buf: bytes | bytearray = b""
         self._start = 0  # offset of the current message in _buf
         self._scan = 0  # where the search for CRLFCRLF resumes
         self._pending: tuple[Head, int, int] | None = None  # head, body offset, total length
@@ -144,46 +151,89 @@ class SipFramer:
         return self._error
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._error is None:
-            self._buf += data
+        if self._error is not None:
+            return
+        if self._start == len(self._buf):
+            # Nothing held: keep the caller's bytes as they are (no copy), so
+            # a message that fills the read is the read itself (`_take`).
+            self._buf = data if type(data) is bytes else bytes(data)
+            self._start = self._scan = 0
+            return
+        if type(self._buf) is bytes:
+            self._buf = bytearray(self._buf)
+        self._buf += data
 
     def next_event(self) -> Event:
         if self._error is not None:
             return self._error
         event = self._next()
-        if event is NEED_DATA:
-            # Compact once per NEED_DATA rather than once per message.
-            if self._start:
-                del self._buf[: self._start]
-                self._scan -= self._start
-                self._start = 0
-        elif isinstance(event, FramingError):
-            self._error = event
-            self._buf = bytearray()
-            self._start = self._scan = 0
+        if event is None:
+            self._compact()
+            return NEED_DATA
+        if type(event) is FramingError:
+            self._failed(event)
         return event
+
+    def events(self) -> list[Message | KeepAlive | FramingError]:
+        """What `next_event` would return until `NEED_DATA`, as one list.
+
+        The same framing (both call `_next`), one call per read instead of
+        one per message; a `FramingError` is the last item, and sticky.
+        """
+        if self._error is not None:
+            return [self._error]
+        out: list[Message | KeepAlive | FramingError] = []
+        for _ in range(len(self._buf) - self._start + 1):  # each event consumes >= 1 byte
+            event = self._next()
+            if event is None:
+                break
+            out.append(event)
+            if type(event) is FramingError:
+                self._failed(event)
+                return out
+        self._compact()
+        return out
+
+    def _compact(self) -> None:
+        # Once per NEED_DATA rather than once per message.
+        start = self._start
+        if start:
+            buf = self._buf
+            if isinstance(buf, bytearray):
+                del buf[:start]
+            else:
+                self._buf = buf[start:]
+            self._scan -= start
+            self._start = 0
+
+    def _failed(self, error: FramingError) -> None:
+        self._error = error
+        self._buf = b""
+        self._start = self._scan = 0
 
     def _take(self, end: int) -> bytes:
         buf = self._buf
-        if self._start == 0 and end == len(buf):
-            raw = bytes(buf)  # the usual case: one read held exactly one message
+        if type(buf) is bytes:
+            # A slice of the bytes fed; the whole of them is the same object.
+            raw = buf[self._start : end]
         else:
             with memoryview(buf) as view:
                 raw = view[self._start : end].tobytes()
         self._start = self._scan = end
         return raw
 
-    def _next(self) -> Event:
+    def _next(self) -> Message | KeepAlive | FramingError | None:
+        """The next event, or None for NEED_DATA (the one framing of both APIs)."""
         buf = self._buf
         start = self._start
         if self._pending is not None:
             head, body_offset, total = self._pending
             if len(buf) - start < total:
-                return NEED_DATA
+                return None
             self._pending = None
             return Message(self._take(start + total), head, body_offset)
         if len(buf) == start:
-            return NEED_DATA
+            return None
         if buf[start] == 0x0D:  # CR: a keep-alive run, or the start of one
             end = start
             while buf.startswith(b"\r\n", end):
@@ -191,7 +241,7 @@ class SipFramer:
             if end > start:
                 return KeepAlive(self._take(end))
             if len(buf) - start < 2:
-                return NEED_DATA
+                return None
             return self._fail(Reason.SIP_MALFORMED, "a bare CR between messages", None, 400)
         limit = start + self.max_message_bytes
         found = buf.find(b"\r\n\r\n", max(self._scan, start), limit)
@@ -204,28 +254,34 @@ class SipFramer:
                     513,
                 )
             self._scan = max(start, len(buf) - 3)
-            return NEED_DATA
+            return None
         return self._frame_head(start, found)
 
-    def _frame_head(self, start: int, found: int) -> Event:
+    def _frame_head(self, start: int, found: int) -> Message | FramingError | None:
         buf = self._buf
         head_end = found + 4
-        # A CR or LF outside a CRLF pair: fail closed (see module docstring).
-        pairs = buf.count(b"\r\n", start, found)
-        if buf.count(b"\r", start, found) != pairs or buf.count(b"\n", start, found) != pairs:
-            return self._fail(
-                Reason.SIP_MALFORMED,
-                "a bare CR or LF in the headers",
-                self._best_effort_head(start, found),
-                400,
-            )
-        # A slice copy of a head is cheaper than a memoryview export and release.
-        text = buf[start:found].decode("utf-8", "surrogateescape")
-        parsed = _parse_head(text, self.max_headers)
-        if isinstance(parsed, _HeadProblem):
-            status = 513 if parsed.reason is Reason.SIP_TOO_LARGE else 400
-            return self._fail(parsed.reason, parsed.detail, parsed.partial, status)
-        head, length = parsed
+        # The head with the CRLF of its last line: the usual head is read by
+        # one pass (`_parse_head_fast`); anything it does not vouch for takes
+        # the strict path below, which decides exactly as before it existed.
+        text = buf[start : found + 2].decode("utf-8", "surrogateescape")
+        fast = _parse_head_fast(text, self.max_headers)
+        if fast is not None:
+            head, length = fast
+        else:
+            # A CR or LF outside a CRLF pair: fail closed (see module docstring).
+            pairs = buf.count(b"\r\n", start, found)
+            if buf.count(b"\r", start, found) != pairs or buf.count(b"\n", start, found) != pairs:
+                return self._fail(
+                    Reason.SIP_MALFORMED,
+                    "a bare CR or LF in the headers",
+                    self._best_effort_head(start, found),
+                    400,
+                )
+            parsed = _parse_head(text[:-2], self.max_headers)
+            if isinstance(parsed, _HeadProblem):
+                status = 513 if parsed.reason is Reason.SIP_TOO_LARGE else 400
+                return self._fail(parsed.reason, parsed.detail, parsed.partial, status)
+            head, length = parsed
         total = head_end - start + length
         if total > self.max_message_bytes:
             return self._fail(
@@ -238,7 +294,7 @@ class SipFramer:
         if len(buf) - start < total:
             self._pending = (head, body_offset, total)
             self._scan = head_end
-            return NEED_DATA
+            return None
         return Message(self._take(start + total), head, body_offset)
 
     def _best_effort_head(self, start: int, end: int) -> Head | None:
@@ -272,6 +328,58 @@ def _parse_start_line(line: str) -> tuple[str | None, str | None, int | None, st
     if request is None:
         return None
     return request.group(1), request.group(2), None, None
+
+
+# The fast path's head in one regex: a start line of either form, then
+# header lines that are each `token [WSP] :` or a continuation, each ending
+# CRLF. It is `_REQUEST_LINE`, `_STATUS_LINE` and `_BLOCK`, with a line's
+# `[^\r\n]*` (a set test per character) spelt `(?=[^\r]*+\r\n).*`: two
+# tight C loops, one stopping at the first CR (which must start a CRLF), one
+# at the first LF (which must end one), so no bare CR or LF can match.
+# Possessive repeats give nothing back: the scan stays linear.
+_TOKEN_CHAR = r"[A-Za-z0-9.!%*_+`'~-]"
+_LINE_REST = r"(?=[^\r]*+\r\n).*\r\n"
+_HEAD_FAST = re.compile(
+    rf"(?:({_TOKEN_CHAR}+) (\S+) [Ss][Ii][Pp]/2\.0"
+    r"|[Ss][Ii][Pp]/2\.0 ([1-6][0-9][0-9])(?: ([^\r\n]*))?)\r\n()"
+    rf"(?:{_TOKEN_CHAR}++[ \t]*+:{_LINE_REST}(?:[ \t]{_LINE_REST})*+)*+"
+)
+
+
+def _parse_head_fast(text: str, max_headers: int) -> tuple[Head, int] | None:
+    """The usual head in a few C calls, or None for the strict path to decide.
+
+    `text` is the head up to and including the CRLF of its last line. It
+    returns a result only where `_parse_head` would return the same one:
+    every CR and LF paired, a valid start line, every header line a field or
+    a continuation, at most `max_headers` fields, and one plain-digits
+    `Content-Length` in an ASCII head. Anything else (errors included)
+    returns None.
+    """
+    parsed = _HEAD_FAST.fullmatch(text)
+    if parsed is None or not text.isascii():
+        return None
+    block_at = parsed.end(5)
+    # A field line is at least 4 characters ("x:" CRLF): short blocks are
+    # within the bound without counting; others count lines (continuations
+    # included, so over-counting only sends a head to the strict path).
+    if (len(text) - block_at) // 4 > max_headers and text.count("\n") - 1 > max_headers:
+        return None
+    lower = text[block_at - 1 :].lower()  # "\n" + the block, as Headers keeps it
+    lengths = CONTENT_LENGTH.findall(lower)
+    if len(lengths) != 1:
+        return None
+    raw = lengths[0].rstrip(" \t")
+    if not raw.isdigit() or len(raw) > _MAX_LENGTH_DIGITS:
+        return None  # folded, not digits, or long (maybe zero-padded): strict path
+    headers = Headers(text[block_at:], lower)
+    method = parsed.group(1)
+    if method is not None:
+        head = Head(text[: block_at - 2], method, parsed.group(2), None, None, headers)
+    else:
+        status = int(parsed.group(3))
+        head = Head(text[: block_at - 2], None, None, status, parsed.group(4) or "", headers)
+    return head, int(raw)
 
 
 def _parse_head(

@@ -98,10 +98,12 @@ class Headers:
 
     __slots__ = ("_block", "_fields", "_lower")
 
-    def __init__(self, block: str) -> None:
+    def __init__(self, block: str, lower: str | None = None) -> None:
         self._block = block
         self._fields: tuple[tuple[str, str], ...] | None = None
-        self._lower: str | None = None  # "\n" + block, lowercased; "" if not ASCII
+        # "\n" + block, lowercased; "" if not ASCII. The framer passes it
+        # when it has made it already.
+        self._lower = lower
 
     @classmethod
     def from_fields(cls, fields: list[tuple[str, str]]) -> Headers:
@@ -187,7 +189,13 @@ def _lookup(name: str, *, ignore_case: bool = False) -> re.Pattern[str]:
     return pattern
 
 
-@dataclass(frozen=True, slots=True)
+# Head and Message are built once per relayed message, so they are plain
+# slotted dataclasses, not frozen ones: a frozen dataclass's __init__ calls
+# object.__setattr__ per field and costs four times as much (bench/README.md,
+# "sip_relay.py"). Nothing assigns to them after the framer builds them.
+
+
+@dataclass(slots=True)
 class Head:
     """A start line and its headers. Exactly one of `method` / `status_code` is set."""
 
@@ -203,7 +211,7 @@ class Head:
         return self.method is not None
 
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(slots=True, eq=False)
 class Message:
     """One whole SIP message: `raw` is every byte received for it, unchanged."""
 
@@ -237,8 +245,11 @@ def canonical_name(name: str) -> str:
     return COMPACT_FORMS.get(lower, lower)
 
 
-# Content-Length values of a lowercased block (the framer's fast path).
+# Content-Length values of a lowercased block (the framer's fast path), and
+# the guard's identities.
 CONTENT_LENGTH: Final = _lookup("content-length")
+_FROM_VALUES: Final = _lookup("from")
+_PAI_VALUES: Final = _lookup("p-asserted-identity")
 
 
 def split_values(value: str) -> list[str]:
@@ -278,7 +289,10 @@ def split_values(value: str) -> list[str]:
 # Up to the first '<' outside a quoted string (RFC 3261 quoted-pair escapes
 # inside). What it matches, the character loop below would find the same way;
 # whatever it does not match (addr-spec, unclosed quote) takes the loop.
-_NAME_ADDR_OPEN = re.compile(r'(?:[^"<]|"(?:[^"\\]|\\[\s\S])*")*<')
+# Possessive: runs are consumed whole and never given back (same matches as
+# one character per step, since no run or quoted string can end at a '<' in
+# another way), so the scan is linear and a C loop per run.
+_NAME_ADDR_OPEN = re.compile(r'(?:[^"<]++|"(?:[^"\\]++|\\[\s\S])*+")*+<')
 
 
 def _split_name_addr(value: str) -> tuple[str, str] | None:
@@ -430,14 +444,30 @@ def check_request(message: Message | Head, domains: Collection[str]) -> tuple[Re
     head = message.head if isinstance(message, Message) else message
     if head.method is None:
         return None
-    froms = head.headers.get_all("from")
+    headers = head.headers
+    lower = headers.lowered()
+    if lower:
+        # An ASCII head: the values are read from the lowercased block in one
+        # C call each. Lowercase changes no character these checks split on,
+        # and everything they compare (scheme, host, parameter names) is
+        # compared lowercased anyway, so the verdict is that of the original
+        # values (tests/test_sip.py checks both paths agree).
+        froms = _FROM_VALUES.findall(lower)
+        pai_fields = _PAI_VALUES.findall(lower) if "p-asserted-identity" in lower else []
+    else:
+        froms = headers.get_all("from")
+        pai_fields = headers.get_all("p-asserted-identity")
     if len(froms) != 1:
         return Reason.SIP_MALFORMED, NO_DOMAIN  # none, or two: which would the pool read?
-    uri = header_uri(froms[0])
+    value = froms[0]
+    # header_uri strips the value, so only a folded one needs _unfold here.
+    uri = header_uri(_unfold(value) if "\r\n" in value else value)
     host = uri_domain(uri)[1] if uri is not None else None
     if not _inside(host, domains):
         return Reason.SIP_DOMAIN_MISMATCH, host or NO_DOMAIN
-    pai = head.headers.values("p-asserted-identity")
+    if not pai_fields:
+        return None
+    pai = [part for field in pai_fields for part in split_values(_unfold(field))]
     if not pai:
         return None
     proved = False
