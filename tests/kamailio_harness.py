@@ -58,6 +58,27 @@ def free_port(kind: int) -> int:
     return port
 
 
+def tls_cfg(cert: Path, key: Path, ca_list: Path, server_name: str | None = None) -> str:
+    """Kamailio's tls.cfg: present `cert` on both sides; as a client, verify the
+    server against `ca_list` (and send `server_name` as SNI when given)."""
+    sni = f"server_name = {server_name}\n" if server_name else ""
+    return f"""[server:default]
+method = TLSv1.2+
+certificate = {cert}
+private_key = {key}
+verify_certificate = no
+require_certificate = no
+
+[client:default]
+method = TLSv1.2+
+certificate = {cert}
+private_key = {key}
+ca_list = {ca_list}
+verify_certificate = yes
+require_certificate = yes
+{sni}"""
+
+
 @dataclass
 class Kamailio:
     """A running Kamailio: its UDP port (requests in), TLS port, log file."""

@@ -23,7 +23,7 @@ import pytest
 import trio
 
 from tests.conftest import TLSPKI
-from tests.test_tls import split_chain
+from tests.test_tls import s_server_port, split_chain
 
 TIMEOUT = 20.0
 OPENSSL = shutil.which("openssl")
@@ -122,15 +122,7 @@ async def test_one_client_hello_to_a_server_without_ml_kem(tls_pki: TLSPKI, tmp_
             command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env
         )
         try:
-            port = None
-            for _ in range(500):  # at most ~5 s for s_server to listen
-                for line in out_file.read_text(errors="replace").splitlines():
-                    if line.startswith("ACCEPT 127.0.0.1:"):
-                        port = int(line.rsplit(":", 1)[1])
-                if port is not None:
-                    break
-                await trio.sleep(0.01)
-            assert port is not None, out_file.read_text(errors="replace")
+            port = await s_server_port(out_file)
             files = (tls_pki.root_file, tls_pki.client.chain_file, tls_pki.client.key_file)
             client = await trio.run_process(
                 [sys.executable, "-c", _CLIENT, str(port), *map(str, files)],

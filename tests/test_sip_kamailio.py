@@ -32,6 +32,7 @@ from tests.kamailio_harness import (
     missing,
     parse_datagram,
     running_kamailio,
+    tls_cfg,
 )
 from tests.test_sip_gateway import parse, rejections, start_sip_edge
 
@@ -52,25 +53,8 @@ def partner_proxy_script(folder: Path, pki: Pki, edge_port: int) -> str:
     cert, key = leaf.write(folder, "sip.fabrikam.com")
     edge_ca = folder / "edge-ca.pem"
     edge_ca.write_bytes(pki.edge_ca.cert_pem())
-    tls_cfg = folder / "tls.cfg"
-    tls_cfg.write_text(
-        f"""[server:default]
-method = TLSv1.2+
-certificate = {cert}
-private_key = {key}
-verify_certificate = no
-require_certificate = no
-
-[client:default]
-method = TLSv1.2+
-certificate = {cert}
-private_key = {key}
-ca_list = {edge_ca}
-verify_certificate = yes
-require_certificate = yes
-server_name = {EDGE_NAME}
-"""
-    )
+    tls_file = folder / "tls.cfg"
+    tls_file.write_text(tls_cfg(cert, key, edge_ca, EDGE_NAME))
     return f"""
 mpath="{KAMAILIO_MODULES}/"
 loadmodule "tls.so"
@@ -78,7 +62,7 @@ loadmodule "sl.so"
 loadmodule "tm.so"
 loadmodule "pv.so"
 loadmodule "xlog.so"
-modparam("tls", "config", "{tls_cfg}")
+modparam("tls", "config", "{tls_file}")
 
 request_route {{
     # Readiness probe: OPTIONS to Kamailio itself.

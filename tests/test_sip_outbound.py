@@ -32,6 +32,7 @@ from edge.outbound import Outbound, OutboundRejected, outbound_server_context
 from edge.pki import CA, Leaf
 from edge.sip_outbound import SipOutboundClosed, SipPartnerClosed, serve_outbound_sip
 from edge.tls import TLSStream, client_context, server_context
+from tests.kamailio_harness import KAMAILIO, KAMAILIO_MODULES, free_port, tls_cfg
 from tests.test_outbound import DnsServer, _refused_port
 
 EDGE_PUBLIC = "edge.adatum.example"
@@ -630,18 +631,6 @@ async def test_partner_connections_count_in_the_per_partner_limit(tmp_path: Path
 
 # --- a real SIP pool: Kamailio ----------------------------------------------------------
 
-KAMAILIO = shutil.which("kamailio") or "/usr/sbin/kamailio"
-KAMAILIO_MODULES = Path("/usr/lib/x86_64-linux-gnu/kamailio/modules")
-
-
-def _free_port(kind: int) -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
 
 def _kamailio_config(folder: Path, pki: Pki, edge_port: int) -> tuple[Path, int]:
     """A pool proxy: every request it receives on UDP goes to the edge over one TLS
@@ -649,24 +638,8 @@ def _kamailio_config(folder: Path, pki: Pki, edge_port: int) -> tuple[Path, int]
     cert, key = pki.member.write(folder, "member")
     roots = folder / "enterprise-root.pem"
     roots.write_bytes(pki.enterprise.cert_pem())
-    udp, tls = _free_port(2), _free_port(1)  # SOCK_DGRAM, SOCK_STREAM
-    (folder / "tls.cfg").write_text(
-        f"""[server:default]
-method = TLSv1.2+
-certificate = {cert}
-private_key = {key}
-verify_certificate = no
-require_certificate = no
-
-[client:default]
-method = TLSv1.2+
-certificate = {cert}
-private_key = {key}
-ca_list = {roots}
-verify_certificate = yes
-require_certificate = yes
-"""
-    )
+    udp, tls = free_port(2), free_port(1)  # SOCK_DGRAM, SOCK_STREAM
+    (folder / "tls.cfg").write_text(tls_cfg(cert, key, roots))
     cfg = folder / "kamailio.cfg"
     cfg.write_text(
         f"""#!KAMAILIO

@@ -1046,6 +1046,16 @@ async def test_resumed_session_still_checks_the_host_name(tls_pki: TLSPKI) -> No
 # Interop: openssl s_client / s_server subprocesses
 
 
+async def s_server_port(out_file: Path) -> int:
+    """The port `openssl s_server -accept 127.0.0.1:0` printed to `out_file`."""
+    for _ in range(500):  # at most ~5 s for s_server to listen
+        for line in out_file.read_text(errors="replace").splitlines():
+            if line.startswith("ACCEPT 127.0.0.1:"):
+                return int(line.rsplit(":", 1)[1])
+        await trio.sleep(0.01)
+    raise AssertionError(out_file.read_text(errors="replace"))
+
+
 def split_chain(identity: TLSIdentity, directory: Path) -> tuple[Path, Path]:
     """openssl(1) sends only the first certificate of -cert: the rest go in -cert_chain."""
     leaf_file = directory / f"{identity.chain_file.stem}-leaf.pem"
@@ -1160,15 +1170,7 @@ async def test_interop_our_client_against_openssl_s_server(
             stderr=subprocess.STDOUT,
         )
         try:
-            port = None
-            for _ in range(500):  # at most ~5 s for s_server to listen
-                for line in out_file.read_text(errors="replace").splitlines():
-                    if line.startswith("ACCEPT 127.0.0.1:"):
-                        port = int(line.rsplit(":", 1)[1])
-                if port is not None:
-                    break
-                await trio.sleep(0.01)
-            assert port is not None, out_file.read_text(errors="replace")
+            port = await s_server_port(out_file)
             transport = await trio.open_tcp_stream("127.0.0.1", port)
             client = TLSStream(
                 transport,
