@@ -108,7 +108,10 @@ class ServerTrust:
                 found,
                 (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
             )
-            if result.reason is Reason.INVALID_CHAIN and _server_name_problem(chain[0], wanted):
+            if (
+                result.reason is Reason.INVALID_CHAIN
+                and _server_name_problem(chain[0], wanted) is not None
+            ):
                 path = _verify_chain(store, chain, self._cache, when).path or tuple(chain)
             else:
                 assert result.reason is not None
@@ -122,18 +125,12 @@ class ServerTrust:
         if problem is not None:
             return _reject(Reason.BAD_PURPOSE, problem, chain=path)
         leaf = path[0]
-        try:
-            try:
-                ipaddress.ip_address(wanted)
-            except ValueError:
-                verify_certificate_hostname(leaf, wanted)
-            else:
-                verify_certificate_ip_address(leaf, wanted)
-        except (VerificationError, CertificateError, ValueError) as exc:
+        mismatch = _server_name_problem(leaf, wanted)
+        if mismatch is not None:
             return _reject(
                 Reason.NAME_MISMATCH,
                 f"server certificate {_subject(leaf)} is not valid for {name!r}: "
-                f"{_san_summary(leaf)} ({type(exc).__name__})",
+                f"{_san_summary(leaf)} ({mismatch})",
                 chain=path,
             )
         return _accept(f"{_subject(leaf)} valid for {wanted} via {_subject(path[-1])}", None, path)
@@ -163,7 +160,8 @@ def _pyca_server_path(
     return tuple(known.get(c, c) for c in verified)
 
 
-def _server_name_problem(leaf: x509.Certificate, wanted: str) -> bool:
+def _server_name_problem(leaf: x509.Certificate, wanted: str) -> str | None:
+    """None if `leaf` is valid for the host name or IP `wanted`, else the kind of failure."""
     try:
         try:
             ipaddress.ip_address(wanted)
@@ -171,9 +169,9 @@ def _server_name_problem(leaf: x509.Certificate, wanted: str) -> bool:
             verify_certificate_hostname(leaf, wanted)
         else:
             verify_certificate_ip_address(leaf, wanted)
-    except (VerificationError, CertificateError, ValueError):
-        return True
-    return False
+    except (VerificationError, CertificateError, ValueError) as exc:
+        return type(exc).__name__
+    return None
 
 
 def _san_summary(cert: x509.Certificate) -> str:
