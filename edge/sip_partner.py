@@ -26,7 +26,13 @@ import trio
 
 from edge.core.policies import PartnerPolicy
 from edge.core.reasons import Reason
-from edge.outbound import Outbound, OutboundRejected, _LiveOutbound, dial_partner
+from edge.outbound import (
+    Outbound,
+    OutboundClosed,
+    OutboundRejected,
+    _LiveOutbound,
+    dial_partner,
+)
 from edge.tls import TLSStream, TLSTruncatedError
 
 __all__ = ["Outlet", "PartnerConn", "SipPartnerClosed", "clip", "dial_conn", "domain_for"]
@@ -45,7 +51,7 @@ def clip(text: str) -> str:
 
 
 @dataclass
-class SipPartnerClosed:
+class SipPartnerClosed(OutboundClosed):
     """One partner connection of a fan-out ended (a `connection_closed` event).
 
     `end`: `partner_closed` (clean EOF), `partner_error`, `partner_truncated`,
@@ -54,33 +60,14 @@ class SipPartnerClosed:
     earned (`sip_malformed`, `sip_too_large`), or `cancelled`.
     """
 
-    listener: str
-    peer: str  # the pool member's address
-    member: str
-    partner: str
-    partner_edge: str
-    end: str
-    duration_s: float
-    bytes_from_partner: int
-    bytes_to_partner: int
-    reason: str | None = None
-    detail: str = ""
+    bytes_from_partner: int = 0
+    bytes_to_partner: int = 0
 
     def log_fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "listener": self.listener,
-            "direction": "outbound",
-            "peer": self.peer,
-            "member": self.member,
-            "partner": self.partner,
-            "partner_edge": self.partner_edge,
-            "bytes_from_partner": self.bytes_from_partner,
-            "bytes_to_partner": self.bytes_to_partner,
-            "duration_s": round(self.duration_s, 3),
-            "end": self.end,
-        }
-        if self.reason is not None:
-            fields["reason"] = self.reason
+        """The fields of any outbound `connection_closed`, plus this connection's bytes."""
+        fields = super().log_fields()
+        fields["bytes_from_partner"] = self.bytes_from_partner
+        fields["bytes_to_partner"] = self.bytes_to_partner
         if self.detail:
             fields["detail"] = clip(self.detail)
         return fields
