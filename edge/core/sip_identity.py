@@ -287,12 +287,12 @@ def split_values(value: str) -> list[str]:
 
 
 # Up to the first '<' outside a quoted string (RFC 3261 quoted-pair escapes
-# inside). What it matches, the character loop below would find the same way;
-# whatever it does not match (addr-spec, unclosed quote) takes the loop.
-# Possessive: runs are consumed whole and never given back (same matches as
-# one character per step, since no run or quoted string can end at a '<' in
-# another way), so the scan is linear and a C loop per run.
+# inside). Possessive: runs are consumed whole and never given back (no run or
+# quoted string can end at a '<' in another way), so the scan is linear and a
+# C loop per run.
 _NAME_ADDR_OPEN = re.compile(r'(?:[^"<]++|"(?:[^"\\]++|\\[\s\S])*+")*+<')
+# The whole value when every quoted string in it is closed.
+_QUOTES_CLOSED = re.compile(r'(?:[^"]++|"(?:[^"\\]++|\\[\s\S])*+")*+')
 
 
 def _split_name_addr(value: str) -> tuple[str, str] | None:
@@ -305,24 +305,8 @@ def _split_name_addr(value: str) -> tuple[str, str] | None:
         if close < 0:
             return None
         return value[i + 1 : close].strip(), value[close + 1 :]
-    quoted = False
-    escaped = False
-    for i, ch in enumerate(value):
-        if quoted:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                quoted = False
-        elif ch == '"':
-            quoted = True
-        elif ch == "<":
-            close = value.find(">", i + 1)
-            if close < 0:
-                return None
-            return value[i + 1 : close].strip(), value[close + 1 :]
-    if quoted or not value:
+    # No '<' outside a quoted string: an addr-spec, or a quote left open.
+    if not value or _QUOTES_CLOSED.fullmatch(value) is None:
         return None
     # addr-spec: a URI holding ';' must be in <...> (RFC 3261 section 20), so every
     # ';' here starts a header parameter.
