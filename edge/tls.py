@@ -678,31 +678,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if sock is None:
             await self.transport_stream.send_all(parts[0] if len(parts) == 1 else b"".join(parts))
             return True
-        if len(parts) > 1:
-            return await self._transport_writev(sock, parts)
+        # One writev for the records ``_write_some`` took out slice by slice:
+        # they go out without being joined (one piece: the same as write).
+        views = [memoryview(parts[0])] if len(parts) == 1 else [memoryview(p) for p in parts]
+        left = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
         waited = False
-        view = memoryview(parts[0])
-        while view:
-            fd = sock.fileno()
-            if fd < 0:
-                raise trio.ClosedResourceError("the transport is closed")
-            try:
-                n = os.write(fd, view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(fd)
-                waited = True
-                continue
-            except OSError as exc:
-                raise trio.BrokenResourceError(f"transport send failed: {exc}") from exc
-            view = view[n:]
-        return waited
-
-    async def _transport_writev(self, sock: trio.socket.SocketType, parts: list[bytes]) -> bool:
-        """``_transport_send`` of several pieces with ``writev``: the records
-        ``_write_some`` took out slice by slice go out without being joined."""
-        waited = False
-        views = [memoryview(part) for part in parts]
-        left = sum(map(len, parts))
         while left:
             fd = sock.fileno()
             if fd < 0:
@@ -717,7 +697,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 raise trio.BrokenResourceError(f"transport send failed: {exc}") from exc
             left -= n
             if not left:
-                break
+                return waited
             while n:  # drop what was written from the front
                 if n >= len(views[0]):
                     n -= len(views.pop(0))
