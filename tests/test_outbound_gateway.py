@@ -29,7 +29,7 @@ from edge.demo import write_identity
 from edge.pki import CA, Leaf
 from edge.tls import TLSStream, client_context
 from tests.gateway_harness import InProcessEdge, start_gateway
-from tests.test_outbound import DnsServer, PartnerEdge, Pki, _refused_port
+from tests.test_outbound import DnsServer, PartnerEdge, Pki, _refused_port, refused, roundtrip
 from tests.test_sip_outbound import SipPartnerEdge, sip
 
 EDGE_PUBLIC = "edge.contoso.example"
@@ -167,30 +167,6 @@ async def member_connect(
     stream = TLSStream(tcp, ctx, server_side=False, server_hostname=sni, check_hostname=False)
     await stream.do_handshake()
     return stream, port
-
-
-async def roundtrip(stream: TLSStream, payload: bytes) -> bytes:
-    await stream.send_all(payload)
-    got = b""
-    with trio.fail_after(10):
-        while len(got) < len(payload):
-            data = await stream.receive_some(65536)
-            if not data:
-                break
-            got += data
-    return got
-
-
-async def refused(stream: TLSStream) -> None:
-    """Send a request the edge must not relay, read until it closes."""
-    with trio.fail_after(10):
-        try:
-            await stream.send_all(b"INVITE sip:bob@fabrikam.com SIP/2.0\r\n\r\n")
-            while await stream.receive_some(65536):
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-    await stream.aclose()
 
 
 def srv(domain: str) -> tuple[str, str]:
