@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import trio
 
+from edge import relay_hub
 from edge.tls import TLSStream, TLSTruncatedError
 
 __all__ = ["RELAY_CHUNK", "RelayControl", "RelayOutcome", "relay"]
@@ -42,6 +43,9 @@ RELAY_CHUNK = 128 * 1024
 _YIELD_EVERY = 16
 # Transport failures of either stream: the relay ends, naming the side.
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# Two TLSStreams on sockets relay in direct mode, through edge.relay_hub (False:
+# always the pumps below; for tests of the pumps and for comparisons).
+DIRECT = True
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,35 @@ async def relay(
     """Relay until both directions ended, an error, ``idle_timeout_s`` without a
     byte either way (0 or inf: never), or ``control.stop``."""
     control = control if control is not None else RelayControl()
+    first: dict[str, bytes] = {}
+    if (
+        DIRECT
+        and relay_hub.AVAILABLE
+        and isinstance(a, TLSStream)
+        and isinstance(b, TLSStream)
+        and a.can_go_direct()
+        and b.can_go_direct()
+    ):
+        for side, name in ((a, names[0]), (b, names[1])):
+            try:
+                first[name] = await side.go_direct()
+            except _GONE as exc:
+                return RelayOutcome(f"{name}_error", str(exc))
+        if a.direct and b.direct:
+            end, detail = await relay_hub.relay_direct(
+                a,
+                b,
+                first[names[0]],
+                first[names[1]],
+                idle_timeout_s=idle_timeout_s,
+                names=names,
+                on_bytes_from_a=on_bytes_from_a,
+                on_bytes_from_b=on_bytes_from_b,
+                control=control,
+            )
+            return RelayOutcome(end, detail)
+        # One of them could not switch (its buffered bytes ended with a
+        # close_notify or an error): the pumps, sending those bytes first.
     watch_idle = idle_timeout_s > 0 and not math.isinf(idle_timeout_s)
     # The idle timeout is the relay scope's deadline, pushed forward by the
     # pumps (no watchdog task per connection). It is moved only once it is
@@ -119,6 +152,15 @@ async def relay(
         # An idle side is waited for here, one frame deep (TLSStream.relay_idle_fd).
         idle_fd = src.relay_idle_fd if isinstance(src, TLSStream) else None
         chunks = 0
+        early = first.pop(src_name, b"")
+        if early:
+            try:
+                await send(early)
+            except _GONE as exc:
+                finish(f"{dst_name}_error", str(exc))
+                return
+            count(len(early))
+            del early
         while True:
             # The eager calls below have no schedule point when bytes are
             # already there, so a cancelled scope (control.stop before or

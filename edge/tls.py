@@ -247,6 +247,13 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from OpenSSL import SSL, crypto
 
 from edge import verify_alert
+
+try:  # OpenSSL on the socket (see "Direct mode"); None: never used
+    from OpenSSL._util import lib as _ssl_lib
+
+    _SSL_SET_FD: Callable[[Any, int], int] | None = _ssl_lib.SSL_set_fd
+except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
+    _SSL_SET_FD = None
 from edge.core.config import is_ip_address
 from edge.core.policies import Revocation
 from edge.core.reasons import Reason
@@ -423,6 +430,19 @@ def _describe(exc: SSL.Error) -> tuple[str, list[Any]]:
     return (str(exc) or type(exc).__name__), errors
 
 
+def _tls_error(exc: SSL.Error) -> TLSError:
+    """The stream error for an OpenSSL failure."""
+    if isinstance(exc, SSL.SysCallError):
+        code = exc.args[0] if exc.args else -1
+        if isinstance(code, int) and code > 0:
+            # Direct mode only: the socket itself failed (ECONNRESET, EPIPE).
+            return TLSError(f"transport failed: {os.strerror(code)}")
+        # (-1, 'Unexpected EOF'): the transport ended without close_notify.
+        return TLSTruncatedError("peer closed the connection without TLS close_notify")
+    message, errors = _describe(exc)
+    return TLSError(message, errors)
+
+
 class TLSStream(trio.abc.HalfCloseableStream):
     """A TLS connection over a trio stream, server or client side.
 
@@ -444,10 +464,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
     # per-instance dict (see "Idle memory" in the module docstring).
     __slots__ = (
         "_check_hostname",
+        "_close_hook",
         "_close_timeout",
         "_conn",
         "_deferred_error",
         "_delayed_outgoing",
+        "_direct",
         "_drained",
         "_eof_received",
         "_eof_sent",
@@ -552,6 +574,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._socket: trio.socket.SocketType | None = (
             transport_stream.socket if isinstance(transport_stream, trio.SocketStream) else None
         )
+        # OpenSSL reads and writes the socket itself (go_direct), and what
+        # aclose must tell the relay hub before the socket goes.
+        self._direct = False
+        self._close_hook: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------
     # What the handshake established
@@ -655,6 +681,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
     def _take_outgoing_parts(self) -> list[bytes]:
         """``_take_outgoing`` as the pieces it was taken out in (one
         ``writev``, no join)."""
+        if self._direct:  # OpenSSL wrote to the socket itself
+            return []
         parts = self._out_parts or []  # records _write_some took out already
         self._out_parts = None
         while True:
@@ -799,11 +827,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
     async def _fail(self, exc: SSL.Error) -> TLSError:
         self._state = _State.BROKEN
         await self._flush_after_error()
-        if isinstance(exc, SSL.SysCallError):
-            # (-1, 'Unexpected EOF'): the transport ended without close_notify.
-            return TLSTruncatedError("peer closed the connection without TLS close_notify")
-        message, errors = _describe(exc)
-        return TLSError(message, errors)
+        return _tls_error(exc)
 
     async def _retry(
         self,
@@ -818,6 +842,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         See the module docstring for the theory. ``eager``: no schedule point
         when no I/O had to wait (the relay's data path, which yields by itself).
         """
+        if self._direct:
+            return await self._retry_direct(fn, eager=eager)
         if not eager:
             # The relay checks for cancellation at its own schedule points.
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -1125,7 +1151,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             budget -= n
             self._write_view = view
             pending += n
-            if pending >= _BIO_SLICE and view and budget > 0:
+            if pending >= _BIO_SLICE and view and budget > 0 and not self._direct:
                 # More records follow in this batch: take these out now, so
                 # the BIO never grows past about one slice (see _BIO_SLICE).
                 if self._out_parts is None:
@@ -1187,6 +1213,156 @@ class TLSStream(trio.abc.HalfCloseableStream):
             await self.transport_stream.wait_send_all_might_not_block()
 
     # ------------------------------------------------------------------
+    # Direct mode: OpenSSL on the socket (see "Direct mode")
+
+    def can_go_direct(self) -> bool:
+        """True when ``go_direct`` may move this stream onto its socket: an
+        established stream over a ``trio.SocketStream`` that nobody is using,
+        with both directions open."""
+        return (
+            _SSL_SET_FD is not None
+            and self._socket is not None
+            and not self._direct
+            and self._state is _State.OK
+            and self._handshake_ok
+            and not self._eof_received
+            and not self._eof_sent
+            and self._deferred_error is None
+            and self._write_view is None
+            and not self._send_lock.locked()
+            and not self._recv_lock.locked()
+        )
+
+    async def go_direct(self) -> bytes:
+        """Hand the socket to OpenSSL: from now on it reads and writes the
+        descriptor itself, and the caller waits for readiness.
+
+        Returns the plaintext already decrypted from ciphertext this stream
+        had read (send it before anything else). ``direct`` tells whether it
+        switched: it does not when that plaintext ended with the peer's
+        close_notify or an error (both kept for the next ``receive_some``,
+        as after any read); the stream then works as before. Call only when
+        ``can_go_direct()``.
+        """
+        assert _SSL_SET_FD is not None and self._socket is not None
+        data = self._drain_buffered()
+        parts = self._take_outgoing_parts()
+        if self._delayed_outgoing is not None:
+            parts.insert(0, self._delayed_outgoing)
+            self._delayed_outgoing = None
+        if parts:
+            try:
+                async with self._send_lock:
+                    await self._transport_send(parts)
+            except BaseException:
+                self._state = _State.BROKEN
+                raise
+        fd = self._socket.fileno()
+        if (
+            self._state is _State.OK
+            and self._drained  # the incoming BIO is empty
+            and self._unfed is None
+            and not self._eof_received
+            and self._deferred_error is None
+            and fd >= 0
+        ):
+            conn = self._conn
+            # SSL_set_fd frees both memory BIOs; pyOpenSSL's pointers to them
+            # go too, so that no bio_* call can reach freed memory (they
+            # raise TypeError on None).
+            if _SSL_SET_FD(conn._ssl, fd) == 1:
+                conn._into_ssl = None
+                conn._from_ssl = None
+                self._direct = True
+                self._drained = False
+                self._last_fed = 0
+                self._fed_left = 0
+        return data
+
+    def _drain_buffered(self) -> bytes:
+        """Decrypt every record already read from the transport, no I/O."""
+        chunks: list[bytes] = []
+        while True:
+            try:
+                more = self._read_plain(_TRANSPORT_READ_SIZE)
+            except SSL.WantReadError:  # _NeedBytes too: all decrypted
+                break
+            except SSL.Error as exc:
+                self._deferred_error = exc
+                break
+            if not more:
+                break
+            chunks.append(more)
+        return b"".join(chunks)
+
+    @property
+    def direct(self) -> bool:
+        """True once ``go_direct`` moved this stream onto its socket."""
+        return self._direct
+
+    def direct_io(self) -> tuple[SSL.Connection, trio.socket.SocketType]:
+        """The connection and socket a relay hub reads and writes (direct mode)."""
+        assert self._direct and self._socket is not None
+        return self._conn, self._socket
+
+    def direct_failed(self, exc: SSL.Error) -> TLSError:
+        """A hub's call on this stream failed: the stream is broken (OpenSSL
+        already wrote any alert to the socket); the error to report."""
+        self._state = _State.BROKEN
+        return _tls_error(exc)
+
+    def direct_eof(self, *, sent: bool) -> None:
+        """A hub read this stream's close_notify (sent=False) or is sending
+        ours (sent=True)."""
+        if sent:
+            self._eof_sent = True
+        else:
+            self._eof_received = True
+
+    def direct_close_hook(self, hook: Callable[[], None] | None) -> None:
+        """Have ``aclose`` call ``hook`` before it closes the socket (a relay
+        hub takes the socket out of its epoll set); None removes it."""
+        self._close_hook = hook
+
+    def direct_first_read(self) -> None:
+        """A hub read data: TLS 1.3 session tickets came before it."""
+        if self._session_cache is not None:
+            self._remember_session()
+
+    async def _retry_direct(self, fn: Callable[[], T], *, eager: bool) -> T:
+        """``_retry`` for direct mode: OpenSSL does the I/O; we wait for the
+        readiness it asks for (under the gate of that direction, so that a
+        read wanting to write never waits on the socket beside a writer)."""
+        if not eager:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        yielded = False
+        while True:
+            try:
+                ret = fn()
+                break
+            except SSL.WantReadError:  # _NeedBytes too
+                self._drained = False
+                gate, wait = self._recv_lock, trio.lowlevel.wait_readable
+            except SSL.WantWriteError:
+                gate, wait = self._send_lock, trio.lowlevel.wait_writable
+            except SSL.Error as exc:
+                self._state = _State.BROKEN
+                raise _tls_error(exc) from exc
+            assert self._socket is not None
+            fd = self._socket.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the transport is closed")
+            await gate.acquire()
+            try:
+                await wait(fd)
+            finally:
+                gate.release()
+            yielded = True
+        if not yielded and not eager:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return ret
+
+    # ------------------------------------------------------------------
     # Closing
 
     async def aclose(self) -> None:
@@ -1197,6 +1373,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         if self._state is _State.CLOSED:
             await trio.lowlevel.checkpoint()
             return
+        if self._close_hook is not None:
+            hook, self._close_hook = self._close_hook, None
+            hook()
         graceful = (
             self._state is _State.OK
             and self._handshake_finished

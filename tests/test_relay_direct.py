@@ -1,0 +1,331 @@
+"""The relay's direct data path (edge.relay_hub): OpenSSL on the sockets, one hub task.
+
+Real TLS over real loopback TCP: a "partner" client and a "pool" server at the
+outer ends, the relay between the two inner streams, exactly as the gateway
+wires them. Each test checks what the pumps guaranteed before (order, half-close,
+back-pressure, errors named by side, idle timeout, stop) and that the relay
+really ran in direct mode, so a pyOpenSSL upgrade that loses the private
+binding cannot quietly put every relay back on the slow path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from edge import relay as relay_module
+from edge import relay_hub
+from edge.pki import CA
+from edge.relay import RelayControl, RelayOutcome, relay
+from edge.tls import TLSStream, client_context, server_context
+from tests.test_tls import tcp_pair
+
+TIMEOUT = 30
+
+
+@dataclass
+class Wiring:
+    """partner <-> a (relay) b <-> pool, all handshakes done."""
+
+    partner: TLSStream
+    a: TLSStream
+    b: TLSStream
+    pool: TLSStream
+    counted: dict[str, int] = field(default_factory=lambda: {"a": 0, "b": 0})
+
+    async def run(
+        self, idle_timeout_s: float = 60, control: RelayControl | None = None
+    ) -> RelayOutcome:
+        return await relay(
+            self.a,
+            self.b,
+            idle_timeout_s=idle_timeout_s,
+            names=("partner", "pool"),
+            on_bytes_from_a=lambda n: self.counted.__setitem__("a", self.counted["a"] + n),
+            on_bytes_from_b=lambda n: self.counted.__setitem__("b", self.counted["b"] + n),
+            control=control,
+        )
+
+
+@asynccontextmanager
+async def wired() -> AsyncIterator[Wiring]:
+    ca = CA.root("Hub CA")
+    leaf = ca.issue(dns=["hub.test"], eku=["server", "client"])
+    sctx = server_context(leaf.chain, leaf.key, require_client_cert=False)
+    cctx = client_context([ca.cert])
+    a_srv, a_cli = await tcp_pair()
+    b_srv, b_cli = await tcp_pair()
+    w = Wiring(
+        partner=TLSStream(a_cli, cctx, server_side=False, server_hostname="hub.test"),
+        a=TLSStream(a_srv, sctx, server_side=True),
+        b=TLSStream(b_cli, cctx, server_side=False, server_hostname="hub.test"),
+        pool=TLSStream(b_srv, sctx, server_side=True),
+    )
+    async with trio.open_nursery() as nursery:
+        for s in (w.partner, w.a, w.b, w.pool):
+            nursery.start_soon(s.do_handshake)
+    try:
+        yield w
+    finally:
+        for s in (w.partner, w.a, w.b, w.pool):
+            await s.aclose()
+
+
+async def _read_exactly(stream: TLSStream, n: int) -> bytes:
+    got = bytearray()
+    for _ in range(100_000):  # bounded: each read returns at least one byte
+        if len(got) >= n:
+            break
+        chunk = await stream.receive_some(min(65536, n - len(got)))
+        assert chunk, f"EOF after {len(got)} of {n} bytes"
+        got += chunk
+    return bytes(got)
+
+
+async def _read_to_eof(stream: TLSStream) -> bytes:
+    got = bytearray()
+    for _ in range(100_000):
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            return bytes(got)
+        got += chunk
+    raise AssertionError("no EOF")
+
+
+def test_the_direct_path_is_available() -> None:
+    """The private names the hub needs exist in the pinned pyOpenSSL."""
+    assert relay_hub.AVAILABLE
+    assert relay_module.DIRECT
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["hub", "pumps"])
+async def test_messages_both_ways_then_half_close(
+    direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIP-shaped traffic, then the partner closes first and the pool still
+    answers; the counters are exact once the relay returned."""
+    monkeypatch.setattr(relay_module, "DIRECT", direct)
+    sizes = [1, 700, 1500, 16 * 1024, 16 * 1024 + 1, 40_000]
+    with trio.fail_after(TIMEOUT):
+        async with wired() as w:
+            outcome: list[RelayOutcome] = []
+
+            async def run() -> None:
+                outcome.append(await w.run())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                for i, size in enumerate(sizes):
+                    message = bytes([i]) * size
+                    await w.partner.send_all(message)
+                    assert await _read_exactly(w.pool, size) == message
+                    await w.pool.send_all(message[::-1])
+                    assert await _read_exactly(w.partner, size) == message[::-1]
+                await w.partner.send_eof()
+                assert await _read_to_eof(w.pool) == b""
+                await w.pool.send_all(b"still here")
+                assert await _read_exactly(w.partner, 10) == b"still here"
+                await w.pool.send_eof()
+                assert await _read_to_eof(w.partner) == b""
+            assert w.a.direct is direct and w.b.direct is direct
+    assert outcome == [RelayOutcome("partner_closed")]
+    assert w.counted == {"a": sum(sizes), "b": sum(sizes) + 10}
+
+
+async def test_pool_closes_first() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with wired() as w:
+            outcome: list[RelayOutcome] = []
+
+            async def run() -> None:
+                outcome.append(await w.run())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                await w.pool.send_all(b"bye")
+                await w.pool.send_eof()
+                assert await _read_to_eof(w.partner) == b"bye"
+                await w.partner.send_all(b"ack")
+                await w.partner.send_eof()
+                assert await _read_to_eof(w.pool) == b"ack"
+    assert outcome == [RelayOutcome("pool_closed")]
+
+
+async def test_bytes_already_read_with_the_handshake_go_first() -> None:
+    """Ciphertext the memory-BIO stream had already read (here: the rest of
+    three records after a 1-byte read) is relayed before anything else and in
+    order when the stream moves onto its socket."""
+    with trio.fail_after(TIMEOUT):
+        async with wired() as w:
+            first = b"".join(bytes([65 + i]) * 20_000 for i in range(3))
+            await w.partner.send_all(first)
+            assert await w.a.receive_some(1) == b"A"
+            await trio.sleep(0.05)  # the rest is in the socket or in the BIO
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(w.run)
+                assert await _read_exactly(w.pool, len(first) - 1) == first[1:]
+                await w.partner.send_all(b"later")
+                assert await _read_exactly(w.pool, 5) == b"later"
+                assert w.a.direct and w.b.direct
+                nursery.cancel_scope.cancel()
+
+
+async def test_full_duplex_16_mib_with_back_pressure() -> None:
+    """16 MiB each way at once while the pool stops reading for a while: the
+    partner's sender stalls (TCP back-pressure through the relay, which holds
+    one record per direction) and everything arrives intact afterwards."""
+    size = 16 * 1024 * 1024
+    chunk = 256 * 1024
+    with trio.fail_after(TIMEOUT * 2):
+        async with wired() as w:
+            sent_by_partner = 0
+            digests: dict[str, str] = {}
+
+            async def send(stream: TLSStream, seed: int, who: str) -> None:
+                nonlocal sent_by_partner
+                h = hashlib.sha256()
+                for i in range(size // chunk):
+                    block = struct.pack(">II", seed, i) * (chunk // 8)
+                    h.update(block)
+                    await stream.send_all(block)
+                    if who == "partner":
+                        sent_by_partner += len(block)
+                digests[f"{who}-sent"] = h.hexdigest()
+
+            async def receive(stream: TLSStream, who: str, pause_s: float) -> None:
+                await trio.sleep(pause_s)
+                h = hashlib.sha256()
+                got = 0
+                for _ in range(1_000_000):
+                    if got >= size:
+                        break
+                    data = await stream.receive_some(65536)
+                    assert data
+                    h.update(data)
+                    got += len(data)
+                digests[f"{who}-got"] = h.hexdigest()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(w.run)
+                async with trio.open_nursery() as transfer:
+                    transfer.start_soon(send, w.partner, 1, "partner")
+                    transfer.start_soon(send, w.pool, 2, "pool")
+                    transfer.start_soon(receive, w.pool, "pool", 1.0)
+                    transfer.start_soon(receive, w.partner, "partner", 0.0)
+                    await trio.sleep(0.8)
+                    # The pool has not read a byte yet: the partner is held back.
+                    assert sent_by_partner < size // 2, sent_by_partner
+                nursery.cancel_scope.cancel()
+            assert digests["partner-sent"] == digests["pool-got"]
+            assert digests["pool-sent"] == digests["partner-got"]
+
+
+async def test_truncation_and_reset_are_named_by_side() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with wired() as w:
+            async with trio.open_nursery() as nursery:
+                outcome: list[RelayOutcome] = []
+
+                async def run() -> None:
+                    outcome.append(await w.run())
+
+                nursery.start_soon(run)
+                await w.partner.send_all(b"x")
+                assert await _read_exactly(w.pool, 1) == b"x"
+                # TCP FIN without close_notify.
+                w.partner.transport_stream.socket.shutdown(socket.SHUT_WR)  # type: ignore[attr-defined]
+            assert outcome == [
+                RelayOutcome("partner_truncated", "partner closed TCP without close_notify")
+            ]
+        async with wired() as w:
+            async with trio.open_nursery() as nursery:
+                outcome = []
+                nursery.start_soon(run)
+                await w.pool.send_all(b"y")
+                assert await _read_exactly(w.partner, 1) == b"y"
+                # An RST: close with SO_LINGER 0.
+                sock = w.pool.transport_stream.socket  # type: ignore[attr-defined]
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+            assert len(outcome) == 1 and outcome[0].end in ("pool_error", "pool_truncated")
+            if outcome[0].end == "pool_error":
+                assert "reset" in outcome[0].detail.lower()
+
+
+async def test_stop_and_idle_timeout_end_a_direct_relay() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with wired() as w:
+            control = RelayControl()
+            outcome: list[RelayOutcome] = []
+
+            async def run() -> None:
+                outcome.append(await w.run(control=control))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                await w.partner.send_all(b"hello")
+                assert await _read_exactly(w.pool, 5) == b"hello"
+                control.stop("trust_withdrawn", "partner removed")
+            assert outcome == [RelayOutcome("trust_withdrawn", "partner removed")]
+            assert w.counted["a"] == 5  # paid when the relay ended
+        async with wired() as w:
+            before = trio.current_time()
+            end = await w.run(idle_timeout_s=0.5)
+            assert end.end == "idle_timeout"
+            assert 0.5 <= trio.current_time() - before < 5
+
+
+async def test_a_stream_closed_during_the_relay_ends_it() -> None:
+    """Someone closing a relayed stream takes it out of the hub first: the
+    relay ends naming the side, and the hub serves other relays afterwards."""
+    with trio.fail_after(TIMEOUT):
+        async with wired() as w:
+            outcome: list[RelayOutcome] = []
+
+            async def run() -> None:
+                outcome.append(await w.run())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                await w.partner.send_all(b"z")
+                assert await _read_exactly(w.pool, 1) == b"z"
+                await w.a.aclose()
+            assert outcome == [RelayOutcome("partner_error", "closed during the relay")]
+        async with wired() as w, trio.open_nursery() as nursery:
+            nursery.start_soon(w.run)
+            await w.partner.send_all(b"next")
+            assert await _read_exactly(w.pool, 4) == b"next"
+            nursery.cancel_scope.cancel()
+
+
+async def test_many_relays_share_the_hub() -> None:
+    """Forty relays at once, each echoing its own messages: nothing crosses
+    between connections."""
+    n = 40
+    with trio.fail_after(TIMEOUT * 2):
+        async with trio.open_nursery() as outer:
+            results: list[int] = []
+
+            async def one(i: int) -> None:
+                async with wired() as w, trio.open_nursery() as nursery:
+                    nursery.start_soon(w.run)
+                    for k in range(20):
+                        message = f"{i}:{k}:".encode() * (1 + k * 7)
+                        await w.partner.send_all(message)
+                        echoed = await _read_exactly(w.pool, len(message))
+                        assert echoed == message
+                        await w.pool.send_all(echoed)
+                        assert await _read_exactly(w.partner, len(message)) == message
+                    nursery.cancel_scope.cancel()
+                results.append(i)
+
+            for i in range(n):
+                outer.start_soon(one, i)
+    assert sorted(results) == list(range(n))
