@@ -117,8 +117,8 @@ async def relay(
             end, detail = await relay_hub.relay_direct(
                 a,
                 b,
-                first[names[0]],
-                first[names[1]],
+                first.pop(names[0]),
+                first.pop(names[1]),
                 idle_timeout_s=idle_timeout_s,
                 names=names,
                 on_bytes_from_a=on_bytes_from_a,

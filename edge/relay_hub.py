@@ -99,6 +99,8 @@ _MAX_EVENTS = 512
 # long after the bytes moved, or once this many bytes are owed.
 _REPORT_S = 1.0
 _REPORT_BYTES = 256 * 1024
+# The shortest housekeeping tick (idle timeouts are checked every idle_s / 8).
+_MIN_TICK_S = 0.05
 # Hot waits: after serving a wake-up, up to this many more epoll waits of at
 # most _HOT_WAIT_S each and _HOT_S in all, in the hub, while no other task is
 # runnable (the most any other task's I/O waits for the hub).
@@ -158,6 +160,10 @@ class _Direction:
         self.wait_fd = -1  # -1: waits for nothing (running, queued or done)
         self.wait_mask = 0
 
+    def closed(self) -> None:
+        """The source stream is being closed under the relay (its aclose hook)."""
+        self.pair.hub.finish(self.pair, f"{self.src_name}_error", "closed during the relay")
+
 
 class _Pair:
     """One relay: its two directions, their sockets and how it ended."""
@@ -170,20 +176,25 @@ class _Pair:
         "b_mask",
         "ba",
         "detail",
-        "done",
         "end",
         "first_eof",
+        "hub",
+        "idle_s",
         "last",
+        "task",
     )
 
     def __init__(
         self,
+        hub: _Hub,
         a: TLSStream,
         b: TLSStream,
         names: tuple[str, str],
         counts: tuple[Callable[[int], None], Callable[[int], None]],
         first: tuple[bytes, bytes],
+        idle_s: float,
     ) -> None:
+        self.hub = hub
         a_name, b_name = names
         self.ab = _Direction(self, a, b, (a_name, b_name), counts[0], first[0])
         self.ba = _Direction(self, b, a, (b_name, a_name), counts[1], first[1])
@@ -192,8 +203,23 @@ class _Pair:
         self.end: str | None = None
         self.detail = ""
         self.first_eof: str | None = None
-        self.done = trio.Event()
+        self.idle_s = idle_s  # 0: no idle timeout
         self.last = trio.current_time()
+        # The relay's task while it waits for the end (see relay_direct).
+        self.task: trio.lowlevel.Task | None = None
+
+    async def ended(self) -> None:
+        """Wait until the hub finished this relay (no Event per relay)."""
+        if self.end is not None:
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self.task = None
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
 
 def _error(conn: SSL.Connection, result: int) -> SSL.Error:
@@ -213,9 +239,12 @@ class _Hub:
         self._by_fd: dict[int, _Pair] = {}
         self._again: list[_Direction] = []
         self._owing: set[_Direction] = set()
-        self._owe = trio.Event()  # set when _owing stops being empty
+        # Relays with an idle timeout, checked every _tick by _housekeeping.
+        self._timed: set[_Pair] = set()
+        self._tick = _REPORT_S
+        self._wake = trio.Event()  # _housekeeping has work again
         trio.lowlevel.spawn_system_task(self._serve, name="edge relay hub")
-        trio.lowlevel.spawn_system_task(self._report, name="edge relay hub counts")
+        trio.lowlevel.spawn_system_task(self._housekeeping, name="edge relay hub timers")
 
     # -- relays come and go (called from the relays' own tasks)
 
@@ -223,7 +252,11 @@ class _Hub:
         self._by_fd[pair.a_fd] = pair
         self._by_fd[pair.b_fd] = pair
         for d in (pair.ab, pair.ba):
-            d.src.direct_close_hook(self._closer(pair, f"{d.src_name}_error"))
+            d.src.direct_close_hook(d.closed)
+        if pair.idle_s:
+            self._tick = min(self._tick, max(_MIN_TICK_S, pair.idle_s / 8))
+            self._nudge()
+            self._timed.add(pair)
         now = trio.current_time()
         for d in (pair.ab, pair.ba):
             if pair.end is None:
@@ -231,11 +264,9 @@ class _Hub:
         if pair.end is None:
             self._rearm(pair)
 
-    def _closer(self, pair: _Pair, end: str) -> Callable[[], None]:
-        def closed() -> None:
-            self._finish(pair, end, "closed during the relay")
-
-        return closed
+    def _nudge(self) -> None:
+        if not self._timed and not self._owing:
+            self._wake.set()
 
     def remove(self, pair: _Pair) -> None:
         """Take the relay's sockets out of the set and pay what it owes
@@ -250,6 +281,7 @@ class _Hub:
         for fd in (pair.a_fd, pair.b_fd):
             if self._by_fd.get(fd) is pair:
                 del self._by_fd[fd]
+        self._timed.discard(pair)
 
     # -- the task
 
@@ -316,15 +348,22 @@ class _Hub:
                     if pair.end is not None:
                         break
 
-    async def _report(self) -> None:
-        """Pay what the relays owe their counters, at most _REPORT_S late
-        (a task of its own, asleep while nothing is owed: no timer per wake
-        of the hub)."""
+    async def _housekeeping(self) -> None:
+        """Every _tick while there is work: pay what the relays owe their
+        counters (at most _REPORT_S late under load) and end the relays idle
+        for their idle timeout (between idle_s and idle_s + _tick after their
+        last byte). One task for all relays: no timer per relay or per wake."""
         while True:
-            await self._owe.wait()
-            await trio.sleep(_REPORT_S)
-            self._owe = trio.Event()
+            if not self._timed and not self._owing:
+                await self._wake.wait()
+                self._wake = trio.Event()
+            await trio.sleep(self._tick)
             self._pay_all()
+            now = trio.current_time()
+            for pair in [p for p in self._timed if now - p.last >= p.idle_s]:
+                self.finish(
+                    pair, "idle_timeout", f"no byte either way for idle_timeout_s={pair.idle_s:g}"
+                )
 
     def _pay_all(self) -> None:
         for d in list(self._owing):
@@ -333,13 +372,16 @@ class _Hub:
     def _turn(self, pair: _Pair, d: _Direction, now: float) -> None:
         """Run one direction and re-arm its relay, never raising."""
         try:
+            waited = d.wait_fd, d.wait_mask
             self._step(d, now)
-            if pair.end is None:
+            # Steady state (it read, wrote, and waits to read again): the
+            # epoll interest is already right.
+            if pair.end is None and (d.wait_fd, d.wait_mask) != waited:
                 self._rearm(pair)
         except Exception as exc:  # a bug must end one relay, not the hub
             pair.ab.src.direct_failed(SSL.Error())
             pair.ab.dst.direct_failed(SSL.Error())
-            self._finish(pair, f"{pair.ab.src_name}_error", f"relay failed: {type(exc).__name__}")
+            self.finish(pair, f"{pair.ab.src_name}_error", f"relay failed: {type(exc).__name__}")
 
     def _step(self, d: _Direction, now: float) -> None:
         """Move records src -> dst until it must wait, ends, or used its budget."""
@@ -406,8 +448,7 @@ class _Hub:
                 else:
                     d.owed = owed
                     if d not in self._owing:
-                        if not self._owing:
-                            self._owe.set()
+                        self._nudge()
                         self._owing.add(d)
 
     def _write_failed(self, d: _Direction, result: int) -> None:
@@ -450,20 +491,22 @@ class _Hub:
         d.state = _DONE
         pair = d.pair
         if pair.ab.state == _DONE and pair.ba.state == _DONE:
-            self._finish(pair, f"{pair.first_eof}_closed")
+            self.finish(pair, f"{pair.first_eof}_closed")
 
     def _failed(self, d: _Direction, stream: TLSStream, name: str, exc: SSL.Error) -> None:
         error = stream.direct_failed(exc)
         if isinstance(error, TLSTruncatedError):
-            self._finish(d.pair, f"{name}_truncated", f"{name} closed TCP without close_notify")
+            self.finish(d.pair, f"{name}_truncated", f"{name} closed TCP without close_notify")
         else:
-            self._finish(d.pair, f"{name}_error", str(error))
+            self.finish(d.pair, f"{name}_error", str(error))
 
-    def _finish(self, pair: _Pair, end: str, detail: str = "") -> None:
+    def finish(self, pair: _Pair, end: str, detail: str = "") -> None:
         if pair.end is None:
             pair.end, pair.detail = end, detail
         self.remove(pair)
-        pair.done.set()
+        task, pair.task = pair.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
 
     def _pay(self, d: _Direction) -> None:
         owed, d.owed = d.owed, 0
@@ -529,32 +572,27 @@ async def relay_direct(
     how it ended, ``(end, detail)``. ``first_from_*`` is the plaintext
     ``go_direct`` returned, sent first."""
     hub = _hub()
-    pair = _Pair(a, b, names, (on_bytes_from_a, on_bytes_from_b), (first_from_a, first_from_b))
     watch_idle = idle_timeout_s > 0 and not math.isinf(idle_timeout_s)
-    # As the pumps: the relay ends between idle and idle + slack after its
-    # last byte (the deadline is looked at again only when it passes).
-    slack = idle_timeout_s / 64 if watch_idle else 0.0
-    idle = False
+    pair = _Pair(
+        hub,
+        a,
+        b,
+        names,
+        (on_bytes_from_a, on_bytes_from_b),
+        (first_from_a, first_from_b),
+        idle_timeout_s if watch_idle else 0.0,
+    )
+    del first_from_a, first_from_b  # sent or held by the pair, not by this frame
     with trio.CancelScope() as scope:
         control.attach(scope)
         try:
             await trio.lowlevel.checkpoint_if_cancelled()
             hub.add(pair)
-            while pair.end is None:
-                if not watch_idle:
-                    await pair.done.wait()
-                    continue
-                with trio.move_on_at(pair.last + idle_timeout_s + slack):
-                    await pair.done.wait()
-                if pair.end is None and trio.current_time() >= pair.last + idle_timeout_s:
-                    idle = True
-                    break
+            await pair.ended()
         finally:
             hub.remove(pair)
             control.attach(None)
     if control.end is not None:  # whoever ended it on purpose said why
         return control.end, control.detail
-    if idle:
-        return "idle_timeout", f"no byte either way for idle_timeout_s={idle_timeout_s:g}"
     assert pair.end is not None
     return pair.end, pair.detail
