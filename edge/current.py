@@ -67,6 +67,7 @@ def build_current(snapshot: Snapshot, previous: Current | None = None) -> Curren
             ident.internal_private_key,
             resume_sessions=True,
             profile=profile,
+            ml_kem_share=False,  # many long-lived connections (see client_context)
         )
     contexts: dict[str, SSL.Context] = {}
     for listener in config.listeners:

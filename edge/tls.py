@@ -252,8 +252,10 @@ try:  # OpenSSL on the socket (see "Direct mode"); None: never used
     from OpenSSL._util import lib as _ssl_lib
 
     _SSL_SET_FD: Callable[[Any, int], int] | None = _ssl_lib.SSL_set_fd
+    _SET_GROUPS: Callable[[Any, bytes], int] | None = _ssl_lib.SSL_CTX_set1_curves_list
 except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
     _SSL_SET_FD = None
+    _SET_GROUPS = None
 from edge.core.config import is_ip_address
 from edge.core.policies import Revocation
 from edge.core.reasons import Reason
@@ -337,6 +339,11 @@ _MAX_INTERNED_DER = 4096
 # (server certificate, host name) pairs that matched (see _verify_hostname).
 _HOSTNAME_MATCHES: dict[tuple[x509.Certificate, str], None] = {}
 _MAX_HOSTNAME_MATCHES = 1024
+
+# The pool's groups (client_context(ml_kem_share=False)): the hybrid first and
+# in a tuple of its own, so a server with ML-KEM prefers it, but only X25519
+# gets a key share ("*"). OpenSSL 3.5+ syntax, as in edge/openssl.cnf.
+_POOL_GROUPS = b"X25519MLKEM768 / *X25519:P-256:P-384"
 
 # Mozilla's "intermediate" TLS 1.2 suites (v5.7), restricted to ECDHE + AEAD
 # (the DHE suites are left out: finite-field DH is slow and rarely needed).
@@ -1757,6 +1764,7 @@ def client_context(
     *,
     resume_sessions: bool = False,
     profile: str = "intermediate",
+    ml_kem_share: bool = True,
 ) -> SSL.Context:
     """A hardened client context that verifies the server against ``roots``.
 
@@ -1767,10 +1775,26 @@ def client_context(
     ``resume_sessions``: ``TLSStream`` clients on this context resume the
     newest session they hold for the same ``server_hostname`` (see the module
     docstring). Only for servers that are ours, such as the pool members.
+
+    ``ml_kem_share=False``: the ClientHello carries an X25519 key share only,
+    still naming the post-quantum hybrid first (``_POOL_GROUPS``). A server
+    without ML-KEM (a pool member on OpenSSL 3.0) takes X25519 at once; one
+    with ML-KEM asks for the hybrid (HelloRetryRequest) and gets it. The
+    client then never makes an ML-KEM key it does not use, and never keeps one
+    for the life of the connection (measured: 12 KiB per idle connection).
+    For the pool, where connections are many and long-lived.
     """
     if not roots:
         raise ValueError("a client context needs at least one trusted root")
     ctx = _base_context(chain, key, profile)
+    # pyOpenSSL has no call for groups; its binding has OpenSSL's. Before any
+    # Connection exists, as pyOpenSSL's own setters require.
+    if (
+        not ml_kem_share
+        and _SET_GROUPS is not None
+        and _SET_GROUPS(ctx._context, _POOL_GROUPS) != 1
+    ):  # pragma: no cover
+        raise ValueError("OpenSSL refused the pool's key-exchange groups")
     _add_roots(ctx, roots)
     ctx.set_verify(SSL.VERIFY_PEER, _meets_floor)
     if resume_sessions:

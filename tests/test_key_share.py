@@ -45,13 +45,13 @@ from edge.pki import CA
 from edge.tls import TLSStream, client_context, server_context
 
 port, root, chain, key = sys.argv[1:5]
-ctx = client_context(
+identity = (
     x509.load_pem_x509_certificates(Path(root).read_bytes()),
     x509.load_pem_x509_certificates(Path(chain).read_bytes()),
     serialization.load_pem_private_key(Path(key).read_bytes(), None),
 )
 
-async def to_s_server():
+async def to_s_server(ctx):
     tcp = await trio.open_tcp_stream("127.0.0.1", int(port))
     async with TLSStream(tcp, ctx, server_side=False, server_hostname="localhost") as client:
         await client.do_handshake()
@@ -65,11 +65,11 @@ async def to_s_server():
             reply += chunk
         assert reply == b"olleh eno\\n", reply
 
-async def between_edges():
+async def between_edges(ml_kem_share):
     root = CA.root("Edge Root")
     leaf = root.issue(dns=["localhost"])
     server_ctx = server_context(leaf.chain, leaf.key, require_client_cert=False)
-    own = client_context([root.cert])
+    own = client_context([root.cert], ml_kem_share=ml_kem_share)
     groups = {}
 
     async def handler(tcp):
@@ -93,8 +93,10 @@ async def between_edges():
 
 async def main():
     with trio.fail_after(15):
-        await to_s_server()
-        await between_edges()
+        await to_s_server(client_context(*identity))
+        await to_s_server(client_context(*identity, ml_kem_share=False))  # the pool's
+        await between_edges(True)
+        await between_edges(False)
 
 trio.run(main)
 """
@@ -114,7 +116,7 @@ async def test_one_client_hello_to_a_server_without_ml_kem(tls_pki: TLSPKI, tmp_
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     with trio.fail_after(TIMEOUT), out_file.open("wb") as out:
         command = [
-            OPENSSL, "s_server", "-accept", "127.0.0.1:0", "-naccept", "1", "-tls1_3",
+            OPENSSL, "s_server", "-accept", "127.0.0.1:0", "-naccept", "2", "-tls1_3",
             "-cert", str(leaf_file), "-key", str(tls_pki.server.key_file),
             "-cert_chain", str(intermediates_file), "-msg", "-rev",
         ]  # fmt: skip
@@ -138,11 +140,15 @@ async def test_one_client_hello_to_a_server_without_ml_kem(tls_pki: TLSPKI, tmp_
                 if process.returncode is None:
                     process.kill()
                 await process.wait()
-    with_s_server, between_edges = client.stdout.decode().splitlines()
-    assert with_s_server == "x25519"
-    assert between_edges == "X25519MLKEM768 X25519MLKEM768"
+    with_s_server, pool_with_s_server, between_edges, pool_between_edges = (
+        client.stdout.decode().splitlines()
+    )
+    assert with_s_server == pool_with_s_server == "x25519"
+    # The pool's context sends no ML-KEM share but still gets the hybrid from
+    # a server that has it (after a HelloRetryRequest).
+    assert between_edges == pool_between_edges == "X25519MLKEM768 X25519MLKEM768"
     received = [
         line for line in out_file.read_text(errors="replace").splitlines() if line.startswith("<<<")
     ]
     hellos = [line for line in received if line.endswith("ClientHello")]
-    assert len(hellos) == 1, "\n".join(received)
+    assert len(hellos) == 2, "\n".join(received)  # one per connection: no retry
