@@ -104,9 +104,9 @@ _MIN_TICK_S = 0.05
 # Hot waits: after serving a wake-up, up to this many more epoll waits of at
 # most _HOT_WAIT_S each and _HOT_S in all, in the hub, while no other task is
 # runnable (the most any other task's I/O waits for the hub).
-_HOT_WAITS = 16
-_HOT_WAIT_S = 0.0005
-_HOT_S = 0.002
+_HOT_WAITS = 64
+_HOT_WAIT_S = 0.001
+_HOT_S = 0.004
 
 _READING, _SHUTTING, _DONE = 0, 1, 2
 
@@ -342,11 +342,14 @@ class _Hub:
             pair = by_fd.get(fd)
             if pair is None or pair.end is not None:
                 continue
-            for d in (pair.ab, pair.ba):
-                if d.wait_fd == fd and mask & (d.wait_mask | _GONE):
-                    self._turn(pair, d, now)
-                    if pair.end is not None:
-                        break
+            d = pair.ab
+            if d.wait_fd == fd and mask & (d.wait_mask | _GONE):
+                self._turn(pair, d, now)
+                if pair.end is not None:
+                    continue
+            d = pair.ba
+            if d.wait_fd == fd and mask & (d.wait_mask | _GONE):
+                self._turn(pair, d, now)
 
     async def _housekeeping(self) -> None:
         """Every _tick while there is work: pay what the relays owe their
@@ -441,15 +444,16 @@ class _Hub:
         finally:
             if moved:
                 d.pair.last = now
-                owed = d.owed + moved
+                owed = d.owed
+                if not owed:  # not (or no longer) among the owing
+                    self._nudge()
+                    self._owing.add(d)
+                owed += moved
                 if owed >= _REPORT_BYTES:
                     d.owed = 0
                     d.count(owed)
                 else:
                     d.owed = owed
-                    if d not in self._owing:
-                        self._nudge()
-                        self._owing.add(d)
 
     def _write_failed(self, d: _Direction, result: int) -> None:
         error = _SSL_get_error(d.dst_ssl, result)
