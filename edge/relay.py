@@ -15,6 +15,11 @@ Interface::
     outcome = await relay(a, b, idle_timeout_s=..., names=("partner", "pool"),
                           on_bytes_from_a=..., on_bytes_from_b=..., control=...)
 
+Two ``TLSStream``s over sockets (every relayed partner connection) are handed
+to ``edge.relay_hub``: OpenSSL on the sockets and one task moving every
+relay's records (``TLSStream.go_direct``); the pumps below serve any other
+pair of streams, and a pair that cannot switch. Both end the same ways.
+
 ``outcome.end`` is one of ``<name>_closed`` (that side ended first and the
 other followed), ``closed``, ``<name>_truncated`` (TCP closed without
 close_notify), ``<name>_error``, ``idle_timeout``, or whatever ``end`` a

@@ -138,17 +138,28 @@ round trips, a schedule point per ``receive_some`` and per ``send_all``, an
 * ``SSL_read`` is asked for one record (16 KiB), ``bio_read`` for one write
   batch, since pyOpenSSL allocates the size asked for on every call.
 
-The other lever considered: a ``Connection`` over the socket itself
-(``Connection(ctx, sock)``), so that OpenSSL reads and writes the descriptor
-with no Python between records. pyOpenSSL cannot move an established
-memory-BIO connection onto a socket, so the handshake (the verify callback,
-the alert flush, the held-back tickets, the timeouts) would have to be
-rewritten for socket BIOs as well, and OpenSSL would then write records
-itself at times we no longer order under ``_send_lock``. What it would save
-over the descriptor path above is one ``bio_write`` and one ``bio_read`` per
-batch (about 10 of the ~130 Python calls a relayed record still costs,
-measured with cProfile; most of the rest is trio's wait machinery and
-pyOpenSSL's call wrappers), so it was not done.
+Direct mode (``go_direct``): OpenSSL on the socket. The relay's data path
+(``edge.relay`` for two ``TLSStream``s over sockets, which is every relayed
+connection) moves both streams onto their sockets once the handshake is done:
+``SSL_set_fd`` through pyOpenSSL's binding (``OpenSSL._util``: pyOpenSSL
+cannot move an established memory-BIO connection onto a socket; the pinned
+version has the name, and without it nothing switches) replaces both memory
+BIOs with a socket BIO, and from then on ``SSL_read``/``SSL_write`` read and
+write the descriptor themselves. The handshake keeps the memory BIOs, and
+with them the verify callback's alerts, the flush after a failed handshake,
+the held-back tickets and the timeouts. The switch is safe only when the
+incoming memory BIO is empty, so ``go_direct`` first decrypts every record
+already read (that plaintext goes first, and a close_notify or error among it
+keeps the stream on memory BIOs) and sends whatever OpenSSL queued; a record
+OpenSSL has half read stays in its own buffer and continues from the socket.
+pyOpenSSL's pointers to the freed BIOs are set to None so no ``bio_*`` call
+can reach freed memory. The hub in ``edge.relay_hub`` then serves the
+records; a stream in direct mode still works as a trio stream
+(``_retry_direct`` waits for the readiness OpenSSL asks for), which is what
+``aclose`` and any later caller use. Cost per small record after the switch:
+an ``SSL_read``, an ``SSL_write`` and their system calls; the ~130 Python
+calls of the memory-BIO path (trio's waits, this module's retry loop, the BIO
+copies) are gone. Idle, a direct stream holds no BIO buffers.
 
 Idle memory (issue 19: thousands of idle relayed connections)
 =============================================================
@@ -227,7 +238,10 @@ treated as rejected (the gateway fails closed on it).
 Key exchange groups: pyOpenSSL cannot set them; ``edge/openssl.cnf`` (loaded
 through ``OPENSSL_CONF``, which ``edge/__init__.py`` sets before OpenSSL
 starts unless the operator set one) limits every context to X25519MLKEM768,
-X25519, P-256 and P-384 (Mozilla "intermediate", plus the hybrid).
+X25519, P-256 and P-384 (Mozilla "intermediate", plus the hybrid), with key
+shares for the hybrid and X25519. The pool's client context sends the X25519
+share only while still preferring the hybrid (``client_context(...,
+ml_kem_share=False)``, through pyOpenSSL's binding).
 """
 
 from __future__ import annotations
