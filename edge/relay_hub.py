@@ -260,9 +260,7 @@ class _Hub:
         now = trio.current_time()
         for d in (pair.ab, pair.ba):
             if pair.end is None:
-                self._step(d, now)
-        if pair.end is None:
-            self._rearm(pair)
+                self._turn(pair, d, now)  # never raises, as in the hub's task
 
     def _nudge(self) -> None:
         if not self._timed and not self._owing:
@@ -448,12 +446,9 @@ class _Hub:
                 if not owed:  # not (or no longer) among the owing
                     self._nudge()
                     self._owing.add(d)
-                owed += moved
-                if owed >= _REPORT_BYTES:
-                    d.owed = 0
-                    d.count(owed)
-                else:
-                    d.owed = owed
+                d.owed = owed + moved
+                if d.owed >= _REPORT_BYTES:
+                    self._pay(d)
 
     def _write_failed(self, d: _Direction, result: int) -> None:
         error = _SSL_get_error(d.dst_ssl, result)

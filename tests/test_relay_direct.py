@@ -25,7 +25,7 @@ from edge import relay_hub
 from edge.pki import CA
 from edge.relay import RelayControl, RelayOutcome, relay
 from edge.tls import TLSStream, client_context, server_context
-from tests.test_tls import tcp_pair
+from tests.test_tls import VERSIONS, tcp_pair
 
 TIMEOUT = 30
 
@@ -55,11 +55,12 @@ class Wiring:
 
 
 @asynccontextmanager
-async def wired() -> AsyncIterator[Wiring]:
+async def wired(version: str = "TLSv1.3") -> AsyncIterator[Wiring]:
     ca = CA.root("Hub CA")
     leaf = ca.issue(dns=["hub.test"], eku=["server", "client"])
     sctx = server_context(leaf.chain, leaf.key, require_client_cert=False)
     cctx = client_context([ca.cert])
+    cctx.set_max_proto_version(VERSIONS[version])
     a_srv, a_cli = await tcp_pair()
     b_srv, b_cli = await tcp_pair()
     w = Wiring(
@@ -329,3 +330,62 @@ async def test_many_relays_share_the_hub() -> None:
             for i in range(n):
                 outer.start_soon(one, i)
     assert sorted(results) == list(range(n))
+
+
+@pytest.mark.parametrize("version", ["TLSv1.2", "TLSv1.3"])
+async def test_garbage_from_the_partner_ends_only_its_relay(version: str) -> None:
+    """Bytes that are not TLS records, injected under the partner's TLS in
+    the middle of a direct relay: that relay ends as ``partner_error`` with
+    OpenSSL's reason, the pool side is told nothing of it, and another relay
+    on the same hub goes on."""
+    with trio.fail_after(TIMEOUT):
+        async with wired(version) as other, trio.open_nursery() as others:
+            others.start_soon(other.run)
+            async with wired(version) as w:
+                outcome: list[RelayOutcome] = []
+
+                async def run() -> None:
+                    outcome.append(await w.run())
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(run)
+                    await w.partner.send_all(b"fine")
+                    assert await _read_exactly(w.pool, 4) == b"fine"
+                    assert w.a.direct and w.a.version == version
+                    raw = w.partner.transport_stream
+                    assert isinstance(raw, trio.SocketStream)
+                    await raw.send_all(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
+                assert len(outcome) == 1 and outcome[0].end == "partner_error", outcome
+                assert outcome[0].detail  # OpenSSL's reason, e.g. a bad record MAC
+            await other.partner.send_all(b"still relayed")
+            assert await _read_exactly(other.pool, 13) == b"still relayed"
+            others.cancel_scope.cancel()
+
+
+async def test_a_failing_byte_counter_loses_counts_not_bytes() -> None:
+    """A byte-count callback that raises (a bug, not the network) neither
+    ends the relay nor stops the hub: the bytes still cross both ways."""
+    with trio.fail_after(TIMEOUT):
+        async with wired() as w:
+            calls = 0
+
+            def broken(_n: int) -> None:
+                nonlocal calls
+                calls += 1
+                raise RuntimeError("counter bug")
+
+            async with trio.open_nursery() as nursery:
+
+                async def run() -> None:
+                    await relay(w.a, w.b, idle_timeout_s=60, on_bytes_from_a=broken)
+
+                nursery.start_soon(run)
+                payload = bytes(range(256)) * 2048  # 512 KiB: paid in bursts and when idle
+                nursery.start_soon(w.partner.send_all, payload)
+                assert await _read_exactly(w.pool, len(payload)) == payload
+                await w.pool.send_all(b"reply")
+                assert await _read_exactly(w.partner, 5) == b"reply"
+                await w.partner.send_all(b"more")
+                assert await _read_exactly(w.pool, 4) == b"more"
+                nursery.cancel_scope.cancel()
+            assert calls >= 2
