@@ -4,39 +4,54 @@ Owns relaying between two ``TLSStream``s in direct mode (OpenSSL reading and
 writing the sockets itself, ``TLSStream.go_direct``): one hub per trio run, a
 system task that waits on its own epoll set holding every relayed socket, and
 on each wake-up moves the records of every ready connection with plain calls
-(``SSL_read`` into ``SSL_write``), no trio wait per record. A relay's own task
-only sleeps until the hub says the relay ended, or its idle deadline, or a
-cancellation (``RelayControl.stop``, the drain deadline).
+(``SSL_read`` into ``SSL_write``), no trio wait per record; and one
+housekeeping task for the relays' idle timeouts and byte counts. A relay's own
+task only parks until the hub ends the relay (both sides closed, an error,
+its idle timeout) or it is cancelled (``RelayControl.stop``, the drain
+deadline).
 
 Theory. Per small record, the memory-BIO pumps spent most of their Python in
 trio's wait machinery (two ``wait_readable`` per message and direction, each a
 park, an ``epoll_ctl`` and a reschedule), the stream's retry loop and the BIO
 copies; OpenSSL's own work was a small part. Here one ``epoll_wait`` (through
 one ``wait_readable`` on the hub's epoll descriptor) serves every connection
-ready at that moment, and a record costs an ``SSL_read`` and an ``SSL_write``:
+ready at that moment, and a record costs an ``SSL_read`` and an ``SSL_write``,
+called through pyOpenSSL's binding on one shared buffer (no allocation, no
+exception per record):
 
 * Each direction (a -> b, b -> a) either reads its source or writes what it
-  read to its destination; it holds at most one record (16 KiB) of plaintext,
-  so a slow side slows the other through TCP back-pressure, as before.
+  read to its destination; it holds at most one record (16 KiB) of plaintext
+  (plus, once, what ``go_direct`` had decrypted), so a slow side slows the
+  other through TCP back-pressure, as before.
 * A direction that cannot go on waits for one thing: its source readable, its
   destination writable, or (TLS 1.3 KeyUpdate answer, a shutdown) the other
   readiness OpenSSL asked for. A socket's epoll interest is what its two
   directions wait for; it is changed only when that changes (back-pressure),
   so a steady relay costs no ``epoll_ctl``. A socket nobody waits for is out
   of the set (a hung-up socket would otherwise wake the hub forever).
+* After a small record with nothing left in OpenSSL's buffer, the direction
+  waits for its socket again instead of reading once more: the set is
+  level-triggered, so more data wakes it, and a message costs no failed read.
 * A direction moves at most ``_BUDGET`` records per turn; one that still has
   work is run again after the hub yields to every other task.
+* Hot waits: after serving a wake-up, while no other task is runnable, the hub
+  waits on its set again itself (``_HOT_WAITS`` times, at most ``_HOT_WAIT_S``
+  each and ``_HOT_S`` in all) instead of going round trio's loop for each
+  record. Other tasks' I/O waits for it at most ``_HOT_S``.
 * End of stream: the source's close_notify makes the hub send ours to the
   destination (half-close) and that direction ends; the relay ends when both
   did, or at the first error or truncation, naming the side, as the pumps do.
-* Byte counts go to the relay's callbacks once per turn, not per record.
+* Byte counts reach the relay's callbacks per batch: whenever the hub goes
+  idle (so they are exact between messages), every ``_REPORT_BYTES``, at the
+  end, and at most ``_REPORT_S`` late under sustained load.
 * The hub never raises: a failure inside one relay ends that relay with
-  ``<a>_error`` and the hub goes on.
+  ``<a>_error`` and the hub goes on; a failing byte counter loses counts,
+  never bytes.
 
-Must never: keep or look at payload bytes beyond the one record in flight per
+Must never: keep or look at payload bytes beyond the record in flight per
 direction, touch a socket after its relay ended (the relay's task takes it out
-of the set before returning, and every turn checks the socket is still the one
-registered), or decide who may talk to whom.
+of the set before returning, and a stream closed during the relay takes
+itself out first, through its close hook), or decide who may talk to whom.
 """
 
 from __future__ import annotations
