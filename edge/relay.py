@@ -104,7 +104,8 @@ async def relay(
     """Relay until both directions ended, an error, ``idle_timeout_s`` without a
     byte either way (0 or inf: never), or ``control.stop``."""
     control = control if control is not None else RelayControl()
-    first: dict[str, bytes] = {}
+    # Plaintext go_direct had already decrypted, per side (a, b): sent first.
+    first = [b"", b""]
     if (
         DIRECT
         and relay_hub.AVAILABLE
@@ -113,17 +114,17 @@ async def relay(
         and a.can_go_direct()
         and b.can_go_direct()
     ):
-        for side, name in ((a, names[0]), (b, names[1])):
+        for i, side in enumerate((a, b)):
             try:
-                first[name] = await side.go_direct()
+                first[i] = await side.go_direct()
             except _GONE as exc:
-                return RelayOutcome(f"{name}_error", str(exc))
+                return RelayOutcome(f"{names[i]}_error", str(exc))
         if a.direct and b.direct:
             end, detail = await relay_hub.relay_direct(
                 a,
                 b,
-                first.pop(names[0]),
-                first.pop(names[1]),
+                first.pop(0),  # a's, then b's: popped, so that no frame
+                first.pop(0),  # here keeps them for the relay's life
                 idle_timeout_s=idle_timeout_s,
                 names=names,
                 on_bytes_from_a=on_bytes_from_a,
@@ -151,13 +152,14 @@ async def relay(
         dst_name: str,
         count: Callable[[int], None],
         scope: trio.CancelScope,
+        which: int,
     ) -> None:
         receive = src.relay_receive if isinstance(src, TLSStream) else src.receive_some
         send = dst.relay_send if isinstance(dst, TLSStream) else dst.send_all
         # An idle side is waited for here, one frame deep (TLSStream.relay_idle_fd).
         idle_fd = src.relay_idle_fd if isinstance(src, TLSStream) else None
         chunks = 0
-        early = first.pop(src_name, b"")
+        early, first[which] = first[which], b""
         if early:
             try:
                 await send(early)
@@ -221,8 +223,8 @@ async def relay(
             scope.cancel()
         if watch_idle:
             scope.deadline = trio.current_time() + idle_timeout_s + slack
-        pumps.start_soon(pump, b, a, b_name, a_name, on_bytes_from_b, scope)
-        await pump(a, b, a_name, b_name, on_bytes_from_a, scope)
+        pumps.start_soon(pump, b, a, b_name, a_name, on_bytes_from_b, scope, 1)
+        await pump(a, b, a_name, b_name, on_bytes_from_a, scope, 0)
     control._scope = None
     if control.end is not None:  # whoever ended it on purpose said why
         return RelayOutcome(control.end, control.detail)

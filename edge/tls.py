@@ -261,15 +261,6 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, r
 from OpenSSL import SSL, crypto
 
 from edge import verify_alert
-
-try:  # OpenSSL on the socket (see "Direct mode"); None: never used
-    from OpenSSL._util import lib as _ssl_lib
-
-    _SSL_SET_FD: Callable[[Any, int], int] | None = _ssl_lib.SSL_set_fd
-    _SET_GROUPS: Callable[[Any, bytes], int] | None = _ssl_lib.SSL_CTX_set1_curves_list
-except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
-    _SSL_SET_FD = None
-    _SET_GROUPS = None
 from edge.core.config import is_ip_address
 from edge.core.policies import Revocation
 from edge.core.reasons import Reason
@@ -283,6 +274,18 @@ from edge.core.trust import (
 
 if TYPE_CHECKING:
     from OpenSSL.crypto import X509
+
+# pyOpenSSL's binding, for what pyOpenSSL has no call for: moving a stream onto
+# its socket ("Direct mode") and the pool's key shares (client_context). None
+# when a pyOpenSSL without these names is installed: neither is then used.
+try:
+    from OpenSSL._util import lib as _ssl_lib
+
+    _SSL_SET_FD: Callable[[Any, int], int] | None = _ssl_lib.SSL_set_fd
+    _SET_GROUPS: Callable[[Any, bytes], int] | None = _ssl_lib.SSL_CTX_set1_curves_list
+except (ImportError, AttributeError):  # pragma: no cover - another pyOpenSSL
+    _SSL_SET_FD = None
+    _SET_GROUPS = None
 
 __all__ = [
     "MOZILLA_INTERMEDIATE_TLS12_CIPHERS",

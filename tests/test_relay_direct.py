@@ -389,3 +389,29 @@ async def test_a_failing_byte_counter_loses_counts_not_bytes() -> None:
                 assert await _read_exactly(w.pool, 4) == b"more"
                 nursery.cancel_scope.cancel()
             assert calls >= 2
+
+
+async def test_buffered_bytes_then_close_notify_take_the_pumps() -> None:
+    """When what a stream had already read ends with the peer's close_notify,
+    it stays on memory BIOs: the pumps relay those bytes first, then the
+    half-close, exactly as the hub would."""
+    with trio.fail_after(TIMEOUT):
+        async with wired() as w:
+            await w.partner.send_all(b"last words" * 3000)
+            await w.partner.send_eof()
+            assert await w.a.receive_some(1) == b"l"
+            await trio.sleep(0.05)  # the rest, and the close_notify, are in
+            outcome: list[RelayOutcome] = []
+
+            async def run() -> None:
+                outcome.append(await w.run())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run)
+                assert await _read_to_eof(w.pool) == (b"last words" * 3000)[1:]
+                await w.pool.send_all(b"ok")
+                await w.pool.send_eof()
+                assert await _read_to_eof(w.partner) == b"ok"
+            assert not w.a.direct
+    assert outcome == [RelayOutcome("partner_closed")]
+    assert w.counted == {"a": 30_000 - 1, "b": 2}
