@@ -201,9 +201,16 @@ async def test_live_connections_share_certificates_and_still_withdraw(
             nursery.cancel_scope.cancel()
 
 
-async def test_idle_relay_wakes_for_data_and_for_its_idle_timeout() -> None:
-    """Both sides idle (waiting in relay_idle_fd's path) after a first
-    exchange: a later byte still crosses, and the idle timeout still ends it."""
+@pytest.mark.parametrize("direct", [True, False], ids=["hub", "pumps"])
+async def test_idle_relay_wakes_for_data_and_for_its_idle_timeout(
+    direct: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both sides idle after a first exchange (the hub: parked, the sockets in
+    its epoll set; the pumps: waiting in relay_idle_fd's path): a later byte
+    still crosses, and the idle timeout still ends it."""
+    from edge import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "DIRECT", direct)
     ca = CA.root("Relay CA")
     leaf = ca.issue(dns=["relay.test"], eku=["server", "client"])
     sctx = server_context(leaf.chain, leaf.key, require_client_cert=False)
@@ -234,6 +241,7 @@ async def test_idle_relay_wakes_for_data_and_for_its_idle_timeout() -> None:
                 assert await outer_a.receive_some(100) == word.upper()
                 await trio.sleep(0.3)  # both pumps park on their idle socket
         assert outcome is not None and outcome.end == "idle_timeout", outcome
+        assert a.direct is direct and b.direct is direct
         for s in (a, outer_a, b, outer_b):
             await s.aclose()
 
