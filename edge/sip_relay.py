@@ -45,7 +45,7 @@ from edge.core.sip import (
     safe_text,
 )
 from edge.relay import RelayControl
-from edge.tls import TLSTruncatedError
+from edge.tls import TLSStream, TLSTruncatedError
 
 __all__ = ["SipMessageResult", "SipRejection", "SipRelayEnd", "relay_sip"]
 
@@ -153,6 +153,22 @@ async def relay_sip(
     slack = idle_timeout_s / 64 if watch_idle else 0.0
     locks = {"partner": trio.Lock(), "pool": trio.Lock()}
     streams = {"partner": partner, "pool": pool}
+    # Plaintext each side's stream had already decrypted when it moved onto its
+    # socket (TLSStream.go_direct: OpenSSL reads and writes the socket itself,
+    # no memory-BIO copies per read): framed before anything read later.
+    early = {"partner": b"", "pool": b""}
+    if (
+        isinstance(partner, TLSStream)
+        and isinstance(pool, TLSStream)
+        and partner.can_go_direct()
+        and pool.can_go_direct()
+    ):
+        for name, stream in (("partner", partner), ("pool", pool)):
+            try:
+                early[name] = await stream.go_direct()
+            except _STREAM_ERRORS as exc:
+                state.end, state.detail = f"{name}_error", str(exc)
+                return state
 
     def finish(end: str, detail: str = "") -> None:
         if not state.end:
@@ -215,9 +231,12 @@ async def relay_sip(
         domains = partner_domains if src_name == "partner" else pool_domains
         src = streams[src_name]
         framer = SipFramer(max_message_bytes=max_message_bytes, max_headers=max_headers)
+        data: bytes | bytearray
         while True:
             try:
-                data = await src.receive_some(receive_size)
+                data, early[src_name] = early[src_name], b""
+                if not data:
+                    data = await src.receive_some(receive_size)
             except TLSTruncatedError:
                 finish(f"{src_name}_truncated", f"{src_name} closed TCP without close_notify")
                 scope.cancel()
