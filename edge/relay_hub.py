@@ -123,6 +123,8 @@ _MIN_TICK_S = 0.05
 _HOT_WAITS = 16
 _HOT_WAIT_S = 0.0005
 _HOT_S = 0.001
+# Wake-ups without hot waits after one that found nothing.
+_COLD_WAKES = 8
 
 _READING, _SHUTTING, _DONE = 0, 1, 2
 
@@ -303,6 +305,7 @@ class _Hub:
         epoll = self._epoll
         statistics = trio.lowlevel.current_statistics
         perf_counter = time.perf_counter
+        cold = 0  # wake-ups left without hot waits
         try:
             while True:
                 if self._again:
@@ -332,17 +335,24 @@ class _Hub:
                 # here rather than going round trio's loop for every record.
                 # Nothing else runs meanwhile, so what trio said stays true
                 # but for the time that passes.
+                # Only while they pay: after a hot wait that found nothing
+                # (sparse traffic, connections coming and going), the next
+                # _COLD_WAKES wake-ups go straight back to trio.
+                if cold:
+                    cold -= 1
+                    continue
                 stats = statistics()
                 if stats.tasks_runnable or stats.run_sync_soon_queue_size:
                     continue
-                start = perf_counter()
-                until = start + min(_HOT_S, stats.seconds_to_next_deadline)
-                for _ in range(_HOT_WAITS):
+                until = perf_counter() + min(_HOT_S, stats.seconds_to_next_deadline)
+                for hot in range(_HOT_WAITS):
                     left = until - perf_counter()
                     if left <= 0:
                         break
                     events = epoll.poll(min(left, _HOT_WAIT_S), _MAX_EVENTS)
                     if not events:
+                        if not hot:
+                            cold = _COLD_WAKES
                         break
                     self._dispatch(events, offset + perf_counter())
                     if self._again:
