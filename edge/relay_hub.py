@@ -37,7 +37,9 @@ exception per record):
 * Hot waits: after serving a wake-up, while no other task is runnable, the hub
   waits on its set again itself (``_HOT_WAITS`` times, at most ``_HOT_WAIT_S``
   each and ``_HOT_S`` in all) instead of going round trio's loop for each
-  record. Other tasks' I/O waits for it at most ``_HOT_S``.
+  record. Other tasks' I/O waits for it at most ``_HOT_S``. A hot wait that
+  finds nothing (sparse traffic, connections coming and going) costs CPU, so
+  the next ``_COLD_WAKES`` wake-ups skip them.
 * End of stream: the source's close_notify makes the hub send ours to the
   destination (half-close) and that direction ends; the relay ends when both
   did, or at the first error or truncation, naming the side, as the pumps do.
