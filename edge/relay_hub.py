@@ -44,8 +44,9 @@ exception per record):
   destination (half-close) and that direction ends; the relay ends when both
   did, or at the first error or truncation, naming the side, as the pumps do.
 * Byte counts reach the relay's callbacks per batch: whenever the hub goes
-  idle (so they are exact between messages), every ``_REPORT_BYTES``, at the
-  end, and at most ``_REPORT_S`` late under sustained load.
+  back to waiting in trio (within about ``_HOT_S`` of the traffic pausing),
+  every ``_REPORT_BYTES``, at the end, and at most ``_REPORT_S`` late under
+  sustained load.
 * The hub never raises: a failure inside one relay ends that relay with
   ``<a>_error`` and the hub goes on; a failing byte counter loses counts,
   never bytes.
@@ -320,7 +321,8 @@ class _Hub:
                 else:
                     if self._owing:
                         # Going idle: the counters are exact whenever the hub
-                        # waits (a scrape right after a message sees it).
+                        # waits in trio (a scrape a moment after a message
+                        # sees it).
                         self._pay_all()
                     await trio.lowlevel.wait_readable(epoll.fileno())
                 events = epoll.poll(0, _MAX_EVENTS)
