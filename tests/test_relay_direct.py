@@ -186,6 +186,12 @@ async def test_full_duplex_16_mib_with_back_pressure() -> None:
     chunk = 256 * 1024
     with trio.fail_after(TIMEOUT * 2):
         async with wired() as w:
+            # Fixed, small socket buffers (no autotuning): what the kernel can
+            # hold along the way is well under half the transfer on any host.
+            for stream in (w.partner, w.a, w.b, w.pool):
+                sock = stream.transport_stream.socket  # type: ignore[attr-defined]
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 256 * 1024)
             sent_by_partner = 0
             digests: dict[str, str] = {}
 
