@@ -159,15 +159,9 @@ async def relay(
         # An idle side is waited for here, one frame deep (TLSStream.relay_idle_fd).
         idle_fd = src.relay_idle_fd if isinstance(src, TLSStream) else None
         chunks = 0
+        # Bytes go_direct had already decrypted go first, as if just received.
         early, first[which] = first[which], b""
-        if early:
-            try:
-                await send(early)
-            except _GONE as exc:
-                finish(f"{dst_name}_error", str(exc))
-                return
-            count(len(early))
-            del early
+        data: bytes | bytearray
         while True:
             # The eager calls below have no schedule point when bytes are
             # already there, so a cancelled scope (control.stop before or
@@ -180,11 +174,14 @@ async def relay(
                 chunks = 0
                 await trio.lowlevel.checkpoint()
             try:
-                if idle_fd is not None:
-                    fd = idle_fd()
-                    if fd >= 0:
-                        await trio.lowlevel.wait_readable(fd)
-                data = await receive(RELAY_CHUNK)
+                if early:
+                    data, early = early, b""
+                else:
+                    if idle_fd is not None:
+                        fd = idle_fd()
+                        if fd >= 0:
+                            await trio.lowlevel.wait_readable(fd)
+                    data = await receive(RELAY_CHUNK)
             except TLSTruncatedError:
                 finish(f"{src_name}_truncated", f"{src_name} closed TCP without close_notify")
                 return
