@@ -39,6 +39,7 @@ class Wiring:
     b: TLSStream
     pool: TLSStream
     counted: dict[str, int] = field(default_factory=lambda: {"a": 0, "b": 0})
+    outcome: list[RelayOutcome] = field(default_factory=list)
 
     async def run(
         self, idle_timeout_s: float = 60, control: RelayControl | None = None
@@ -52,6 +53,10 @@ class Wiring:
             on_bytes_from_b=lambda n: self.counted.__setitem__("b", self.counted["b"] + n),
             control=control,
         )
+
+    async def run_recorded(self, control: RelayControl | None = None) -> None:
+        """``run`` in a nursery: its outcome lands in ``outcome``."""
+        self.outcome.append(await self.run(control=control))
 
 
 @asynccontextmanager
@@ -116,13 +121,8 @@ async def test_messages_both_ways_then_half_close(
     sizes = [1, 700, 1500, 16 * 1024, 16 * 1024 + 1, 40_000]
     with trio.fail_after(TIMEOUT):
         async with wired() as w:
-            outcome: list[RelayOutcome] = []
-
-            async def run() -> None:
-                outcome.append(await w.run())
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(run)
+                nursery.start_soon(w.run_recorded)
                 for i, size in enumerate(sizes):
                     message = bytes([i]) * size
                     await w.partner.send_all(message)
@@ -136,27 +136,21 @@ async def test_messages_both_ways_then_half_close(
                 await w.pool.send_eof()
                 assert await _read_to_eof(w.partner) == b""
             assert w.a.direct is direct and w.b.direct is direct
-    assert outcome == [RelayOutcome("partner_closed")]
+    assert w.outcome == [RelayOutcome("partner_closed")]
     assert w.counted == {"a": sum(sizes), "b": sum(sizes) + 10}
 
 
 async def test_pool_closes_first() -> None:
     with trio.fail_after(TIMEOUT):
-        async with wired() as w:
-            outcome: list[RelayOutcome] = []
-
-            async def run() -> None:
-                outcome.append(await w.run())
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(run)
-                await w.pool.send_all(b"bye")
-                await w.pool.send_eof()
-                assert await _read_to_eof(w.partner) == b"bye"
-                await w.partner.send_all(b"ack")
-                await w.partner.send_eof()
-                assert await _read_to_eof(w.pool) == b"ack"
-    assert outcome == [RelayOutcome("pool_closed")]
+        async with wired() as w, trio.open_nursery() as nursery:
+            nursery.start_soon(w.run_recorded)
+            await w.pool.send_all(b"bye")
+            await w.pool.send_eof()
+            assert await _read_to_eof(w.partner) == b"bye"
+            await w.partner.send_all(b"ack")
+            await w.partner.send_eof()
+            assert await _read_to_eof(w.pool) == b"ack"
+    assert w.outcome == [RelayOutcome("pool_closed")]
 
 
 async def test_bytes_already_read_with_the_handshake_go_first() -> None:
@@ -238,49 +232,38 @@ async def test_truncation_and_reset_are_named_by_side() -> None:
     with trio.fail_after(TIMEOUT):
         async with wired() as w:
             async with trio.open_nursery() as nursery:
-                outcome: list[RelayOutcome] = []
-
-                async def run() -> None:
-                    outcome.append(await w.run())
-
-                nursery.start_soon(run)
+                nursery.start_soon(w.run_recorded)
                 await w.partner.send_all(b"x")
                 assert await _read_exactly(w.pool, 1) == b"x"
                 # TCP FIN without close_notify.
                 w.partner.transport_stream.socket.shutdown(socket.SHUT_WR)  # type: ignore[attr-defined]
-            assert outcome == [
+            assert w.outcome == [
                 RelayOutcome("partner_truncated", "partner closed TCP without close_notify")
             ]
         async with wired() as w:
             async with trio.open_nursery() as nursery:
-                outcome = []
-                nursery.start_soon(run)
+                nursery.start_soon(w.run_recorded)
                 await w.pool.send_all(b"y")
                 assert await _read_exactly(w.partner, 1) == b"y"
                 # An RST: close with SO_LINGER 0.
                 sock = w.pool.transport_stream.socket  # type: ignore[attr-defined]
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 sock.close()
-            assert len(outcome) == 1 and outcome[0].end in ("pool_error", "pool_truncated")
-            if outcome[0].end == "pool_error":
-                assert "reset" in outcome[0].detail.lower()
+            assert len(w.outcome) == 1 and w.outcome[0].end in ("pool_error", "pool_truncated")
+            if w.outcome[0].end == "pool_error":
+                assert "reset" in w.outcome[0].detail.lower()
 
 
 async def test_stop_and_idle_timeout_end_a_direct_relay() -> None:
     with trio.fail_after(TIMEOUT):
         async with wired() as w:
             control = RelayControl()
-            outcome: list[RelayOutcome] = []
-
-            async def run() -> None:
-                outcome.append(await w.run(control=control))
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(run)
+                nursery.start_soon(w.run_recorded, control)
                 await w.partner.send_all(b"hello")
                 assert await _read_exactly(w.pool, 5) == b"hello"
                 control.stop("trust_withdrawn", "partner removed")
-            assert outcome == [RelayOutcome("trust_withdrawn", "partner removed")]
+            assert w.outcome == [RelayOutcome("trust_withdrawn", "partner removed")]
             assert w.counted["a"] == 5  # paid when the relay ended
         async with wired() as w:
             before = trio.current_time()
@@ -294,17 +277,12 @@ async def test_a_stream_closed_during_the_relay_ends_it() -> None:
     relay ends naming the side, and the hub serves other relays afterwards."""
     with trio.fail_after(TIMEOUT):
         async with wired() as w:
-            outcome: list[RelayOutcome] = []
-
-            async def run() -> None:
-                outcome.append(await w.run())
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(run)
+                nursery.start_soon(w.run_recorded)
                 await w.partner.send_all(b"z")
                 assert await _read_exactly(w.pool, 1) == b"z"
                 await w.a.aclose()
-            assert outcome == [RelayOutcome("partner_error", "closed during the relay")]
+            assert w.outcome == [RelayOutcome("partner_error", "closed during the relay")]
         async with wired() as w, trio.open_nursery() as nursery:
             nursery.start_soon(w.run)
             await w.partner.send_all(b"next")
@@ -348,21 +326,16 @@ async def test_garbage_from_the_partner_ends_only_its_relay(version: str) -> Non
         async with wired(version) as other, trio.open_nursery() as others:
             others.start_soon(other.run)
             async with wired(version) as w:
-                outcome: list[RelayOutcome] = []
-
-                async def run() -> None:
-                    outcome.append(await w.run())
-
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(run)
+                    nursery.start_soon(w.run_recorded)
                     await w.partner.send_all(b"fine")
                     assert await _read_exactly(w.pool, 4) == b"fine"
                     assert w.a.direct and w.a.version == version
                     raw = w.partner.transport_stream
                     assert isinstance(raw, trio.SocketStream)
                     await raw.send_all(b"\x17\x03\x03\x00\x20" + b"\x00" * 32)
-                assert len(outcome) == 1 and outcome[0].end == "partner_error", outcome
-                assert outcome[0].detail  # OpenSSL's reason, e.g. a bad record MAC
+                assert len(w.outcome) == 1 and w.outcome[0].end == "partner_error", w.outcome
+                assert w.outcome[0].detail  # OpenSSL's reason, e.g. a bad record MAC
             await other.partner.send_all(b"still relayed")
             assert await _read_exactly(other.pool, 13) == b"still relayed"
             others.cancel_scope.cancel()
@@ -407,19 +380,14 @@ async def test_buffered_bytes_then_close_notify_take_the_pumps() -> None:
             await w.partner.send_eof()
             assert await w.a.receive_some(1) == b"l"
             await trio.sleep(0.05)  # the rest, and the close_notify, are in
-            outcome: list[RelayOutcome] = []
-
-            async def run() -> None:
-                outcome.append(await w.run())
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(run)
+                nursery.start_soon(w.run_recorded)
                 assert await _read_to_eof(w.pool) == (b"last words" * 3000)[1:]
                 await w.pool.send_all(b"ok")
                 await w.pool.send_eof()
                 assert await _read_to_eof(w.partner) == b"ok"
             assert not w.a.direct
-    assert outcome == [RelayOutcome("partner_closed")]
+    assert w.outcome == [RelayOutcome("partner_closed")]
     assert w.counted == {"a": 30_000 - 1, "b": 2}
 
 
@@ -439,15 +407,11 @@ async def test_random_traffic_arrives_intact_and_in_order(seed: int) -> None:
     first_to_close = rng.choice(["partner", "pool"])
     with trio.fail_after(TIMEOUT):
         async with wired(rng.choice(["TLSv1.2", "TLSv1.3"])) as w:
-            outcome: list[RelayOutcome] = []
             sent: dict[str, bytes] = {}
             got: dict[str, bytes] = {}
             # A side has read the end of the other's stream: the relay has
             # passed that close_notify on (so "first" is unambiguous).
             eof_seen = {"partner": trio.Event(), "pool": trio.Event()}
-
-            async def run() -> None:
-                outcome.append(await w.run())
 
             async def talk(side: str, stream: TLSStream) -> None:
                 out = bytearray()
@@ -467,7 +431,7 @@ async def test_random_traffic_arrives_intact_and_in_order(seed: int) -> None:
                 eof_seen[side].set()
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(run)
+                nursery.start_soon(w.run_recorded)
                 nursery.start_soon(talk, "partner", w.partner)
                 nursery.start_soon(talk, "pool", w.pool)
                 nursery.start_soon(listen, "partner", w.partner)
@@ -475,5 +439,5 @@ async def test_random_traffic_arrives_intact_and_in_order(seed: int) -> None:
             assert w.a.direct and w.b.direct
     assert got["pool"] == sent["partner"]
     assert got["partner"] == sent["pool"]
-    assert outcome == [RelayOutcome(f"{first_to_close}_closed")]
+    assert w.outcome == [RelayOutcome(f"{first_to_close}_closed")]
     assert w.counted == {"a": len(sent["partner"]), "b": len(sent["pool"])}
