@@ -38,7 +38,7 @@ import trio
 from edge import relay_hub
 from edge.tls import TLSStream, TLSTruncatedError
 
-__all__ = ["RELAY_CHUNK", "RelayControl", "RelayOutcome", "relay"]
+__all__ = ["RELAY_CHUNK", "RelayControl", "RelayOutcome", "go_direct_both", "relay"]
 
 # One chunk in flight per direction: the relay's memory bound.
 RELAY_CHUNK = 128 * 1024
@@ -91,6 +91,28 @@ def _ignore(_n: int) -> None:
     pass
 
 
+async def go_direct_both(
+    a: trio.abc.Stream, b: trio.abc.Stream, names: tuple[str, str]
+) -> tuple[list[bytes], RelayOutcome | None]:
+    """Move two ``TLSStream``s onto their sockets (``TLSStream.go_direct``)
+    when both can; any other pair is left as it is. Returns the plaintext each
+    had already decrypted ([a's, b's], to be relayed first) and, when sending
+    what OpenSSL had queued failed, how the relay ends (``<name>_error``)."""
+    first = [b"", b""]
+    if (
+        isinstance(a, TLSStream)
+        and isinstance(b, TLSStream)
+        and a.can_go_direct()
+        and b.can_go_direct()
+    ):
+        for i, side in enumerate((a, b)):
+            try:
+                first[i] = await side.go_direct()
+            except _GONE as exc:
+                return first, RelayOutcome(f"{names[i]}_error", str(exc))
+    return first, None
+
+
 async def relay(
     a: trio.abc.HalfCloseableStream,
     b: trio.abc.HalfCloseableStream,
@@ -106,20 +128,11 @@ async def relay(
     control = control if control is not None else RelayControl()
     # Plaintext go_direct had already decrypted, per side (a, b): sent first.
     first = [b"", b""]
-    if (
-        DIRECT
-        and relay_hub.AVAILABLE
-        and isinstance(a, TLSStream)
-        and isinstance(b, TLSStream)
-        and a.can_go_direct()
-        and b.can_go_direct()
-    ):
-        for i, side in enumerate((a, b)):
-            try:
-                first[i] = await side.go_direct()
-            except _GONE as exc:
-                return RelayOutcome(f"{names[i]}_error", str(exc))
-        if a.direct and b.direct:
+    if DIRECT and relay_hub.AVAILABLE:
+        first, failed = await go_direct_both(a, b, names)
+        if failed is not None:
+            return failed
+        if isinstance(a, TLSStream) and isinstance(b, TLSStream) and a.direct and b.direct:
             end, detail = await relay_hub.relay_direct(
                 a,
                 b,

@@ -44,8 +44,8 @@ from edge.core.sip import (
     check_request,
     safe_text,
 )
-from edge.relay import RelayControl
-from edge.tls import TLSStream, TLSTruncatedError
+from edge.relay import RelayControl, go_direct_both
+from edge.tls import TLSTruncatedError
 
 __all__ = ["SipMessageResult", "SipRejection", "SipRelayEnd", "relay_sip"]
 
@@ -156,19 +156,12 @@ async def relay_sip(
     # Plaintext each side's stream had already decrypted when it moved onto its
     # socket (TLSStream.go_direct: OpenSSL reads and writes the socket itself,
     # no memory-BIO copies per read): framed before anything read later.
-    early = {"partner": b"", "pool": b""}
-    if (
-        isinstance(partner, TLSStream)
-        and isinstance(pool, TLSStream)
-        and partner.can_go_direct()
-        and pool.can_go_direct()
-    ):
-        for name, stream in (("partner", partner), ("pool", pool)):
-            try:
-                early[name] = await stream.go_direct()
-            except _STREAM_ERRORS as exc:
-                state.end, state.detail = f"{name}_error", str(exc)
-                return state
+    first, failed = await go_direct_both(partner, pool, ("partner", "pool"))
+    if failed is not None:
+        state.end, state.detail = failed.end, failed.detail
+        return state
+    early = {"partner": first[0], "pool": first[1]}
+    del first
 
     def finish(end: str, detail: str = "") -> None:
         if not state.end:
